@@ -1,0 +1,26 @@
+"""Shared Rich consoles: data goes to stdout, progress and messages to stderr (pipes stay clean)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from rich.console import Console
+
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+
+def print_json(payload: Any) -> None:
+    """Write one JSON document to stdout (no Rich markup, no wrapping)."""
+    sys.stdout.write(json.dumps(payload, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def fail(message: str, code: int) -> None:
+    """Print a one-line error to stderr and exit with the documented code."""
+    import typer
+
+    err.print(f"[bold red]error:[/] {message}", markup=True, highlight=False)
+    raise typer.Exit(code)

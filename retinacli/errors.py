@@ -1,0 +1,51 @@
+"""Errors and the exit-code policy shared by every command (documented in docs/cli.md)."""
+
+from __future__ import annotations
+
+# Exit codes. Batch commands exit 0 when at least one input succeeded; the failures are listed
+# in the command's error report, never silently dropped.
+EXIT_OK = 0
+EXIT_NOTHING_DONE = 1  # no readable input, or the command failed as a whole
+EXIT_USAGE = 2  # bad options or arguments (Typer/Click also uses 2)
+EXIT_MODEL_INVALID = 3  # model package missing, corrupt, or failed verification
+EXIT_STORE_BUSY = 4  # another process holds the embedding store's lock
+
+
+class RetinaError(Exception):
+    """Base class: the message is one line a user can act on."""
+
+    exit_code = EXIT_NOTHING_DONE
+
+
+class ReadError(RetinaError):
+    """A file could not be read as an OCT volume or fundus image.
+
+    ``str(err)`` is ``"<path>: <reason>"`` so it can be printed as the one-line report.
+    """
+
+    def __init__(self, path: object, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+class UsageError(RetinaError):
+    exit_code = EXIT_USAGE
+
+
+class ModelPackageError(RetinaError):
+    exit_code = EXIT_MODEL_INVALID
+
+
+class StoreBusyError(RetinaError):
+    exit_code = EXIT_STORE_BUSY
+
+
+class MissingExtraError(RetinaError):
+    """An optional dependency group is needed for this feature."""
+
+    def __init__(self, feature: str, extra: str, module: str):
+        super().__init__(
+            f"{feature} needs the optional '{extra}' dependencies ({module} is not installed). "
+            f"Install them with: pip install 'retina[{extra}]'"
+        )

@@ -1,0 +1,61 @@
+"""What readers return: one OCT volume or one fundus image, with the metadata the pipeline needs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+Modality = Literal["oct", "fundus"]
+
+
+@dataclass
+class ImageMeta:
+    """Acquisition metadata. Identifiers here stay internal: outputs use pseudonyms (retinacli.privacy)."""
+
+    laterality: str | None = None  # "OD" (right) or "OS" (left)
+    study_date: str | None = None  # YYYYMMDD
+    acquisition_datetime: str | None = None  # YYYYMMDDHHMMSS when known
+    device: str | None = None  # manufacturer / model
+    pixel_spacing_mm: tuple[float, ...] | None = None  # OCT: (slice, row, column); fundus: (row, column)
+    patient_id: str | None = None  # internal only, never written out unless the user asks
+    study_uid: str | None = None
+    series_uid: str | None = None
+    sop_instance_uid: str | None = None
+    referenced_sop_uids: tuple[str, ...] = ()  # e.g. an OCT's localizer (fundus) image
+    photometric: str | None = None  # "MONOCHROME2", "RGB", ... for images
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class OctVolume:
+    """A stack of B-scans, shape (n_bscans, height, width), slow axis first."""
+
+    path: str
+    pixels: np.ndarray
+    format: str
+    meta: ImageMeta = field(default_factory=ImageMeta)
+    modality: Modality = "oct"
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.pixels.shape)
+
+
+@dataclass
+class FundusImage:
+    """A colour fundus photo (H, W, 3) or a grayscale NIR/SLO image (H, W, 1)."""
+
+    path: str
+    pixels: np.ndarray
+    format: str
+    meta: ImageMeta = field(default_factory=ImageMeta)
+    modality: Modality = "fundus"
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.pixels.shape)
+
+
+Item = OctVolume | FundusImage

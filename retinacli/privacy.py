@@ -1,0 +1,31 @@
+"""Pseudonymous identifiers: a keyed hash, so one patient maps to one id within a store or manifest,
+but ids cannot be reversed or linked across stores that use different secrets."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from pathlib import Path
+
+SECRET_FILE = "secret.key"
+
+
+def pseudonym(value: str, key: bytes, prefix: str = "p", length: int = 12) -> str:
+    """`prefix` + the first `length` hex digits of HMAC-SHA256(key, value)."""
+    digest = hmac.new(key, value.encode("utf-8"), hashlib.sha256).hexdigest()
+    return f"{prefix}{digest[:length]}"
+
+
+def load_or_create_secret(directory: Path) -> bytes:
+    """The per-store (or per-manifest) secret, created once with owner-only permissions."""
+    path = Path(directory) / SECRET_FILE
+    if path.exists():
+        return bytes.fromhex(path.read_text().strip())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_bytes(32)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(key.hex())
+    tmp.chmod(0o600)
+    tmp.replace(path)
+    return key

@@ -1,0 +1,23 @@
+"""Shared test fixtures. Real vendor samples live in ../shared/samples (never copied into the repo)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_SAMPLES = REPO.parent / "shared" / "samples"
+
+
+@pytest.fixture(scope="session")
+def shared_samples() -> Path:
+    if not SHARED_SAMPLES.is_dir():
+        pytest.skip(f"shared samples not found at {SHARED_SAMPLES}")
+    return SHARED_SAMPLES
+
+
+# Session fixtures that build data and models once (synthetic cohort, tiny trained run, tiny package).
+from fixtures_cohort import *  # noqa: E402, F403
+from fixtures_models import *  # noqa: E402, F403
+from fixtures_packages import *  # noqa: E402, F403

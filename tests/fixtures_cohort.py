@@ -1,0 +1,1 @@
+"""Cohort fixtures (owned by the synthetic-cohort work)."""

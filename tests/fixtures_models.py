@@ -1,0 +1,1 @@
+"""Model fixtures: a tiny trained run (owned by the training work)."""

@@ -1,0 +1,1 @@
+"""Package fixtures: a tiny exported model package (owned by the deployment work)."""

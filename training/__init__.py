@@ -1,0 +1,1 @@
+"""retina training: encoders, contrastive objectives, training loop, evaluation, ONNX export (torch)."""
