@@ -1,0 +1,326 @@
+"""Linear task heads on frozen embeddings: the ONE head-fitting code path.
+
+`retina probe`, `retina export` and the evaluation protocol all call :func:`fit_linear_head`.
+
+* ``cst`` (central subfield thickness, µm): ridge regression, alpha chosen by sklearn ``RidgeCV``
+  (efficient leave-one-out) over a log grid. Output in µm.
+* ``bcva`` / ``tn`` (binary): logistic regression with ``class_weight="balanced"`` (the positive
+  rate of real cohorts is far from 50 %, and an unweighted fit drifts to the majority class).
+  The decision threshold is the one maximising Youden's J (sensitivity + specificity - 1) on
+  out-of-fold probabilities of the training data (patient-grouped folds when ``groups`` is
+  given), so it is never tuned on the rows it is applied to. With too few labelled rows per class
+  for cross-validation it falls back to in-sample probabilities and says so in ``metrics``.
+
+Features are standardised before fitting and the scaler is folded back into ``weight`` / ``bias``,
+so every head is one affine map ``embedding @ weight + bias`` (then a sigmoid for binary heads):
+easy to export to ONNX and to apply in numpy.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HEADS_FILE = "heads.json"
+HEADS_SCHEMA_VERSION = 1
+
+TASKS: dict[str, dict[str, Any]] = {
+    "cst": {
+        "kind": "regression",
+        "units": "µm",
+        "label_meaning": "central subfield thickness (mean retinal thickness in the central 1 mm circle), µm",
+    },
+    "bcva": {
+        "kind": "binary",
+        "units": None,
+        "label_meaning": "1 = best-corrected visual acuity below 70 ETDRS letters (worse than 20/40)",
+    },
+    "tn": {
+        "kind": "binary",
+        "units": None,
+        "label_meaning": "1 = high treatment need",
+    },
+}
+
+RIDGE_ALPHAS = tuple(float(a) for a in np.logspace(-3, 4, 15))
+LOGISTIC_C = 1.0  # on standardised features; small cohorts need the regularisation
+MAX_FOLDS = 5
+
+
+@dataclass
+class LinearHead:
+    """``value = embedding @ weight + bias`` (regression) or ``sigmoid(...)`` (binary)."""
+
+    task: str
+    kind: str  # "regression" | "binary"
+    weight: np.ndarray  # (D,) float64
+    bias: float
+    threshold: float | None  # binary: probability at or above which the label is 1
+    units: str | None
+    label_meaning: str
+    metrics: dict[str, Any] = field(default_factory=dict)
+    n_train: int = 0
+    input_modality: str = "oct"  # which encoder's embeddings the head was fitted on
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.weight.shape[0])
+
+    def decision(self, embeddings: np.ndarray) -> np.ndarray:
+        """The affine part: (N, D) -> (N,)."""
+        x = np.asarray(embeddings, dtype=np.float64)
+        if x.ndim != 2 or x.shape[1] != self.embed_dim:
+            raise ValueError(f"{self.task} head expects embeddings (N, {self.embed_dim}), got {x.shape}")
+        return x @ self.weight + self.bias
+
+    def predict(self, embeddings: np.ndarray) -> np.ndarray:
+        """Value in ``units`` (regression) or probability of label 1 (binary), shape (N,)."""
+        z = self.decision(embeddings)
+        return _sigmoid(z) if self.kind == "binary" else z
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["weight"] = [float(w) for w in self.weight]
+        d["bias"] = float(self.bias)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LinearHead:
+        return cls(
+            task=d["task"],
+            kind=d["kind"],
+            weight=np.asarray(d["weight"], dtype=np.float64),
+            bias=float(d["bias"]),
+            threshold=None if d.get("threshold") is None else float(d["threshold"]),
+            units=d.get("units"),
+            label_meaning=d.get("label_meaning", ""),
+            metrics=dict(d.get("metrics") or {}),
+            n_train=int(d.get("n_train", 0)),
+            input_modality=d.get("input_modality", "oct"),
+        )
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(z, dtype=np.float64)))  # overflow-free
+
+
+# --- fitting ------------------------------------------------------------------------------------
+
+
+def fit_linear_head(
+    task: str,
+    embeddings: np.ndarray,
+    labels: np.ndarray,
+    seed: int = 0,
+    groups: np.ndarray | None = None,
+    input_modality: str = "oct",
+) -> LinearHead:
+    """Fit the head for ``task`` on rows with a finite label.
+
+    ``groups`` (e.g. patient ids) keeps one patient's rows in one fold for the out-of-fold
+    metrics and the threshold choice. Rows whose label is NaN/None are ignored.
+    """
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r} (known: {', '.join(TASKS)})")
+    x = np.asarray(embeddings, dtype=np.float64)
+    y = np.asarray(labels, dtype=np.float64).reshape(-1)
+    if x.ndim != 2 or x.shape[0] != y.shape[0]:
+        raise ValueError(f"embeddings (N, D) and labels (N,) disagree: {x.shape} vs {y.shape}")
+    keep = np.isfinite(y) & np.isfinite(x).all(axis=1)
+    x, y = x[keep], y[keep]
+    g = None if groups is None else np.asarray(groups)[keep]
+    info = TASKS[task]
+    if info["kind"] == "regression":
+        if len(y) < 3:
+            raise ValueError(f"{task}: need at least 3 labelled rows, got {len(y)}")
+        weight, bias, metrics = _fit_ridge(x, y, g, seed)
+        threshold = None
+    else:
+        if not set(np.unique(y)) <= {0.0, 1.0}:
+            raise ValueError(f"{task}: binary labels must be 0 or 1")
+        if len(np.unique(y)) < 2:
+            only = int(y[0]) if len(y) else "-"
+            raise ValueError(f"{task}: labels have a single class ({only}); cannot fit")
+        weight, bias, threshold, metrics = _fit_logistic(x, y, g, seed)
+    return LinearHead(
+        task=task,
+        kind=info["kind"],
+        weight=weight,
+        bias=bias,
+        threshold=threshold,
+        units=info["units"],
+        label_meaning=info["label_meaning"],
+        metrics=metrics,
+        n_train=len(y),
+        input_modality=input_modality,
+    )
+
+
+def _standardise(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    mean = x.mean(axis=0)
+    scale = x.std(axis=0)
+    return mean, np.where(scale > 1e-12, scale, 1.0)
+
+
+def _fold(
+    coef: np.ndarray, intercept: float, mean: np.ndarray, scale: np.ndarray
+) -> tuple[np.ndarray, float]:
+    """Fold standardisation into the affine map: w·(x-m)/s + b = (w/s)·x + (b - Σ w m / s)."""
+    weight = coef / scale
+    return weight, float(intercept - weight @ mean)
+
+
+def _folds(y: np.ndarray, groups: np.ndarray | None, seed: int, stratify: bool):
+    """Cross-validation splitter and n_splits, or (None, 0) when the data is too small."""
+    from sklearn.model_selection import GroupKFold, KFold, StratifiedGroupKFold, StratifiedKFold
+
+    n_units = len(np.unique(groups)) if groups is not None else len(y)
+    n_splits = min(MAX_FOLDS, n_units)
+    if stratify:
+        minority = int(min(np.sum(y == 0), np.sum(y == 1)))
+        n_splits = min(n_splits, minority)
+    if n_splits < 2:
+        return None, 0
+    if groups is not None:
+        if stratify:
+            return StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed), n_splits
+        return GroupKFold(n_splits=n_splits), n_splits
+    if stratify:
+        return StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed), n_splits
+    return KFold(n_splits=n_splits, shuffle=True, random_state=seed), n_splits
+
+
+def _ridge_fit(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float, float]:
+    from sklearn.linear_model import RidgeCV
+
+    mean, scale = _standardise(x)
+    model = RidgeCV(alphas=RIDGE_ALPHAS).fit((x - mean) / scale, y)
+    weight, bias = _fold(model.coef_, float(model.intercept_), mean, scale)
+    return weight, bias, float(model.alpha_)
+
+
+def _regression_metrics(y: np.ndarray, pred: np.ndarray) -> dict[str, float]:
+    err = pred - y
+    ss_tot = float(np.sum((y - y.mean()) ** 2))
+    return {
+        "mae": float(np.mean(np.abs(err))),
+        "rmse": float(np.sqrt(np.mean(err**2))),
+        "r2": float(1.0 - np.sum(err**2) / ss_tot) if ss_tot > 0 else float("nan"),
+    }
+
+
+def _fit_ridge(x, y, groups, seed):
+    weight, bias, alpha = _ridge_fit(x, y)
+    metrics: dict[str, Any] = {"alpha": alpha, "train": _regression_metrics(y, x @ weight + bias)}
+    splitter, n_splits = _folds(y, groups, seed, stratify=False)
+    if splitter is not None:
+        oof = np.empty_like(y)
+        for tr, te in splitter.split(x, y, groups):
+            w, b, _ = _ridge_fit(x[tr], y[tr])
+            oof[te] = x[te] @ w + b
+        metrics["cv"] = {**_regression_metrics(y, oof), "folds": n_splits, "grouped": groups is not None}
+    return weight, bias, metrics
+
+
+def _logistic_fit(x: np.ndarray, y: np.ndarray, seed: int) -> tuple[np.ndarray, float]:
+    from sklearn.linear_model import LogisticRegression
+
+    mean, scale = _standardise(x)
+    model = LogisticRegression(C=LOGISTIC_C, class_weight="balanced", max_iter=5000, random_state=seed)
+    model.fit((x - mean) / scale, y.astype(int))
+    return _fold(model.coef_[0], float(model.intercept_[0]), mean, scale)
+
+
+def youden_threshold(y: np.ndarray, prob: np.ndarray) -> float:
+    """Probability threshold maximising sensitivity + specificity - 1 (ties: the middle one)."""
+    from sklearn.metrics import roc_curve
+
+    fpr, tpr, thresholds = roc_curve(y.astype(int), prob)
+    j = tpr - fpr
+    best = np.flatnonzero(j == j.max())
+    t = float(thresholds[best[len(best) // 2]])
+    return float(min(max(t, 0.0), 1.0))  # roc_curve's first threshold is +inf
+
+
+def _binary_metrics(y: np.ndarray, prob: np.ndarray, threshold: float) -> dict[str, float]:
+    from sklearn.metrics import average_precision_score, balanced_accuracy_score, roc_auc_score
+
+    both = len(np.unique(y)) == 2
+    return {
+        "auroc": float(roc_auc_score(y, prob)) if both else float("nan"),
+        "auprc": float(average_precision_score(y, prob)) if both else float("nan"),
+        "balanced_accuracy": float(balanced_accuracy_score(y.astype(int), (prob >= threshold).astype(int))),
+        "positive_rate": float(np.mean(y)),
+    }
+
+
+def _fit_logistic(x, y, groups, seed):
+    weight, bias = _logistic_fit(x, y, seed)
+    train_prob = _sigmoid(x @ weight + bias)
+    splitter, n_splits = _folds(y, groups, seed, stratify=True)
+    metrics: dict[str, Any] = {"C": LOGISTIC_C, "class_weight": "balanced"}
+    if splitter is not None:
+        oof = np.empty_like(y)
+        for tr, te in splitter.split(x, y.astype(int), groups):
+            if len(np.unique(y[tr])) < 2:  # a fold without one class: fall back to the global fit
+                oof[te] = _sigmoid(x[te] @ weight + bias)
+                continue
+            w, b = _logistic_fit(x[tr], y[tr], seed)
+            oof[te] = _sigmoid(x[te] @ w + b)
+        threshold = youden_threshold(y, oof)
+        metrics["threshold_source"] = "youden_j_out_of_fold"
+        cv = _binary_metrics(y, oof, threshold)
+        metrics["cv"] = {**cv, "folds": n_splits, "grouped": groups is not None}
+    else:
+        threshold = youden_threshold(y, train_prob)
+        metrics["threshold_source"] = "youden_j_in_sample (too few rows per class for cross-validation)"
+    metrics["train"] = _binary_metrics(y, train_prob, threshold)
+    return weight, bias, threshold, metrics
+
+
+# --- persistence --------------------------------------------------------------------------------
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN/inf are not JSON: store them as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def save_heads(
+    run_dir: str | Path, heads: list[LinearHead] | dict[str, LinearHead], extra: dict | None = None
+) -> Path:
+    """Write ``RUN/heads.json`` atomically (replaces heads for the same tasks, keeps the others)."""
+    run_dir = Path(run_dir)
+    new = list(heads.values()) if isinstance(heads, dict) else list(heads)
+    current = {h.task: h for h in load_heads(run_dir)} if (run_dir / HEADS_FILE).exists() else {}
+    current.update({h.task: h for h in new})
+    payload = {
+        "schema_version": HEADS_SCHEMA_VERSION,
+        "heads": [_json_safe(current[t].to_dict()) for t in sorted(current)],
+        **(extra or {}),
+    }
+    path = run_dir / HEADS_FILE
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def load_heads(run_dir: str | Path) -> list[LinearHead]:
+    """Heads stored in ``RUN/heads.json``; an empty list when the run has none."""
+    path = Path(run_dir) / HEADS_FILE
+    if not path.exists():
+        return []
+    payload = json.loads(path.read_text(encoding="utf-8"))
+    return [LinearHead.from_dict(d) for d in payload.get("heads", [])]
