@@ -1,0 +1,159 @@
+"""Image encoders: a torchvision backbone plus a linear projection to the shared, L2-normalised space.
+
+Fundus: 2D ``resnet18``. OCT: 3D ``r3d_18`` (VideoResNet18), or ``mc3_18`` / ``r2plus1d_18``.
+
+Initialisation (``init``):
+- ``"random"``: torchvision's default initialisation.
+- ``"imagenet"`` (2D) / ``"kinetics"`` (3D) / ``"pretrained"`` (either): the torchvision weights,
+  read from the torch hub checkpoint folder (``$TORCH_HOME/hub/checkpoints/<file>``). Nothing is
+  downloaded at run time; a missing file is a clear error naming the path and the URL.
+- a path to a local ``.pt``/``.pth`` file holding a state_dict (or a dict with a ``"model"`` /
+  ``"state_dict"`` key), loaded with ``torch.load(weights_only=True)``.
+
+Single-channel inputs (OCT, NIR/SLO fundus): the stem convolution gets one input channel. With
+pretrained weights its kernel is the sum of the RGB kernels over the channel axis, which gives the
+same response to a gray image repeated three times, without tripling the input.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models import ResNet18_Weights, resnet18
+from torchvision.models.video import (
+    MC3_18_Weights,
+    R2Plus1D_18_Weights,
+    R3D_18_Weights,
+    mc3_18,
+    r2plus1d_18,
+    r3d_18,
+)
+
+from retinacli.errors import RetinaError
+
+FUNDUS_ARCHS = {"resnet18": (resnet18, ResNet18_Weights.IMAGENET1K_V1)}
+OCT_ARCHS = {
+    "r3d_18": (r3d_18, R3D_18_Weights.KINETICS400_V1),
+    "mc3_18": (mc3_18, MC3_18_Weights.KINETICS400_V1),
+    "r2plus1d_18": (r2plus1d_18, R2Plus1D_18_Weights.KINETICS400_V1),
+}
+PRETRAINED_NAMES = {"resnet18": ("imagenet", "pretrained"), "3d": ("kinetics", "pretrained")}
+
+
+class WeightsNotFoundError(RetinaError):
+    """Pretrained weights were asked for but are not on disk (nothing is downloaded at run time)."""
+
+
+def hub_checkpoint_path(weights) -> Path:
+    """Where torch hub keeps (and where we look for) a torchvision weights file."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # unreadable, not a torch file, or pickled code
+        raise WeightsNotFoundError(f"{path}: cannot load weights ({exc.__class__.__name__}: {exc})") from None
+    if isinstance(obj, dict):
+        for key in ("model", "state_dict"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsNotFoundError(f"{path}: not a state_dict of tensors")
+    return obj
+
+
+def pretrained_state_dict(arch: str, init: str) -> dict[str, torch.Tensor] | None:
+    """The state_dict `init` names for `arch` (None for random), or a clear WeightsNotFoundError."""
+    if init == "random":
+        return None
+    table = FUNDUS_ARCHS if arch in FUNDUS_ARCHS else OCT_ARCHS
+    _, weights = table[arch]
+    known = PRETRAINED_NAMES["resnet18" if arch in FUNDUS_ARCHS else "3d"]
+    if init in known:
+        path = hub_checkpoint_path(weights)
+        if not path.is_file():
+            raise WeightsNotFoundError(
+                f"{arch} {init} weights not found at {path} (no download at run time): "
+                f"fetch {weights.url} to that path, or set TORCH_HOME, or pass a local weights file"
+            )
+        return _read_state_dict(path)
+    path = Path(init).expanduser()
+    if path.is_file():
+        return _read_state_dict(path)
+    raise WeightsNotFoundError(
+        f"{init}: not a weights file and not one of random, {', '.join(known)} for {arch}"
+    )
+
+
+def _adapt_stem(conv: nn.Conv2d | nn.Conv3d, in_channels: int, pretrained: bool) -> nn.Module:
+    """A copy of `conv` taking `in_channels`; pretrained RGB kernels are summed over the channel axis."""
+    if conv.in_channels == in_channels:
+        return conv
+    new = type(conv)(
+        in_channels,
+        conv.out_channels,
+        kernel_size=conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        bias=conv.bias is not None,
+    )
+    with torch.no_grad():
+        if pretrained and in_channels == 1:
+            new.weight.copy_(conv.weight.sum(dim=1, keepdim=True))
+        else:  # torchvision's own conv init for these nets
+            nn.init.kaiming_normal_(new.weight, mode="fan_out", nonlinearity="relu")
+        if conv.bias is not None:
+            new.bias.copy_(conv.bias)
+    return new
+
+
+def build_backbone(arch: str, in_channels: int, init: str = "random") -> tuple[nn.Module, int]:
+    """(backbone without its classifier, feature width)."""
+    if arch in FUNDUS_ARCHS:
+        factory, _ = FUNDUS_ARCHS[arch]
+    elif arch in OCT_ARCHS:
+        factory, _ = OCT_ARCHS[arch]
+    else:
+        raise ValueError(f"unknown architecture {arch!r}; choose from {sorted(FUNDUS_ARCHS | OCT_ARCHS)}")
+    net = factory(weights=None)
+    state = pretrained_state_dict(arch, init)
+    if state is not None:
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+        missing, unexpected = net.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith("fc.")]
+        if missing or unexpected:
+            raise WeightsNotFoundError(
+                f"{init}: weights do not match {arch} (missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
+    width = net.fc.in_features
+    net.fc = nn.Identity()
+    if arch in FUNDUS_ARCHS:
+        net.conv1 = _adapt_stem(net.conv1, in_channels, pretrained=state is not None)
+    else:
+        net.stem[0] = _adapt_stem(net.stem[0], in_channels, pretrained=state is not None)
+    return net, width
+
+
+class Encoder(nn.Module):
+    """Backbone -> linear projection -> L2 normalisation. Usable on its own (e.g. for ONNX export)."""
+
+    def __init__(self, arch: str, in_channels: int, embed_dim: int, init: str = "random"):
+        super().__init__()
+        self.arch = arch
+        self.in_channels = in_channels
+        self.backbone, self.feature_dim = build_backbone(arch, in_channels, init)
+        self.projection = nn.Linear(self.feature_dim, embed_dim)
+        self.embed_dim = embed_dim
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Backbone features before the projection, (B, feature_dim)."""
+        return self.backbone(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.projection(self.backbone(x)), dim=-1)
