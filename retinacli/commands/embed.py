@@ -1,12 +1,136 @@
-"""`retina embed` (not implemented yet)."""
+"""`retina embed`: embed OCT volumes and fundus images into an embedding store (docs/store.md)."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import typer
+
+MODALITIES = ("auto", "oct", "fundus")
+MAX_ERRORS_SHOWN = 20
 
 
 def register(app: typer.Typer) -> None:
     @app.command("embed")
-    def embed() -> None:
-        """Not implemented yet."""
-        raise typer.Exit(1)
+    def embed(
+        paths: list[Path] = typer.Argument(
+            ..., help="Files or folders (searched recursively) holding OCT volumes and fundus images."
+        ),
+        model: str | None = typer.Option(
+            None, "--model", "-m",
+            help="Model package (folder or name). Default: $RETINA_MODEL, else the 'retina models default', "
+            "else the newest package in ./exported or $RETINA_HOME/models.",
+        ),
+        out: Path | None = typer.Option(
+            None, "--out", "-o", help="Embedding store folder. Default: $RETINA_STORE, else ./.retina/store."
+        ),
+        modality: str = typer.Option(
+            "auto", "--modality", help="Embed only 'oct' or 'fundus'; 'auto' embeds both."
+        ),
+        batch_size: int = typer.Option(16, "--batch-size", min=1, help="Items per model call."),
+        workers: int | None = typer.Option(
+            None, "--workers", min=1,
+            help=f"Threads reading and preprocessing files. Default: one per core ({os.cpu_count()} here, "
+            "minus one above two cores).",
+        ),
+        shard_size: int = typer.Option(
+            4096, "--shard-size", min=1,
+            help="Rows per committed shard (a killed run loses at most one shard's work)."
+        ),
+        keep_identifiers: bool = typer.Option(
+            False, "--keep-identifiers",
+            help="Also store the raw patient ID (default: only keyed-hash pseudonyms are stored).",
+        ),
+        json_output: bool = typer.Option(
+            False, "--json", help="Print a JSON summary (embedded, skipped, failed, store, model)."
+        ),
+    ) -> None:
+        """Embed files into a store; re-runs skip what is already in it; failures go to STORE/errors.csv."""
+        from retinacli.console import err, fail, print_json
+        from retinacli.console import out as stdout
+        from retinacli.errors import EXIT_NOTHING_DONE, EXIT_OK, EXIT_USAGE, RetinaError
+
+        if modality not in MODALITIES:
+            fail(f"--modality must be one of {', '.join(MODALITIES)}, not {modality!r}", EXIT_USAGE)
+        try:
+            report, store_root, engine, errors_file, total_rows = _run(
+                paths, model, out, None if modality == "auto" else modality, batch_size, workers, shard_size,
+                keep_identifiers,
+            )
+        except RetinaError as exc:
+            fail(str(exc), exc.exit_code)
+        for error in report.errors[:MAX_ERRORS_SHOWN]:
+            err.print(f"[yellow]failed:[/] {error}", markup=True, highlight=False)
+        if len(report.errors) > MAX_ERRORS_SHOWN:
+            err.print(f"... and {len(report.errors) - MAX_ERRORS_SHOWN} more", highlight=False)
+        if report.errors:
+            err.print(f"failures listed in {errors_file}", highlight=False)
+        summary = {
+            "embedded": report.embedded,
+            "skipped": report.skipped,
+            "failed": report.failed,
+            "store": str(store_root),
+            "rows": total_rows,
+            "model": engine.model_id,
+            "seconds": round(report.seconds, 3),
+            "items_per_second": round(report.throughput, 2),
+            "errors": [{"path": e.path, "error": e.reason} for e in report.errors],
+        }
+        if json_output:
+            print_json(summary)
+        else:
+            stdout.print(
+                f"embedded {report.embedded}, skipped {report.skipped} (already in the store), "
+                f"failed {report.failed} -> {store_root} ({total_rows} vectors, model {engine.model_id})",
+                highlight=False,
+            )
+        raise typer.Exit(EXIT_OK if report.embedded + report.skipped > 0 else EXIT_NOTHING_DONE)
+
+
+def _run(paths, model, out, modality, batch_size, workers, shard_size, keep_identifiers):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from retinacli.console import err
+    from retinacli.pipeline import default_workers, load_engine, plan_embedding, run_embedding
+    from retinacli.store import StoreWriter, store_path_and_origin
+
+    store_root, store_origin = store_path_and_origin(out)
+    engine, package = load_engine(model)
+    workers = workers or default_workers()
+    err.print(f"model: {engine.model_id} ({package}{'' if model else ', default'})", highlight=False)
+    err.print(f"store: {store_root} ({store_origin})", highlight=False)
+    err.print(f"modality: {modality or 'auto'}, batch size {batch_size}, workers {workers}", highlight=False)
+    with StoreWriter.open_for_model(
+        store_root,
+        model_id=engine.model_id,
+        embed_dim=engine.embed_dim,
+        spec_hash=_spec_hash(engine),
+        model_name=getattr(engine, "name", None),
+        model_version=getattr(engine, "version", None),
+        shard_rows=shard_size,
+    ) as writer:
+        plan = plan_embedding(paths, writer.secret, writer.column_values("source_key"), exclude=store_root)
+        if plan.skipped_sources:
+            err.print(f"{plan.skipped_sources} source(s) already in the store: skipped", highlight=False)
+        progress = Progress(
+            TextColumn("embedding"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+            console=err, transient=True,
+        )
+        with progress:
+            task = progress.add_task("embed", total=len(plan.todo))
+            report = run_embedding(
+                engine, plan, writer, modality=modality, batch_size=batch_size, workers=workers,
+                keep_identifiers=keep_identifiers, on_source_done=lambda _r: progress.advance(task),
+            )
+        writer.commit()
+        errors_file = writer.write_errors((e.path, e.reason) for e in report.errors)
+        total_rows = len(writer)
+    return report, store_root, engine, errors_file, total_rows
+
+
+def _spec_hash(engine) -> str | None:
+    from retinacli.preprocess import spec_hash
+
+    spec = getattr(engine, "spec", None)
+    return spec_hash(spec) if spec else None

@@ -1,12 +1,200 @@
-"""`retina predict` (not implemented yet)."""
+"""`retina predict`: task-head predictions (CST µm, BCVA / TN probability and label) per item."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import typer
+
+TASKS = ("cst", "bcva", "tn")
+CSV_COLUMNS = ["id", "path", "modality", "laterality", "date", "task", "value", "units", "probability",
+               "label", "threshold", "label_meaning"]
+PREDICT_CHUNK = 4096
 
 
 def register(app: typer.Typer) -> None:
     @app.command("predict")
-    def predict() -> None:
-        """Not implemented yet."""
-        raise typer.Exit(1)
+    def predict(
+        paths: list[Path] | None = typer.Argument(
+            None, help="OCT volumes / folders to predict on (embedded on the fly, not stored). "
+            "Default: every OCT item already in the store, from its stored embeddings.",
+        ),
+        task: str = typer.Option(
+            ..., "--task", "-t", help="Task head: cst (µm), bcva or tn (probability + label)."
+        ),
+        model: str | None = typer.Option(
+            None, "--model", "-m",
+            help="Model package. Default: with PATHs, the default package ($RETINA_MODEL, 'retina models "
+            "default', else the newest); without, the known package whose id is the store's model id.",
+        ),
+        index: Path | None = typer.Option(
+            None, "--index", "-i", help="Embedding store (used without PATHs). Default: $RETINA_STORE, "
+            "else ./.retina/store.",
+        ),
+        modality: str = typer.Option(
+            "oct", "--modality", help="Items to predict on: oct (what the heads are fitted on) or fundus "
+            "(the same heads applied in the shared embedding space).",
+        ),
+        batch_size: int = typer.Option(16, "--batch-size", min=1, help="Items per model call (with PATHs)."),
+        json_output: bool = typer.Option(False, "--json", help="Print predictions as JSON."),
+        csv_output: bool = typer.Option(False, "--csv", help="Print predictions as CSV."),
+    ) -> None:
+        """Predict a clinical task per item with the package's head (units, threshold from its manifest)."""
+        from retinacli.console import err, fail, print_json
+        from retinacli.errors import EXIT_NOTHING_DONE, EXIT_OK, EXIT_USAGE, RetinaError
+
+        if task not in TASKS:
+            fail(f"--task must be one of {', '.join(TASKS)}, not {task!r}", EXIT_USAGE)
+        if modality not in ("oct", "fundus"):
+            fail(f"--modality must be oct or fundus, not {modality!r}", EXIT_USAGE)
+        if json_output and csv_output:
+            fail("choose one of --json and --csv", EXIT_USAGE)
+        try:
+            if paths:
+                payload = _predict_files(paths, task, model, modality, batch_size, index)
+            else:
+                payload = _predict_store(task, model, index, modality)
+        except RetinaError as exc:
+            fail(str(exc), exc.exit_code)
+        for error in payload["errors"][:20]:
+            err.print(f"[yellow]failed:[/] {error['path']}: {error['error']}", markup=True, highlight=False)
+        if json_output:
+            print_json(payload)
+        elif csv_output:
+            _print_csv(payload)
+        else:
+            _print_table(payload)
+        raise typer.Exit(EXIT_OK if payload["predictions"] else EXIT_NOTHING_DONE)
+
+
+def _check_task(engine: Any, task: str) -> None:
+    from retinacli.errors import EXIT_USAGE, RetinaError
+
+    tasks = list(getattr(engine, "tasks", []) or [])
+    if task not in tasks:
+        have = ", ".join(tasks) or "none"
+        error = RetinaError(f"model {engine.model_id} has no '{task}' head (it has: {have}); "
+                            "fit one with 'retina probe' and re-export")
+        error.exit_code = EXIT_USAGE
+        raise error
+
+
+def _records(engine: Any, task: str, rows: list[dict[str, Any]], vectors: Any) -> list[dict[str, Any]]:
+    records = []
+    for start in range(0, len(rows), PREDICT_CHUNK):
+        chunk = rows[start : start + PREDICT_CHUNK]
+        preds = engine.predict(task, vectors[start : start + PREDICT_CHUNK])
+        for row, pred in zip(chunk, preds, strict=True):
+            record = {k: row.get(k) for k in ("id", "path", "modality", "laterality", "date")}
+            record.update(pred)
+            records.append(record)
+    return records
+
+
+def _predict_store(task: str, model: str | None, index: Path | None, modality: str) -> dict[str, Any]:
+    import numpy as np
+
+    from retinacli.console import err
+    from retinacli.pipeline import engine_for_store
+    from retinacli.store import EmbeddingStore, store_path_and_origin
+
+    store_root, origin = store_path_and_origin(index)
+    err.print(f"store: {store_root} ({origin})", highlight=False)
+    store = EmbeddingStore.open(store_root)
+    engine, package = engine_for_store(store, model)
+    err.print(f"model: {engine.model_id} ({package}{'' if model else ', the store model'})", highlight=False)
+    _check_task(engine, task)
+    err.print(f"task: {task}; predicting every {modality} item in the store from its stored embedding",
+              highlight=False)
+    rows, parts = [], []
+    for _shard, vectors, meta in store.iter_shards(["id", "path", "modality", "laterality", "date"]):
+        keep = np.array([m == modality for m in meta["modality"]], dtype=bool)
+        parts.append(np.asarray(vectors[keep]))
+        names = list(meta)
+        rows.extend({n: meta[n][i] for n in names} for i in np.flatnonzero(keep))
+    vectors = np.concatenate(parts) if parts else np.zeros((0, store.embed_dim), np.float32)
+    if not rows:
+        err.print(f"the store holds no {modality} items", highlight=False)
+    return {"task": task, "model": engine.model_id, "source": "store", "store": str(store_root),
+            "predictions": _records(engine, task, rows, vectors), "errors": []}
+
+
+class _MemoryWriter:
+    """Stands in for a StoreWriter when predicting on files: the vectors stay in memory."""
+
+    def __init__(self, embed_dim: int, secret: bytes):
+        self.embed_dim = embed_dim
+        self.secret = secret
+        self.rows: list[dict[str, Any]] = []
+        self.vectors: list[Any] = []
+
+    def column_values(self, _column: str) -> set[str]:
+        return set()
+
+    def add(self, rows: list[dict[str, Any]], vectors: Any) -> None:
+        self.rows.extend(rows)
+        self.vectors.extend(vectors)
+
+
+def _predict_files(paths: list[Path], task: str, model: str | None, modality: str, batch_size: int,
+                   index: Path | None) -> dict[str, Any]:
+    import secrets
+
+    import numpy as np
+
+    from retinacli.console import err
+    from retinacli.pipeline import load_engine, plan_embedding, run_embedding
+    from retinacli.privacy import SECRET_FILE, load_or_create_secret
+    from retinacli.store import store_path_and_origin
+
+    engine, package = load_engine(model)
+    err.print(f"model: {engine.model_id} ({package}{'' if model else ', default'})", highlight=False)
+    _check_task(engine, task)
+    err.print(f"task: {task}; embedding {modality} items on the fly (nothing is written)", highlight=False)
+    # Ids match the store's when a store exists (same secret), so predictions join with it.
+    store_root, _origin = store_path_and_origin(index)
+    secret = (load_or_create_secret(store_root) if (store_root / SECRET_FILE).is_file()
+              else secrets.token_bytes(32))
+    plan = plan_embedding(paths, secret, set())
+    writer = _MemoryWriter(engine.embed_dim, secret)
+    report = run_embedding(engine, plan, writer, modality=modality, batch_size=batch_size)
+    vectors = np.stack(writer.vectors) if writer.vectors else np.zeros((0, engine.embed_dim), np.float32)
+    if not writer.rows and not report.errors:
+        err.print(f"no {modality} items found under {', '.join(map(str, paths))}", highlight=False)
+    return {"task": task, "model": engine.model_id, "source": "files",
+            "predictions": _records(engine, task, writer.rows, vectors),
+            "errors": [{"path": e.path, "error": e.reason} for e in report.errors]}
+
+
+def _print_csv(payload: dict[str, Any]) -> None:
+    import csv
+    import sys
+
+    writer = csv.DictWriter(sys.stdout, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for record in payload["predictions"]:
+        writer.writerow({"task": payload["task"], **record})
+    sys.stdout.flush()
+
+
+def _print_table(payload: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    from retinacli.console import out
+
+    preds = payload["predictions"]
+    regression = bool(preds) and "value" in preds[0]
+    table = Table(title=f"{payload['task']} predictions ({payload['model']})", title_justify="left")
+    columns = ["id", "source", "laterality", "date"]
+    columns += [f"value ({preds[0].get('units', '')})"] if regression else ["probability", "label"]
+    for column in columns:
+        table.add_column(column)
+    for p in preds:
+        cells = [p.get("id") or "", p.get("path") or "", p.get("laterality") or "", p.get("date") or ""]
+        if regression:
+            cells.append(f"{p['value']:.1f}")
+        else:
+            cells += [f"{p['probability']:.3f}", str(p.get("label"))]
+        table.add_row(*cells)
+    out.print(table)

@@ -1,12 +1,151 @@
-"""`retina retrieve` (not implemented yet)."""
+"""`retina retrieve`: the store items most similar to a query image/volume or a stored item."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import typer
+
+TARGETS = ("oct", "fundus")
 
 
 def register(app: typer.Typer) -> None:
     @app.command("retrieve")
-    def retrieve() -> None:
-        """Not implemented yet."""
-        raise typer.Exit(1)
+    def retrieve(
+        query: str = typer.Argument(
+            ..., help="An OCT volume / fundus image file (embedded on the fly), or an item id in the store."
+        ),
+        index: Path | None = typer.Option(
+            None, "--index", "-i",
+            help="Embedding store to search. Default: $RETINA_STORE, else ./.retina/store."
+        ),
+        top: int = typer.Option(10, "--top", "-k", min=1, help="Number of results."),
+        model: str | None = typer.Option(
+            None, "--model", "-m",
+            help="Model package for embedding a query file; must be the store's model. "
+            "Default: the known package whose id is the store's model id.",
+        ),
+        target: str | None = typer.Option(
+            None, "--target",
+            help="Modality to search: oct or fundus. Default: the other modality than the query's."
+        ),
+        laterality: str | None = typer.Option(
+            None, "--laterality", help="Only results of this eye: OD or OS."
+        ),
+        json_output: bool = typer.Option(False, "--json", help="Print the query and results as JSON."),
+    ) -> None:
+        """Search the store by exact cosine similarity (fundus query -> OCT results and the reverse)."""
+        from retinacli.console import err, fail, print_json
+        from retinacli.errors import EXIT_OK, EXIT_USAGE, RetinaError
+
+        if target is not None and target not in TARGETS:
+            fail(f"--target must be oct or fundus, not {target!r}", EXIT_USAGE)
+        if laterality is not None:
+            laterality = laterality.upper()
+            if laterality not in ("OD", "OS"):
+                fail(f"--laterality must be OD or OS, not {laterality!r}", EXIT_USAGE)
+        try:
+            payload = _retrieve(query, index, top, model, target, laterality)
+        except RetinaError as exc:
+            fail(str(exc), exc.exit_code)
+        if not payload["results"]:
+            err.print(f"no {payload['target']} items in the store match the filters", highlight=False)
+        if json_output:
+            print_json(payload)
+        else:
+            _print_table(payload)
+        raise typer.Exit(EXIT_OK)
+
+
+def _retrieve(query: str, index: Path | None, top: int, model: str | None, target: str | None,
+              laterality: str | None) -> dict[str, Any]:
+    from retinacli.console import err
+    from retinacli.errors import EXIT_USAGE, RetinaError
+    from retinacli.retrieval import OTHER_MODALITY, search
+    from retinacli.store import EmbeddingStore, store_path_and_origin
+
+    store_root, origin = store_path_and_origin(index)
+    err.print(f"store: {store_root} ({origin})", highlight=False)
+    store = EmbeddingStore.open(store_root)
+    err.print(f"model: {store.model_id} (the store's)", highlight=False)
+    query_path = Path(query).expanduser()
+    if query_path.exists():
+        vector, info = _embed_query(store, query_path, model, target)
+    else:
+        found = store.find(query)
+        if found is None:
+            error = RetinaError(f"{query}: not a file, and no item with this id in {store_root}")
+            error.exit_code = EXIT_USAGE
+            raise error
+        if model is not None:
+            from retinacli.pipeline import load_engine
+
+            store.require_model(load_engine(model)[0].model_id)
+        vector, row = found
+        info = {k: row.get(k) for k in ("id", "path", "modality", "laterality", "date")}
+    target = target or OTHER_MODALITY[info["modality"]]
+    err.print(f"searching {target} items, top {top}"
+              + (f", laterality {laterality}" if laterality else ""), highlight=False)
+    hits = search(store, vector, target=target, laterality=laterality, top_k=top)
+    return {
+        "query": info,
+        "model": store.model_id,
+        "store": str(store_root),
+        "target": target,
+        "results": [hit.to_dict() for hit in hits],
+    }
+
+
+def _embed_query(store: Any, path: Path, model: str | None, target: str | None) -> tuple[Any, dict]:
+    """Read and embed the query file with the store's model; its id is the one it has (or would
+    have) in the store."""
+    from retinacli.errors import ReadError, RetinaError
+    from retinacli.pipeline import (
+        engine_for_store,
+        item_id,
+        item_identity,
+        read_with_readers,
+        source_identity,
+    )
+    from retinacli.privacy import load_or_create_secret
+
+    engine, _package = engine_for_store(store, model)
+    read = list(read_with_readers(path, None))
+    items = [x for x in read if not isinstance(x, ReadError)]
+    if not items:
+        reason = str(read[0]) if read else f"{path}: no OCT volume or fundus image found"
+        raise RetinaError(reason)
+    # A source holding both modalities (a Heidelberg .vol) queries with the one not searched.
+    chosen = next((i for i in items if target is None or i.modality != target), items[0])
+    vector = engine.embed(chosen.modality, engine.preprocess(chosen)[None])[0]
+    secret = load_or_create_secret(store.root)
+    identity = item_identity(chosen, source_identity(path), items.index(chosen), len(items))
+    meta = chosen.meta
+    info = {
+        "id": item_id(identity, secret),
+        "path": str(path.absolute()),
+        "modality": chosen.modality,
+        "laterality": meta.laterality,
+        "date": meta.study_date or (meta.acquisition_datetime or "")[:8] or None,
+    }
+    return vector, info
+
+
+def _print_table(payload: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    from retinacli.console import out
+
+    q = payload["query"]
+    table = Table(
+        title=f"{payload['target']} items nearest to {q.get('modality')} {q.get('id')} "
+        f"({q.get('laterality') or '?'}, {q.get('date') or '?'})",
+        title_justify="left",
+    )
+    for column in ("rank", "score", "id", "source", "laterality", "date"):
+        table.add_column(column, justify="right" if column in ("rank", "score") else "left")
+    for r in payload["results"]:
+        table.add_row(str(r["rank"]), f"{r['score']:.4f}", r["id"] or "", r["path"] or "",
+                      r["laterality"] or "", r["date"] or "")
+    out.print(table)

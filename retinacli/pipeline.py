@@ -1,0 +1,364 @@
+"""Files -> readers -> preprocessing -> model batches, with decoding overlapped with inference.
+
+Worker threads read and preprocess whole sources (a file, or a folder that is one volume) while the
+main thread batches the preprocessed arrays per modality and runs the model: numpy, the image
+decoders and onnxruntime release the GIL for their heavy loops, so the two overlap. At most
+`2 * workers` sources are in flight and a source's pixels are dropped as soon as it is preprocessed,
+so memory stays bounded however big the folder is.
+
+Resume: a source is identified by a keyed hash of its absolute path, size and mtime (`source_key`).
+All the items one source yields are committed to the store together, so a source whose key is in
+the store is complete and is skipped on the next run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from retinacli.errors import ReadError
+from retinacli.items import FundusImage, OctVolume
+from retinacli.privacy import pseudonym
+
+ReadSource = Callable[[Path, "str | None"], Iterable["OctVolume | FundusImage | ReadError"]]
+
+
+def default_workers() -> int:
+    """Decoder threads: one per core, leaving the main thread a core for inference when there are many."""
+    cores = os.cpu_count() or 1
+    return max(1, cores - 1) if cores > 2 else cores
+
+
+def read_with_readers(source: Path, modality: str | None) -> Iterable[OctVolume | FundusImage | ReadError]:
+    from retinacli.readers import iter_items
+
+    return iter_items([source], modality=modality)
+
+
+def discover_with_readers(paths: Sequence[Path]) -> tuple[list[Path], list[ReadError]]:
+    from retinacli.readers import discover
+
+    return discover(paths)
+
+
+# --- identities -------------------------------------------------------------------------------------
+
+
+def source_identity(path: Path) -> str:
+    """What makes a source "the same input" for resume: absolute path + size + mtime.
+
+    A folder (one volume of B-scan files) is identified by its path and its files' names, sizes
+    and mtimes, so adding or replacing a B-scan makes it a new source.
+    """
+    path = Path(path).absolute()
+    stat = path.stat()
+    if not path.is_dir():
+        return f"file:{path}|{stat.st_size}|{stat.st_mtime_ns}"
+    listing = hashlib.sha256()
+    for entry in sorted(os.scandir(path), key=lambda e: e.name):
+        if entry.is_file() and not entry.name.startswith("."):
+            st = entry.stat()
+            listing.update(f"{entry.name}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return f"dir:{path}|{listing.hexdigest()}"
+
+
+def item_identity(item: OctVolume | FundusImage, source_id: str, ordinal: int, n_items: int) -> str:
+    """A DICOM instance is itself wherever the file lives (SOPInstanceUID); other items are their
+    source's identity plus their place in it (a Heidelberg .vol yields an OCT and a fundus)."""
+    sop = item.meta.sop_instance_uid
+    if sop and n_items == 1:
+        return f"sop:{sop}"
+    return f"{source_id}|{item.modality}|{ordinal}"
+
+
+def item_id(identity: str, secret: bytes) -> str:
+    return pseudonym(identity, secret, prefix="i", length=16)
+
+
+def source_key(identity: str, secret: bytes) -> str:
+    return pseudonym(identity, secret, prefix="s", length=16)
+
+
+def metadata_row(
+    item: OctVolume | FundusImage, identity: str, skey: str, secret: bytes, keep_identifiers: bool
+) -> dict[str, Any]:
+    """The store's metadata for one item: pseudonyms instead of identifiers (see store.METADATA_COLUMNS)."""
+    meta = item.meta
+    date = meta.study_date or (meta.acquisition_datetime or "")[:8] or None
+    references = [item_id(f"sop:{uid}", secret) for uid in meta.referenced_sop_uids if uid]
+    return {
+        "id": item_id(identity, secret),
+        "source_key": skey,
+        "modality": item.modality,
+        "path": str(Path(item.path).absolute()),
+        "format": item.format,
+        "laterality": meta.laterality,
+        "date": date,
+        "acquisition_datetime": meta.acquisition_datetime,
+        "device": meta.device,
+        "patient": pseudonym(meta.patient_id, secret, prefix="p") if meta.patient_id else None,
+        "study": pseudonym(meta.study_uid, secret, prefix="st") if meta.study_uid else None,
+        "references": " ".join(references) or None,
+        "patient_identifier": meta.patient_id if keep_identifiers else None,
+    }
+
+
+# --- reading + preprocessing (worker side) -------------------------------------------------------
+
+
+@dataclass
+class Prepared:
+    """One preprocessed item: the model input and its store metadata (the pixels are gone)."""
+
+    modality: str
+    array: np.ndarray
+    row: dict[str, Any]
+
+
+@dataclass
+class SourceResult:
+    source: Path
+    key: str
+    items: list[Prepared] = field(default_factory=list)
+    errors: list[ReadError] = field(default_factory=list)
+
+
+def prepare_items(
+    items: Iterable[OctVolume | FundusImage | ReadError],
+    preprocess: Callable[[OctVolume | FundusImage], np.ndarray],
+    *,
+    modality: str | None,
+    source: Path,
+    source_id: str,
+    skey: str,
+    secret: bytes,
+    keep_identifiers: bool,
+) -> SourceResult:
+    """Read every item of one source and preprocess it; failures become ReadErrors, never exceptions."""
+    result = SourceResult(source, skey)
+    try:
+        read = list(items)
+    except ReadError as exc:
+        result.errors.append(exc)
+        return result
+    except Exception as exc:  # a reader bug must not stop the batch
+        result.errors.append(ReadError(source, f"could not be read ({type(exc).__name__}: {exc})"))
+        return result
+    good = [x for x in read if not isinstance(x, ReadError) and (modality is None or x.modality == modality)]
+    result.errors.extend(x for x in read if isinstance(x, ReadError))
+    for ordinal, item in enumerate(good):
+        try:
+            array = np.asarray(preprocess(item), dtype=np.float32)
+        except Exception as exc:
+            result.errors.append(ReadError(item.path, f"preprocessing failed ({exc})"))
+            continue
+        identity = item_identity(item, source_id, ordinal, len(good))
+        row = metadata_row(item, identity, skey, secret, keep_identifiers)
+        result.items.append(Prepared(item.modality, array, row))
+    return result
+
+
+# --- the embedding run ----------------------------------------------------------------------------
+
+
+@dataclass
+class EmbedPlan:
+    todo: list[tuple[Path, str, str]]  # (source, source identity, source key)
+    skipped_sources: int
+    errors: list[ReadError]
+
+
+@dataclass
+class EmbedReport:
+    embedded: int = 0
+    skipped: int = 0  # sources already in the store, plus items already in it under another path
+    failed: int = 0
+    errors: list[ReadError] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def throughput(self) -> float:
+        return self.embedded / self.seconds if self.seconds > 0 else 0.0
+
+
+def plan_embedding(
+    paths: Sequence[Path | str],
+    secret: bytes,
+    done_keys: set[str],
+    *,
+    exclude: Path | None = None,
+    discover: Callable[[Sequence[Path]], tuple[list[Path], list[ReadError]]] | None = None,
+) -> EmbedPlan:
+    """Discover the sources under `paths` and drop those the store already holds."""
+    sources, errors = (discover or discover_with_readers)([Path(p) for p in paths])
+    excluded = Path(exclude).absolute() if exclude is not None else None
+    todo, skipped, seen = [], 0, set()
+    for source in sources:
+        absolute = Path(source).absolute()
+        if excluded is not None and (absolute == excluded or excluded in absolute.parents):
+            continue  # never embed the store's own files
+        try:
+            identity = source_identity(absolute)
+        except OSError as exc:
+            errors.append(ReadError(source, f"cannot stat ({exc.strerror or exc})"))
+            continue
+        key = source_key(identity, secret)
+        if key in seen:
+            continue  # the same source named twice on the command line
+        seen.add(key)
+        if key in done_keys:
+            skipped += 1
+        else:
+            todo.append((Path(source), identity, key))
+    return EmbedPlan(todo, skipped, list(errors))
+
+
+class _OpenSource:
+    __slots__ = ("failed", "outstanding", "rows", "vectors")
+
+    def __init__(self, outstanding: int):
+        self.outstanding = outstanding
+        self.rows: list[dict[str, Any]] = []
+        self.vectors: list[np.ndarray] = []
+        self.failed = False
+
+
+def run_embedding(
+    engine: Any,
+    plan: EmbedPlan,
+    writer: Any,
+    *,
+    modality: str | None = None,
+    batch_size: int = 16,
+    workers: int | None = None,
+    keep_identifiers: bool = False,
+    read_source: ReadSource | None = None,
+    on_source_done: Callable[[SourceResult], None] | None = None,
+) -> EmbedReport:
+    """Embed the plan's sources into `writer` (a StoreWriter). Never raises for a bad input."""
+    started = time.perf_counter()
+    read_source = read_source or read_with_readers
+    workers = max(1, int(workers or default_workers()))
+    batch_size = max(1, int(batch_size))
+    report = EmbedReport(skipped=plan.skipped_sources, errors=list(plan.errors))
+    known_ids = writer.column_values("id")
+    secret = writer.secret
+    batches: dict[str, list[tuple[str, Prepared]]] = {"oct": [], "fundus": []}
+    open_sources: dict[str, _OpenSource] = {}
+
+    def load(job: tuple[Path, str, str]) -> SourceResult:
+        source, identity, key = job
+        try:
+            items = read_source(source, modality)
+        except Exception as exc:
+            items = [exc if isinstance(exc, ReadError) else ReadError(source, f"could not be read ({exc})")]
+        return prepare_items(items, engine.preprocess, modality=modality, source=source, source_id=identity,
+                             skey=key, secret=secret, keep_identifiers=keep_identifiers)
+
+    def finish_source(key: str) -> None:
+        state = open_sources.pop(key)
+        if state.failed or not state.rows:
+            return  # not committed: the source is retried on the next run
+        writer.add(state.rows, np.stack(state.vectors))
+        report.embedded += len(state.rows)
+
+    def run_batch(mod: str) -> None:
+        batch, batches[mod] = batches[mod], []
+        if not batch:
+            return
+        try:
+            vectors = np.asarray(engine.embed(mod, np.stack([p.array for _, p in batch])), dtype=np.float32)
+        except Exception as exc:
+            vectors = None
+            for _, prepared in batch:
+                report.errors.append(ReadError(prepared.row["path"], f"the model failed on it ({exc})"))
+        for i, (key, prepared) in enumerate(batch):
+            state = open_sources[key]
+            if vectors is None:
+                state.failed = True
+            else:
+                state.rows.append(prepared.row)
+                state.vectors.append(vectors[i])
+            state.outstanding -= 1
+            if state.outstanding == 0:
+                finish_source(key)
+
+    def accept(result: SourceResult) -> None:
+        report.errors.extend(result.errors)
+        fresh = []
+        for prepared in result.items:
+            if prepared.row["id"] in known_ids:
+                report.skipped += 1  # the same DICOM instance under another path
+            else:
+                known_ids.add(prepared.row["id"])
+                fresh.append(prepared)
+        if fresh:
+            open_sources[result.key] = _OpenSource(len(fresh))
+            for prepared in fresh:
+                batches[prepared.modality].append((result.key, prepared))
+                if len(batches[prepared.modality]) >= batch_size:
+                    run_batch(prepared.modality)
+        if on_source_done is not None:
+            on_source_done(result)
+
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="retina-read")
+    in_flight: deque[Future[SourceResult]] = deque()
+    jobs = iter(plan.todo)
+    try:
+        for job in jobs:
+            in_flight.append(pool.submit(load, job))
+            if len(in_flight) >= 2 * workers:
+                break
+        while in_flight:
+            result = in_flight.popleft().result()
+            next_job = next(jobs, None)
+            if next_job is not None:
+                in_flight.append(pool.submit(load, next_job))
+            accept(result)
+        for mod in batches:
+            run_batch(mod)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        report.seconds = time.perf_counter() - started
+        report.failed = len(report.errors)
+    return report
+
+
+# --- model <-> store -------------------------------------------------------------------------------
+
+
+def load_engine(model: str | None) -> tuple[Any, Path]:
+    """The engine for `--model` (or the default package) and the package folder it came from."""
+    from retinacli.engine import Engine
+    from retinacli.package import resolve_package
+
+    package = resolve_package(model)
+    return Engine.load(package), package
+
+
+def engine_for_store(store: Any, model: str | None) -> tuple[Any, Path]:
+    """The engine that made `store`'s vectors: `--model` when given (it must match), else the known
+    package whose model_id is the store's."""
+    from retinacli.errors import ModelPackageError
+    from retinacli.package import find_package_by_model_id
+
+    if model is None:
+        package = find_package_by_model_id(store.model_id)
+        if package is None:
+            raise ModelPackageError(
+                f"{store.root}: the store was built with model {store.model_id}, and no known package "
+                "has that id (see 'retina models list'); pass --model PATH to that package"
+            )
+        model = str(package)
+    engine, package = load_engine(model)
+    store.require_model(engine.model_id)
+    return engine, package

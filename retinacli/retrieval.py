@@ -1,0 +1,85 @@
+"""Exact cosine search over a store: one matrix product per memory-mapped shard, top-k merged.
+
+Vectors are L2-normalised, so the dot product is the cosine similarity. A shard is scored in
+row blocks, so memory stays bounded by the block, not the store.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from retinacli.store import EmbeddingStore
+
+BLOCK_ROWS = 65536
+OTHER_MODALITY = {"oct": "fundus", "fundus": "oct"}
+RESULT_COLUMNS = ["id", "path", "modality", "laterality", "date"]
+
+
+@dataclass
+class Hit:
+    rank: int
+    score: float
+    row: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "rank": self.rank,
+            "score": round(float(self.score), 6),
+            "id": self.row.get("id"),
+            "path": self.row.get("path"),
+            "modality": self.row.get("modality"),
+            "laterality": self.row.get("laterality"),
+            "date": self.row.get("date"),
+        }
+
+
+def normalise(vector: np.ndarray) -> np.ndarray:
+    vector = np.asarray(vector, dtype=np.float32).reshape(-1)
+    norm = float(np.linalg.norm(vector))
+    return vector / norm if norm > 0 else vector
+
+
+def search(
+    store: EmbeddingStore,
+    query: np.ndarray,
+    *,
+    target: str | None = None,
+    laterality: str | None = None,
+    top_k: int = 10,
+    exclude_ids: set[str] | None = None,
+) -> list[Hit]:
+    """The `top_k` rows most similar to `query` among rows of modality `target` (all when None) and
+    the given laterality, best first (ties broken by store order)."""
+    query = normalise(query)
+    if query.shape[0] != store.embed_dim:
+        raise ValueError(f"query has {query.shape[0]} dimensions, the store {store.embed_dim}")
+    top_k = max(1, int(top_k))
+    best_scores = np.zeros(0, dtype=np.float32)
+    best_rows: list[dict[str, Any]] = []
+    columns = [*RESULT_COLUMNS, "patient", "study"]
+    for _shard, vectors, meta in store.iter_shards(columns):
+        keep = np.ones(len(meta["id"]), dtype=bool)
+        if target is not None:
+            keep &= np.array([m == target for m in meta["modality"]], dtype=bool)
+        if laterality is not None:
+            wanted = laterality.upper()
+            keep &= np.array([(v or "").upper() == wanted for v in meta["laterality"]], dtype=bool)
+        if exclude_ids:
+            keep &= np.array([i not in exclude_ids for i in meta["id"]], dtype=bool)
+        candidates = np.flatnonzero(keep)
+        for start in range(0, len(candidates), BLOCK_ROWS):
+            rows = candidates[start : start + BLOCK_ROWS]
+            scores = np.asarray(vectors[rows], dtype=np.float32) @ query
+            if len(scores) > top_k:
+                part = np.argpartition(-scores, top_k - 1)[:top_k]
+                rows, scores = rows[part], scores[part]
+            merged_scores = np.concatenate([best_scores, scores])
+            merged_rows = best_rows + [{c: meta[c][r] for c in columns} for r in rows]
+            order = np.argsort(-merged_scores, kind="stable")[:top_k]
+            best_scores = merged_scores[order]
+            best_rows = [merged_rows[i] for i in order]
+    ranked = zip(best_scores, best_rows, strict=True)
+    return [Hit(rank + 1, float(score), row) for rank, (score, row) in enumerate(ranked)]

@@ -1,0 +1,473 @@
+"""The embedding store: append-only shards of float32 vectors plus a metadata table (docs/store.md).
+
+Layout (clip-retrieval's, plus an index and a lock)::
+
+    STORE/store.json                   the index: model, embedding dim, spec hash, committed shards
+    STORE/embeddings/emb_NNNNN.npy     float32 (rows, dim), L2-normalised
+    STORE/metadata/meta_NNNNN.parquet  one row per vector, row i <-> vector i
+    STORE/errors.csv                   inputs the last `retina embed` run could not embed (path, reason)
+    STORE/secret.key                   per-store key for the pseudonymous ids (never leaves the store)
+    STORE/.lock                        held (flock) by the one process writing the store
+
+A shard is committed when its vectors, then its metadata, were written (temp file, fsync, rename) and
+the index lists it; files the index does not list are debris of a killed run and are removed by the
+next writer. So a killed run never leaves the store unreadable, and readers need no lock.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+import socket
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from retinacli.errors import EXIT_USAGE, RetinaError, StoreBusyError
+from retinacli.privacy import load_or_create_secret
+
+STORE_FORMAT = "retina-embedding-store"
+STORE_FORMAT_VERSION = 1
+INDEX_FILE = "store.json"
+ERRORS_FILE = "errors.csv"
+LOCK_FILE = ".lock"
+DEFAULT_STORE = Path(".retina") / "store"
+STORE_ENV = "RETINA_STORE"
+
+# Metadata columns, in order. Identifiers are pseudonyms (keyed hashes with the store's secret);
+# `patient_identifier` stays empty unless the user asked for --keep-identifiers.
+METADATA_COLUMNS: dict[str, str] = {
+    "id": "pseudonymous item id: keyed hash of the file's identity (SOPInstanceUID, else path+size+mtime)",
+    "source_key": "keyed hash of the source's path+size+mtime: what `retina embed` skips on a re-run",
+    "modality": "oct or fundus",
+    "path": "absolute path of the source file or folder",
+    "format": "reader format (dicom, png, npy, vol, ...)",
+    "laterality": "OD (right) or OS (left), when known",
+    "date": "acquisition / study date YYYYMMDD, when known",
+    "acquisition_datetime": "YYYYMMDDHHMMSS, when known",
+    "device": "manufacturer / model, when known",
+    "patient": "pseudonymous patient id (keyed hash), when the file names a patient",
+    "study": "pseudonymous study id (keyed hash of StudyInstanceUID), when known",
+    "references": "ids of referenced items (an OCT's localizer fundus), space-separated",
+    "patient_identifier": "the raw patient id; only with --keep-identifiers",
+    "model_id": "the model that made the vector (name@version+hash)",
+    "embedded_at": "UTC time the shard was committed",
+}
+
+
+class StoreError(RetinaError):
+    """The store is missing, unreadable, or does not fit the request."""
+
+
+class StoreModelMismatchError(StoreError):
+    """Vectors from one model must never be mixed with (or compared against) another model's."""
+
+    exit_code = EXIT_USAGE
+
+
+def default_store_path() -> Path:
+    """`$RETINA_STORE` when set, else ./.retina/store in the current directory."""
+    env = os.environ.get(STORE_ENV)
+    return Path(env).expanduser() if env else DEFAULT_STORE
+
+
+def store_path_and_origin(path: Path | str | None) -> tuple[Path, str]:
+    """The store to use and why (for echoing defaults): explicit, $RETINA_STORE, or the default."""
+    if path is not None:
+        return Path(path).expanduser(), "--index/--out"
+    if os.environ.get(STORE_ENV):
+        return default_store_path(), f"${STORE_ENV}"
+    return DEFAULT_STORE, "default ./.retina/store"
+
+
+# --- atomic file writes -------------------------------------------------------------------------
+
+
+def _fsync_dir(directory: Path) -> None:
+    if sys.platform.startswith("win"):
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to a temp file beside `path`, fsync it, rename over `path`, fsync the folder."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array, dtype=np.float32), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _parquet_bytes(rows: list[dict[str, Any]]) -> bytes:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([(name, pa.string()) for name in METADATA_COLUMNS])
+    columns = {name: [_as_text(row.get(name)) for row in rows] for name in METADATA_COLUMNS}
+    table = pa.Table.from_pydict(columns, schema=schema)
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
+
+
+def _as_text(value: Any) -> str | None:
+    if value is None or value == "":
+        return None
+    return str(value)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# --- reading --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int
+    rows: int
+    embeddings: Path
+    metadata: Path
+
+
+class EmbeddingStore:
+    """Read access to a store. Only committed shards are visible; readers take no lock."""
+
+    def __init__(self, root: Path, index: dict[str, Any]):
+        self.root = Path(root)
+        self.index = index
+
+    @classmethod
+    def open(cls, root: Path | str) -> EmbeddingStore:
+        root = Path(root)
+        index_path = root / INDEX_FILE
+        if not index_path.is_file():
+            raise StoreError(
+                f"{root}: no embedding store here (no {INDEX_FILE}); "
+                f"create one with 'retina embed PATH --out {root}'"
+            )
+        try:
+            index = json.loads(index_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"{index_path}: unreadable store index ({exc})") from None
+        if index.get("format") != STORE_FORMAT or int(index.get("format_version", 0)) > STORE_FORMAT_VERSION:
+            raise StoreError(f"{index_path}: not a retina embedding store of a version this retina can read")
+        return cls(root, index)
+
+    @property
+    def model_id(self) -> str:
+        return self.index["model_id"]
+
+    @property
+    def model_name(self) -> str | None:
+        return self.index.get("model_name")
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.index["embed_dim"])
+
+    @property
+    def spec_hash(self) -> str | None:
+        return self.index.get("spec_hash")
+
+    @property
+    def shards(self) -> list[Shard]:
+        return [
+            Shard(int(s["index"]), int(s["rows"]), self.root / s["embeddings"], self.root / s["metadata"])
+            for s in self.index.get("shards", [])
+        ]
+
+    def __len__(self) -> int:
+        return sum(s.rows for s in self.shards)
+
+    def shard_vectors(self, shard: Shard) -> np.ndarray:
+        """The shard's vectors, memory-mapped (read-only)."""
+        vectors = np.load(shard.embeddings, mmap_mode="r", allow_pickle=False)
+        if vectors.shape != (shard.rows, self.embed_dim) or vectors.dtype != np.float32:
+            raise StoreError(f"{shard.embeddings}: expected float32 {(shard.rows, self.embed_dim)}, "
+                             f"found {vectors.dtype} {vectors.shape}")
+        return vectors
+
+    def shard_metadata(self, shard: Shard, columns: list[str] | None = None) -> dict[str, list[Any]]:
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(shard.metadata, columns=columns)
+        if table.num_rows != shard.rows:
+            raise StoreError(f"{shard.metadata}: {table.num_rows} rows, the index says {shard.rows}")
+        return table.to_pydict()
+
+    def iter_shards(self, columns: list[str] | None = None) -> Iterator[tuple[Shard, np.ndarray, dict]]:
+        for shard in self.shards:
+            yield shard, self.shard_vectors(shard), self.shard_metadata(shard, columns)
+
+    def metadata(self, columns: list[str] | None = None) -> list[dict[str, Any]]:
+        """Every committed row as a dict, in store order."""
+        rows: list[dict[str, Any]] = []
+        for shard in self.shards:
+            table = self.shard_metadata(shard, columns)
+            names = list(table)
+            ordered = [table[n] for n in names]
+            rows.extend(dict(zip(names, values, strict=True)) for values in zip(*ordered, strict=True))
+        return rows
+
+    def vectors(self) -> np.ndarray:
+        """All vectors in store order (a copy in memory; use iter_shards for big stores)."""
+        parts = [np.asarray(self.shard_vectors(s)) for s in self.shards]
+        if not parts:
+            return np.zeros((0, self.embed_dim), dtype=np.float32)
+        return np.concatenate(parts, axis=0)
+
+    def column_values(self, column: str) -> set[str]:
+        values: set[str] = set()
+        for shard in self.shards:
+            values.update(v for v in self.shard_metadata(shard, [column])[column] if v is not None)
+        return values
+
+    def find(self, item_id: str) -> tuple[np.ndarray, dict[str, Any]] | None:
+        """The vector and metadata row of one item id, or None."""
+        for shard in self.shards:
+            ids = self.shard_metadata(shard, ["id"])["id"]
+            if item_id in ids:
+                row = ids.index(item_id)
+                meta = self.shard_metadata(shard)
+                return np.array(self.shard_vectors(shard)[row]), {k: v[row] for k, v in meta.items()}
+        return None
+
+    def require_model(self, model_id: str) -> None:
+        if model_id != self.model_id:
+            raise StoreModelMismatchError(
+                f"{self.root}: the store holds embeddings of model {self.model_id}, not {model_id}; "
+                "embeddings of different models cannot be mixed or compared (use the store's model or "
+                "another store)"
+            )
+
+
+# --- writing --------------------------------------------------------------------------------------
+
+
+class _Lock:
+    """An exclusive advisory lock on STORE/.lock, released by the OS when the process dies."""
+
+    def __init__(self, root: Path):
+        self.path = root / LOCK_FILE
+        self._fh: Any = None
+
+    def acquire(self) -> None:
+        fh = open(self.path, "a+")  # noqa: SIM115 - held open for the lock's lifetime
+        try:
+            if sys.platform.startswith("win"):
+                import msvcrt
+
+                fh.seek(0)
+                msvcrt.locking(fh.fileno(), msvcrt.LK_NBLCK, 1)
+            else:
+                import fcntl
+
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            fh.close()
+            raise StoreBusyError(
+                f"{self.path.parent}: the store is being written by {holder}; wait for it to finish "
+                "or write to another store with --out"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"retina pid {os.getpid()} on {socket.gethostname()}\n")
+        fh.flush()
+        self._fh = fh
+
+    def release(self) -> None:
+        if self._fh is not None:
+            self._fh.seek(0)
+            self._fh.truncate()
+            self._fh.close()  # closing drops the flock
+            self._fh = None
+
+
+_SHARD_RE = re.compile(r"^(emb|meta)_(\d{5,})\.(npy|parquet)$")
+
+
+class StoreWriter(EmbeddingStore):
+    """Append access for one process at a time: `with StoreWriter.open_for_model(...) as store:`.
+
+    Rows are buffered by `add` and committed as one shard by `commit` (or when the buffer reaches
+    `shard_rows`); leaving the `with` block commits what is buffered, even after an exception, so
+    finished work is never lost.
+    """
+
+    def __init__(self, root: Path, index: dict[str, Any], lock: _Lock, shard_rows: int):
+        super().__init__(root, index)
+        self._lock = lock
+        self.shard_rows = max(1, int(shard_rows))
+        self._rows: list[dict[str, Any]] = []
+        self._vectors: list[np.ndarray] = []
+        self.secret = load_or_create_secret(self.root)
+        self.on_commit: Any = None  # optional callback(shard_index), e.g. for progress or tests
+
+    @classmethod
+    def open_for_model(
+        cls,
+        root: Path | str,
+        *,
+        model_id: str,
+        embed_dim: int,
+        spec_hash: str | None = None,
+        model_name: str | None = None,
+        model_version: str | None = None,
+        shard_rows: int = 4096,
+    ) -> StoreWriter:
+        """Create the store, or open an existing one built with the same model, and take its lock."""
+        root = Path(root)
+        root.mkdir(parents=True, exist_ok=True)
+        lock = _Lock(root)
+        lock.acquire()
+        try:
+            if (root / INDEX_FILE).exists():
+                index = EmbeddingStore.open(root).index
+                if index["model_id"] != model_id:
+                    raise StoreModelMismatchError(
+                        f"{root}: the store holds embeddings of model {index['model_id']}; refusing to add "
+                        f"vectors from {model_id} (embed into another store with --out, or use that model)"
+                    )
+                if int(index["embed_dim"]) != int(embed_dim):
+                    raise StoreModelMismatchError(
+                        f"{root}: the store's vectors have {index['embed_dim']} dimensions, not {embed_dim}"
+                    )
+            else:
+                index = {
+                    "format": STORE_FORMAT,
+                    "format_version": STORE_FORMAT_VERSION,
+                    "model_id": model_id,
+                    "model_name": model_name,
+                    "model_version": model_version,
+                    "embed_dim": int(embed_dim),
+                    "spec_hash": spec_hash,
+                    "created": _now(),
+                    "updated": _now(),
+                    "rows": 0,
+                    "shards": [],
+                    "columns": METADATA_COLUMNS,
+                }
+                (root / "embeddings").mkdir(exist_ok=True)
+                (root / "metadata").mkdir(exist_ok=True)
+                atomic_write_bytes(root / INDEX_FILE, _index_bytes(index))
+            writer = cls(root, index, lock, shard_rows)
+            writer._remove_debris()
+            return writer
+        except BaseException:
+            lock.release()
+            raise
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        try:
+            self.commit()
+        finally:
+            self._lock.release()
+
+    def _remove_debris(self) -> None:
+        """Delete shard files the index does not list (a killed run's) and stray temp files."""
+        listed = {Path(s["embeddings"]).name for s in self.index["shards"]}
+        listed |= {Path(s["metadata"]).name for s in self.index["shards"]}
+        for folder in (self.root / "embeddings", self.root / "metadata"):
+            folder.mkdir(exist_ok=True)
+            for path in folder.iterdir():
+                if path.name.endswith(".tmp") or (_SHARD_RE.match(path.name) and path.name not in listed):
+                    path.unlink(missing_ok=True)
+        for path in self.root.glob(".*.tmp"):
+            path.unlink(missing_ok=True)
+
+    @property
+    def pending_rows(self) -> int:
+        return len(self._rows)
+
+    def add(self, rows: list[dict[str, Any]], vectors: np.ndarray) -> None:
+        """Buffer rows (metadata dicts) with their vectors; commits a shard when the buffer is full.
+
+        Call it with whole sources (all the items one file yields), so a committed source is complete.
+        """
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2 or vectors.shape[1] != self.embed_dim or len(rows) != len(vectors):
+            raise ValueError(f"expected {len(rows)} vectors of dim {self.embed_dim}, got {vectors.shape}")
+        self._rows.extend(rows)
+        self._vectors.append(vectors)
+        if len(self._rows) >= self.shard_rows:
+            self.commit()
+
+    def commit(self) -> int | None:
+        """Write the buffered rows as the next shard; returns its index (None when nothing buffered)."""
+        if not self._rows:
+            return None
+        rows, vectors = self._rows, np.concatenate(self._vectors, axis=0)
+        shard_index = max((int(s["index"]) for s in self.index["shards"]), default=-1) + 1
+        emb_rel = f"embeddings/emb_{shard_index:05d}.npy"
+        meta_rel = f"metadata/meta_{shard_index:05d}.parquet"
+        stamp = _now()
+        for row in rows:
+            row["model_id"] = self.model_id
+            row["embedded_at"] = stamp
+        # Vectors first, then metadata, then the index: the index is the commit point.
+        atomic_write_bytes(self.root / emb_rel, _npy_bytes(vectors))
+        atomic_write_bytes(self.root / meta_rel, _parquet_bytes(rows))
+        index = dict(self.index)
+        shard = {"index": shard_index, "rows": len(rows), "embeddings": emb_rel, "metadata": meta_rel}
+        index["shards"] = [*self.index["shards"], shard]
+        index["rows"] = int(index.get("rows", 0)) + len(rows)
+        index["updated"] = stamp
+        atomic_write_bytes(self.root / INDEX_FILE, _index_bytes(index))
+        self.index = index
+        self._rows, self._vectors = [], []
+        if self.on_commit is not None:
+            self.on_commit(shard_index)
+        return shard_index
+
+    def write_errors(self, errors: Iterable[tuple[str, str]]) -> Path:
+        """Replace errors.csv with this run's failures: one row per input (path, reason)."""
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(["path", "reason"])
+        for path, reason in errors:
+            writer.writerow([path, " ".join(str(reason).split())])
+        target = self.root / ERRORS_FILE
+        atomic_write_bytes(target, buf.getvalue().encode("utf-8"))
+        return target
+
+
+def _index_bytes(index: dict[str, Any]) -> bytes:
+    return (json.dumps(index, indent=2, sort_keys=False) + "\n").encode("utf-8")
+
+
+def read_errors(root: Path | str) -> list[tuple[str, str]]:
+    path = Path(root) / ERRORS_FILE
+    if not path.is_file():
+        return []
+    with open(path, newline="", encoding="utf-8") as fh:
+        return [(row["path"], row["reason"]) for row in csv.DictReader(fh)]
