@@ -29,7 +29,7 @@ from retinacli.errors import ReadError
 from retinacli.items import FundusImage, OctVolume
 from retinacli.privacy import pseudonym
 
-ReadSource = Callable[[Path, "str | None"], Iterable["OctVolume | FundusImage | ReadError"]]
+ReadSource = Callable[[Any, "str | None"], Iterable["OctVolume | FundusImage | ReadError"]]
 
 
 def default_workers() -> int:
@@ -38,28 +38,45 @@ def default_workers() -> int:
     return max(1, cores - 1) if cores > 2 else cores
 
 
-def read_with_readers(source: Path, modality: str | None) -> Iterable[OctVolume | FundusImage | ReadError]:
-    from retinacli.readers import iter_items
+def read_with_readers(source: Any, modality: str | None) -> Iterable[OctVolume | FundusImage | ReadError]:
+    """All items of one source: a discovered `readers.Source` (decoded directly), or a path."""
+    from retinacli import readers
 
-    return iter_items([source], modality=modality)
+    if isinstance(source, readers.Source):
+        return readers.read_source(source, modality)
+    return readers.iter_items([source], modality=modality)
 
 
-def discover_with_readers(paths: Sequence[Path]) -> tuple[list[Path], list[ReadError]]:
-    from retinacli.readers import discover
+def discover_with_readers(paths: Sequence[Path]) -> tuple[list[Any], list[ReadError]]:
+    """The sources under `paths` as `readers.Source` records (kind, member files; no pixels read)."""
+    from retinacli.readers import scan
 
-    return discover(paths)
+    found = scan(paths)
+    return list(found.sources), list(found.errors)
 
 
 # --- identities -------------------------------------------------------------------------------------
 
 
-def source_identity(path: Path) -> str:
+def source_path(source: Any) -> Path:
+    """A source is a path, or a record with `.path` (and `.members`) such as `readers.Source`."""
+    return Path(getattr(source, "path", source))
+
+
+def source_identity(source: Any) -> str:
     """What makes a source "the same input" for resume: absolute path + size + mtime.
 
-    A folder (one volume of B-scan files) is identified by its path and its files' names, sizes
-    and mtimes, so adding or replacing a B-scan makes it a new source.
+    A volume made of several files (B-scan images, a single-frame DICOM series) is identified by its
+    path and its files' names, sizes and mtimes, so adding or replacing a B-scan makes it new.
     """
-    path = Path(path).absolute()
+    path = source_path(source).absolute()
+    members = tuple(getattr(source, "members", ()) or ())
+    if members:
+        listing = hashlib.sha256()
+        for member in members:
+            st = Path(member).stat()
+            listing.update(f"{Path(member).absolute()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        return f"set:{path}|{listing.hexdigest()}"
     stat = path.stat()
     if not path.is_dir():
         return f"file:{path}|{stat.st_size}|{stat.st_mtime_ns}"
@@ -172,7 +189,7 @@ def prepare_items(
 
 @dataclass
 class EmbedPlan:
-    todo: list[tuple[Path, str, str]]  # (source, source identity, source key)
+    todo: list[tuple[Any, str, str]]  # (source, source identity, source key)
     skipped_sources: int
     errors: list[ReadError]
 
@@ -196,20 +213,20 @@ def plan_embedding(
     done_keys: set[str],
     *,
     exclude: Path | None = None,
-    discover: Callable[[Sequence[Path]], tuple[list[Path], list[ReadError]]] | None = None,
+    discover: Callable[[Sequence[Path]], tuple[list[Any], list[ReadError]]] | None = None,
 ) -> EmbedPlan:
     """Discover the sources under `paths` and drop those the store already holds."""
     sources, errors = (discover or discover_with_readers)([Path(p) for p in paths])
     excluded = Path(exclude).absolute() if exclude is not None else None
     todo, skipped, seen = [], 0, set()
     for source in sources:
-        absolute = Path(source).absolute()
+        absolute = source_path(source).absolute()
         if excluded is not None and (absolute == excluded or excluded in absolute.parents):
             continue  # never embed the store's own files
         try:
-            identity = source_identity(absolute)
+            identity = source_identity(source)
         except OSError as exc:
-            errors.append(ReadError(source, f"cannot stat ({exc.strerror or exc})"))
+            errors.append(ReadError(absolute, f"cannot stat ({exc.strerror or exc})"))
             continue
         key = source_key(identity, secret)
         if key in seen:
@@ -218,7 +235,7 @@ def plan_embedding(
         if key in done_keys:
             skipped += 1
         else:
-            todo.append((Path(source), identity, key))
+            todo.append((source, identity, key))
     return EmbedPlan(todo, skipped, list(errors))
 
 
@@ -255,13 +272,14 @@ def run_embedding(
     batches: dict[str, list[tuple[str, Prepared]]] = {"oct": [], "fundus": []}
     open_sources: dict[str, _OpenSource] = {}
 
-    def load(job: tuple[Path, str, str]) -> SourceResult:
+    def load(job: tuple[Any, str, str]) -> SourceResult:
         source, identity, key = job
+        path = source_path(source)
         try:
             items = read_source(source, modality)
         except Exception as exc:
-            items = [exc if isinstance(exc, ReadError) else ReadError(source, f"could not be read ({exc})")]
-        return prepare_items(items, engine.preprocess, modality=modality, source=source, source_id=identity,
+            items = [exc if isinstance(exc, ReadError) else ReadError(path, f"could not be read ({exc})")]
+        return prepare_items(items, engine.preprocess, modality=modality, source=path, source_id=identity,
                              skey=key, secret=secret, keep_identifiers=keep_identifiers)
 
     def finish_source(key: str) -> None:

@@ -102,6 +102,7 @@ def _embed_query(store: Any, path: Path, model: str | None, target: str | None) 
     have) in the store."""
     from retinacli.errors import ReadError, RetinaError
     from retinacli.pipeline import (
+        discover_with_readers,
         engine_for_store,
         item_id,
         item_identity,
@@ -111,16 +112,24 @@ def _embed_query(store: Any, path: Path, model: str | None, target: str | None) 
     from retinacli.privacy import load_or_create_secret
 
     engine, _package = engine_for_store(store, model)
-    read = list(read_with_readers(path, None))
+    sources, errors = discover_with_readers([path])
+    if len(sources) != 1:
+        if errors:
+            raise errors[0]
+        found = f"{len(sources)} images/volumes" if sources else "no OCT volume or fundus image"
+        raise RetinaError(f"{path}: the query must be one image or volume; found {found}")
+    try:
+        read = list(read_with_readers(sources[0], None))
+    except ReadError as exc:
+        read = [exc]
     items = [x for x in read if not isinstance(x, ReadError)]
     if not items:
-        reason = str(read[0]) if read else f"{path}: no OCT volume or fundus image found"
-        raise RetinaError(reason)
+        raise RetinaError(str(read[0]) if read else f"{path}: no OCT volume or fundus image found")
     # A source holding both modalities (a Heidelberg .vol) queries with the one not searched.
     chosen = next((i for i in items if target is None or i.modality != target), items[0])
     vector = engine.embed(chosen.modality, engine.preprocess(chosen)[None])[0]
     secret = load_or_create_secret(store.root)
-    identity = item_identity(chosen, source_identity(path), items.index(chosen), len(items))
+    identity = item_identity(chosen, source_identity(sources[0]), items.index(chosen), len(items))
     meta = chosen.meta
     info = {
         "id": item_id(identity, secret),
