@@ -1,0 +1,113 @@
+"""Pieces every reader shares: the Source record discovery hands to the readers, size guards, helpers."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from retinacli.errors import ReadError
+from retinacli.items import ImageMeta
+
+# Decompression-bomb guard for DICOM, .npy, TIFF and B-scan folders: at most this many samples
+# (rows x columns x frames x samples per pixel) in one item. 2**30 samples is 1-2 GiB of pixels, far
+# above any real OCT volume (a 512 x 1536 x 512 swept-source cube is 0.4 G). Pillow has its own
+# guard (PIL.Image.MAX_IMAGE_PIXELS) which the image reader enforces as an error, not a warning.
+MAX_SAMPLES = 1 << 30
+
+# A B-scan stack from several single-frame files is assembled under a virtual path
+# "<folder>/series=<SeriesInstanceUID>" when the folder holds more than one such series.
+SERIES_PREFIX = "series="
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".pnm"}
+TIFF_SUFFIXES = {".tif", ".tiff"}
+DICOM_SUFFIXES = {".dcm", ".dicom", ".dic", ".ima"}
+NPY_SUFFIXES = {".npy"}
+VOL_SUFFIXES = {".vol"}
+
+
+@dataclass
+class Source:
+    """One thing discovery found that reads into one or more items.
+
+    `kind` picks the reader: "dicom" (one file), "dicom-series" (single-frame B-scan files of one
+    series), "image" (one 2D image file), "bscan-folder" (numbered B-scan images), "tiff", "npy",
+    "vol". `modalities` is what reading it yields ("oct", "fundus" or both for a Heidelberg .vol).
+    `metas` holds the header metadata per modality, read without loading pixels (used for pairing).
+    """
+
+    path: Path
+    kind: str
+    modalities: tuple[str, ...]
+    members: tuple[Path, ...] = ()
+    metas: dict[str, ImageMeta] = field(default_factory=dict)
+    format: str = ""
+
+    def meta(self, modality: str) -> ImageMeta:
+        return self.metas.get(modality) or ImageMeta()
+
+
+_DIGITS = re.compile(r"(\d+)")
+
+
+def natural_key(name: str) -> tuple:
+    """Sort key that orders "bscan_2" before "bscan_10" (numbers compare as numbers)."""
+    parts = _DIGITS.split(name)
+    return tuple((0, int(part), part) if part.isdigit() else (1, 0, part.lower()) for part in parts)
+
+
+def numbered_pattern(name: str) -> str:
+    """The file name with every run of digits replaced by '#': B-scan files share one pattern."""
+    return _DIGITS.sub("#", name.lower())
+
+
+def check_sample_budget(path: object, shape: tuple[int, ...], what: str = "pixel data") -> None:
+    total = 1
+    for size in shape:
+        total *= max(int(size), 0)
+    if total > MAX_SAMPLES:
+        dims = "x".join(str(int(s)) for s in shape)
+        raise ReadError(path, f"{what} too large ({dims} = {total} samples > {MAX_SAMPLES} limit)")
+
+
+def normalise_laterality(value: object) -> str | None:
+    """DICOM 'R'/'L', vendor 'OD'/'OS', words -> 'OD' / 'OS'; anything else -> None."""
+    if value is None:
+        return None
+    text = str(value).strip().upper().rstrip("\x00")
+    if text in {"R", "OD", "RIGHT"}:
+        return "OD"
+    if text in {"L", "OS", "LEFT"}:
+        return "OS"
+    return None
+
+
+def to_grayscale(pixels: np.ndarray) -> np.ndarray:
+    """(..., 3) RGB -> (...) luminance in the input's dtype family; used for RGB-rendered B-scans."""
+    weights = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    gray = pixels[..., :3].astype(np.float32) @ weights
+    if np.issubdtype(pixels.dtype, np.integer):
+        info = np.iinfo(pixels.dtype)
+        return np.clip(np.rint(gray), info.min, info.max).astype(pixels.dtype)
+    return gray
+
+
+def as_fundus_array(path: object, pixels: np.ndarray) -> np.ndarray:
+    """(H, W) or (H, W, C) -> (H, W, 1) or (H, W, 3); alpha dropped."""
+    if pixels.ndim == 2:
+        return pixels[:, :, None]
+    if pixels.ndim == 3 and pixels.shape[2] in (1, 3):
+        return pixels
+    if pixels.ndim == 3 and pixels.shape[2] == 4:
+        return pixels[:, :, :3]
+    if pixels.ndim == 3 and pixels.shape[2] == 2:  # gray + alpha
+        return pixels[:, :, :1]
+    raise ReadError(path, f"unexpected fundus image shape {tuple(pixels.shape)}")
+
+
+def short(exc: BaseException, limit: int = 160) -> str:
+    """First line of an exception message, trimmed: reasons stay one short line."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -1,0 +1,431 @@
+"""DICOM: multi-frame OPT volumes, single-frame B-scan series, OP (and other photographic) fundus images.
+
+Modality comes from the SOP Class (OPT -> oct; OP 8/16 bit, wide-field OP, VL photographic -> fundus),
+then from the Modality attribute for generic classes (secondary capture). A multi-frame OP is a stereo
+pair or an angiography sequence of photographs, not a volume: it reads as a fundus image (first frame).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from retinacli.errors import ReadError
+from retinacli.items import FundusImage, ImageMeta, OctVolume
+from retinacli.readers.common import (
+    as_fundus_array,
+    check_sample_budget,
+    natural_key,
+    normalise_laterality,
+    short,
+    to_grayscale,
+)
+
+OPT_SOP = "1.2.840.10008.5.1.4.1.1.77.1.5.4"  # Ophthalmic Tomography Image Storage
+FUNDUS_SOPS = {
+    "1.2.840.10008.5.1.4.1.1.77.1.5.1": "Ophthalmic Photography 8 Bit",
+    "1.2.840.10008.5.1.4.1.1.77.1.5.2": "Ophthalmic Photography 16 Bit",
+    "1.2.840.10008.5.1.4.1.1.77.1.5.5": "Wide Field Ophthalmic Photography (stereographic)",
+    "1.2.840.10008.5.1.4.1.1.77.1.5.6": "Wide Field Ophthalmic Photography (3D coordinates)",
+    "1.2.840.10008.5.1.4.1.1.77.1.4": "VL Photographic Image",
+}
+# Generic image classes: decided by the Modality attribute (and frame count).
+GENERIC_IMAGE_SOP_PREFIXES = (
+    "1.2.840.10008.5.1.4.1.1.7",  # secondary capture (single and multi-frame)
+    "1.2.840.10008.5.1.4.1.1.77.1.1",  # VL endoscopic etc. ("XC"/"ES" photos)
+)
+NOT_HANDLED_SOPS = {
+    "1.2.840.10008.5.1.4.1.1.77.1.5.3": "stereometric relationship (no image)",
+    "1.2.840.10008.5.1.4.1.1.77.1.5.7": "OCT en face image (a derived projection, not a fundus photo)",
+    "1.2.840.10008.5.1.4.1.1.77.1.5.8": "OCT B-scan volume analysis (no image)",
+}
+
+
+def has_dicom_magic(path: Path) -> bool:
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(128)
+            return handle.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def read_header(path: Path):
+    """Header only (no pixel data): cheap enough for discovery on big folders."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        if Path(path).stat().st_size == 0:
+            raise ReadError(path, "empty file (0 bytes)")
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except InvalidDicomError:
+            # Old files without the 128-byte preamble: accept only if they parse into image attributes.
+            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+            if "SOPClassUID" not in ds and "Rows" not in ds:
+                raise ReadError(path, "not a DICOM file") from None
+    except ReadError:
+        raise
+    except (EOFError, OSError) as exc:
+        raise ReadError(path, f"truncated or unreadable DICOM header ({short(exc)})") from None
+    except Exception as exc:  # pydicom raises many types on garbage input
+        raise ReadError(path, f"not a DICOM file ({short(exc)})") from None
+    if "SOPClassUID" not in ds and "Rows" not in ds:
+        raise ReadError(path, "not a DICOM file")
+    return ds
+
+
+def frame_count(ds) -> int:
+    try:
+        return max(int(ds.get("NumberOfFrames", 1) or 1), 1)
+    except (TypeError, ValueError):
+        return 1
+
+
+def classify(ds) -> tuple[str | None, str]:
+    """('oct' | 'fundus' | None, description). None: a DICOM object retina does not read (with why)."""
+    sop = str(ds.get("SOPClassUID", ""))
+    modality = str(ds.get("Modality", "")).upper()
+    if sop == OPT_SOP:
+        return "oct", "Ophthalmic Tomography"
+    if sop in FUNDUS_SOPS:
+        return "fundus", FUNDUS_SOPS[sop]
+    if sop in NOT_HANDLED_SOPS:
+        return None, NOT_HANDLED_SOPS[sop]
+    if "Rows" not in ds or "Columns" not in ds:
+        name = _sop_name(sop)
+        return None, f"DICOM object without an image ({name})" if name else "DICOM object without an image"
+    if sop.startswith(GENERIC_IMAGE_SOP_PREFIXES) or not sop:
+        if modality == "OPT":
+            return "oct", "OCT (generic image class)"
+        if modality in {"OP", "XC", "SM"}:
+            return "fundus", "photograph (generic image class)"
+        if frame_count(ds) > 1 and int(ds.get("SamplesPerPixel", 1) or 1) == 1:
+            return "oct", "grayscale multi-frame image"
+        return "fundus", "single-frame image"
+    return None, f"unsupported DICOM image class ({_sop_name(sop) or sop})"
+
+
+def _sop_name(sop: str) -> str:
+    from pydicom.uid import UID
+
+    try:
+        name = UID(sop).name
+    except Exception:
+        return sop
+    return name if name != sop else sop
+
+
+def is_single_bscan(ds) -> bool:
+    """One B-scan per file: these files are grouped into a volume by series."""
+    return classify(ds)[0] == "oct" and frame_count(ds) == 1
+
+
+def _dicom_datetime(ds, prefix: str) -> str | None:
+    date = str(ds.get(f"{prefix}Date", "") or "")
+    time = str(ds.get(f"{prefix}Time", "") or "")
+    if len(date) != 8 or not date.isdigit():
+        return None
+    digits = "".join(ch for ch in time.split(".")[0] if ch.isdigit())
+    return (date + digits.ljust(6, "0"))[:14]
+
+
+def acquisition_datetime(ds) -> str | None:
+    value = str(ds.get("AcquisitionDateTime", "") or "")
+    digits = "".join(ch for ch in value.split(".")[0].split("+")[0].split("-")[0] if ch.isdigit())
+    if len(digits) >= 8:
+        return digits.ljust(14, "0")[:14]
+    for prefix in ("Acquisition", "Content", "Series", "Study"):
+        found = _dicom_datetime(ds, prefix)
+        if found:
+            return found
+    return None
+
+
+def _first(sequence_owner, keyword: str):
+    seq = sequence_owner.get(keyword) if sequence_owner is not None else None
+    return seq[0] if seq else None
+
+
+def _pixel_spacing_2d(ds) -> tuple[float, float] | None:
+    candidates = [ds]
+    shared = _first(ds, "SharedFunctionalGroupsSequence")
+    if shared is not None:
+        candidates.insert(0, _first(shared, "PixelMeasuresSequence"))
+    per_frame = _first(ds, "PerFrameFunctionalGroupsSequence")
+    if per_frame is not None:
+        candidates.append(_first(per_frame, "PixelMeasuresSequence"))
+    for owner in candidates:
+        if owner is not None and owner.get("PixelSpacing"):
+            try:
+                row, col = (float(v) for v in owner.PixelSpacing[:2])
+                return row, col
+            except (TypeError, ValueError):
+                continue
+    return None
+
+
+def _slice_spacing(ds) -> float | None:
+    for owner in (ds, _first(_first(ds, "SharedFunctionalGroupsSequence"), "PixelMeasuresSequence")):
+        if owner is None:
+            continue
+        for keyword in ("SpacingBetweenSlices", "SliceThickness"):
+            if owner.get(keyword) not in (None, ""):
+                try:
+                    return float(owner.get(keyword))
+                except (TypeError, ValueError):
+                    pass
+    return None
+
+
+def referenced_uids(ds) -> tuple[str, ...]:
+    """Localizer links: ReferencedImageSequence and per-frame Ophthalmic Frame Location references."""
+    found: list[str] = []
+
+    def add(item) -> None:
+        uid = item.get("ReferencedSOPInstanceUID") if item is not None else None
+        if uid and str(uid) not in found:
+            found.append(str(uid))
+
+    for item in ds.get("ReferencedImageSequence") or []:
+        add(item)
+    for item in ds.get("OphthalmicFrameLocationSequence") or []:
+        add(item)
+    for frame in ds.get("PerFrameFunctionalGroupsSequence") or []:
+        for item in frame.get("OphthalmicFrameLocationSequence") or []:
+            add(item)
+    return tuple(found)
+
+
+def header_meta(ds) -> ImageMeta:
+    modality, _ = classify(ds)
+    laterality = normalise_laterality(ds.get("ImageLaterality")) or normalise_laterality(ds.get("Laterality"))
+    if laterality is None:
+        shared = _first(ds, "SharedFunctionalGroupsSequence")
+        frame_anatomy = _first(shared, "FrameAnatomySequence")
+        if frame_anatomy is not None:
+            laterality = normalise_laterality(frame_anatomy.get("FrameLaterality"))
+    device = " ".join(
+        str(ds.get(key)).strip() for key in ("Manufacturer", "ManufacturerModelName") if ds.get(key)
+    )
+    spacing2d = _pixel_spacing_2d(ds)
+    spacing: tuple[float, ...] | None = spacing2d
+    if modality == "oct" and spacing2d is not None:
+        slice_spacing = _slice_spacing(ds)
+        spacing = (slice_spacing if slice_spacing is not None else float("nan"), *spacing2d)
+    study_date = str(ds.get("StudyDate", "") or "") or None
+    return ImageMeta(
+        laterality=laterality,
+        study_date=study_date if study_date and len(study_date) == 8 else None,
+        acquisition_datetime=acquisition_datetime(ds),
+        device=device or None,
+        pixel_spacing_mm=spacing,
+        patient_id=str(ds.get("PatientID", "") or "") or None,
+        study_uid=str(ds.get("StudyInstanceUID", "") or "") or None,
+        series_uid=str(ds.get("SeriesInstanceUID", "") or "") or None,
+        sop_instance_uid=str(ds.get("SOPInstanceUID", "") or "") or None,
+        referenced_sop_uids=referenced_uids(ds),
+        photometric=str(ds.get("PhotometricInterpretation", "") or "") or None,
+        extra={"sop_class": _sop_name(str(ds.get("SOPClassUID", "")))},
+    )
+
+
+def check_size(path: Path, ds) -> None:
+    rows = int(ds.get("Rows", 0) or 0)
+    cols = int(ds.get("Columns", 0) or 0)
+    if rows <= 0 or cols <= 0:
+        raise ReadError(path, f"invalid image size in header (Rows={rows}, Columns={cols})")
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    check_sample_budget(path, (frame_count(ds), rows, cols, samples))
+
+
+def _transfer_syntax_problem(ds) -> str | None:
+    """A reason when no installed plugin decodes this file's transfer syntax, else None."""
+    from pydicom.pixels import get_decoder
+
+    uid = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    if uid is None:
+        return None
+    try:
+        decoder = get_decoder(uid)
+    except NotImplementedError:
+        return f"unsupported transfer syntax {uid.name} ({uid})"
+    if decoder.is_available:
+        return None
+    plugins = {
+        "pylibjpeg": "pip install pylibjpeg pylibjpeg-libjpeg",
+        "pyjpegls": "pip install pyjpegls",
+        "gdcm": "pip install python-gdcm",
+    }
+    missing = decoder.missing_dependencies
+    hints = [hint for name, hint in plugins.items() if any(d.startswith(name) for d in missing)]
+    hint = hints[0] if hints else "install a pydicom pixel-data plugin"
+    return f"unsupported transfer syntax {uid.name} ({uid}): {hint}"
+
+
+def load_pixels(path: Path) -> tuple[Any, np.ndarray]:
+    """Full read with the guards: size cap first (header), then decode with one-line reasons."""
+    ds = read_header(path)
+    check_size(path, ds)
+    problem = _transfer_syntax_problem(ds)
+    if problem:
+        raise ReadError(path, problem)
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path, force=True)
+    except Exception as exc:
+        raise ReadError(path, f"truncated or unreadable DICOM file ({short(exc)})") from None
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        raise ReadError(path, "no pixel data (truncated file or not an image)")
+    try:
+        pixels = ds.pixel_array
+    except Exception as exc:
+        text = str(exc)
+        if "less than expected" in text or "truncated" in text.lower() or isinstance(exc, EOFError):
+            raise ReadError(path, "truncated pixel data") from None
+        raise ReadError(path, f"cannot decode pixel data ({short(exc)})") from None
+    return ds, _to_display_values(ds, pixels)
+
+
+def _to_display_values(ds, pixels: np.ndarray) -> np.ndarray:
+    """MONOCHROME1 (bright = low values) is inverted so every image reads bright = high."""
+    photometric = str(ds.get("PhotometricInterpretation", "")).upper()
+    if photometric == "MONOCHROME1":
+        if np.issubdtype(pixels.dtype, np.unsignedinteger):
+            bits = int(ds.get("BitsStored", pixels.dtype.itemsize * 8) or pixels.dtype.itemsize * 8)
+            top = min((1 << bits) - 1, np.iinfo(pixels.dtype).max)
+            pixels = (top - np.minimum(pixels, top)).astype(pixels.dtype)
+        else:
+            pixels = (pixels.max() + pixels.min() - pixels).astype(pixels.dtype)
+    elif photometric == "PALETTE COLOR":
+        from pydicom.pixels import apply_color_lut
+
+        pixels = apply_color_lut(pixels, ds)
+        if pixels.dtype == np.uint16 and int(ds.get("BitsAllocated", 8)) == 8:
+            pixels = (pixels >> 8).astype(np.uint8)
+    if pixels.dtype.kind == "i" and pixels.min() >= 0:  # signed storage of unsigned values
+        pixels = pixels.astype(np.uint16 if pixels.max() > 255 else np.uint8)
+    return pixels
+
+
+def read_dicom(path: Path, source_format: str = "dicom") -> OctVolume | FundusImage:
+    """One DICOM file: a multi-frame OCT volume (or a one-B-scan OPT) or a fundus image."""
+    header = read_header(path)
+    modality, description = classify(header)
+    if modality is None:
+        raise ReadError(path, f"not an OCT volume or fundus image: {description}")
+    ds, pixels = load_pixels(path)
+    meta = header_meta(ds)
+    frames = frame_count(ds)
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    if modality == "oct":
+        if samples > 1:  # RGB-rendered B-scans
+            pixels = to_grayscale(pixels)
+        if pixels.ndim == 2:
+            pixels = pixels[None]
+        return OctVolume(str(path), np.ascontiguousarray(pixels), source_format, meta)
+    if frames > 1:
+        pixels = pixels[0]
+        meta.extra["frames"] = frames
+        meta.extra["note"] = f"multi-frame photograph ({frames} frames): first frame used"
+    return FundusImage(str(path), np.ascontiguousarray(as_fundus_array(path, pixels)), source_format, meta)
+
+
+def _position(ds) -> np.ndarray | None:
+    position = ds.get("ImagePositionPatient")
+    if position is None:
+        frame = _first(ds, "PerFrameFunctionalGroupsSequence")
+        plane = _first(frame, "PlanePositionSequence")
+        position = plane.get("ImagePositionPatient") if plane is not None else None
+    if position is None or len(position) != 3:
+        return None
+    return np.array([float(v) for v in position])
+
+
+def _positions_along_scan_axis(datasets: list) -> list[float] | None:
+    """Project each B-scan's position on the slice normal (or, without orientation, on the axis
+    along which the positions spread the most)."""
+    positions = [_position(ds) for ds in datasets]
+    if any(p is None for p in positions):
+        return None
+    stacked = np.stack(positions)
+    orientation = datasets[0].get("ImageOrientationPatient")
+    axis = None
+    if orientation is not None and len(orientation) == 6:
+        values = np.array([float(v) for v in orientation])
+        normal = np.cross(values[:3], values[3:])
+        if np.linalg.norm(normal) > 0:
+            axis = normal / np.linalg.norm(normal)
+    if axis is None:
+        axis = np.eye(3)[int(np.argmax(np.ptp(stacked, axis=0)))]
+    return [float(v) for v in stacked @ axis]
+
+
+def _frame_location_y(ds) -> float | None:
+    """Ophthalmic Frame Location: B-scan line on the localizer; its row coordinate orders the scans."""
+    items = list(ds.get("OphthalmicFrameLocationSequence") or [])
+    for frame in ds.get("PerFrameFunctionalGroupsSequence") or []:
+        items.extend(frame.get("OphthalmicFrameLocationSequence") or [])
+    for item in items:
+        coords = item.get("ReferenceCoordinates")
+        if coords is not None and len(coords) >= 2:
+            return float(coords[0])
+    return None
+
+
+def series_order(members: list[tuple[Path, Any]]) -> list[Path]:
+    """Order single-frame B-scan files: patient position, else frame location, else InstanceNumber,
+    else natural file-name order. The first key that every file has and that separates them wins."""
+
+    def instance_number(ds) -> float | None:
+        try:
+            return float(ds.get("InstanceNumber")) if ds.get("InstanceNumber") not in (None, "") else None
+        except (TypeError, ValueError):
+            return None
+
+    datasets = [ds for _, ds in members]
+    candidates = [
+        _positions_along_scan_axis(datasets),
+        [_frame_location_y(ds) for ds in datasets],
+        [instance_number(ds) for ds in datasets],
+    ]
+    for values in candidates:
+        if values is None:
+            continue
+        if all(v is not None for v in values) and len(set(values)) == len(values):
+            order = sorted(range(len(members)), key=lambda i: values[i])
+            return [members[i][0] for i in order]
+    return sorted((path for path, _ in members), key=lambda p: natural_key(p.name))
+
+
+def read_dicom_series(path: Path, members: tuple[Path, ...]) -> OctVolume:
+    """Single-frame B-scan files of one series (already ordered) -> one volume."""
+    scans: list[np.ndarray] = []
+    meta: ImageMeta | None = None
+    for member in members:
+        ds, pixels = load_pixels(member)
+        if int(ds.get("SamplesPerPixel", 1) or 1) > 1:
+            pixels = to_grayscale(pixels)
+        if pixels.ndim == 3:
+            pixels = pixels[0]
+        if scans and pixels.shape != scans[0].shape:
+            raise ReadError(
+                path, f"B-scan {member.name} has shape {pixels.shape}, the others {scans[0].shape}"
+            )
+        if meta is None:
+            meta = header_meta(ds)
+        else:
+            for uid in referenced_uids(ds):
+                if uid not in meta.referenced_sop_uids:
+                    meta.referenced_sop_uids = (*meta.referenced_sop_uids, uid)
+        scans.append(pixels)
+        check_sample_budget(path, (len(scans), *scans[0].shape))
+    if not scans or meta is None:
+        raise ReadError(path, "empty B-scan series")
+    meta.sop_instance_uid = None  # the volume is many instances
+    meta.extra["files"] = len(members)
+    return OctVolume(str(path), np.stack(scans), "dicom-series", meta)

@@ -1,0 +1,265 @@
+"""Folder discovery: which files and folders are OCT volumes, which are fundus images, which are broken.
+
+Headers only (DICOM `stop_before_pixels`, Pillow's lazy open, the .npy / .vol headers), so scanning a
+big export is cheap; pixels are decoded later, one source at a time. Rules (docs/data-layout.md):
+
+- hidden files/folders, the project's own outputs (`.retina/`, embedding stores, model packages,
+  training runs) and symlink loops are skipped; `DICOMDIR` and non-image files are ignored (counted);
+- each multi-frame DICOM, TIFF, .npy, .vol and single image is one source;
+- single-frame OCT DICOM files are grouped per folder by SeriesInstanceUID into one volume;
+- numbered grayscale images of one size in one folder (bscan_0.png, bscan_1.png, ...) are one volume;
+- an image-like file that cannot be read (zero bytes, wrong content, truncated header) is an error.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from retinacli.errors import ReadError
+from retinacli.readers import dicom as dicom_reader
+from retinacli.readers.common import (
+    DICOM_SUFFIXES,
+    IMAGE_SUFFIXES,
+    NPY_SUFFIXES,
+    SERIES_PREFIX,
+    TIFF_SUFFIXES,
+    VOL_SUFFIXES,
+    Source,
+    natural_key,
+    numbered_pattern,
+    short,
+)
+from retinacli.readers.images import ImageHeader, image_header
+
+# Folders the project writes: never read back as data.
+OUTPUT_MARKERS = ("store.json", "retina.json", "preprocess.json")
+OUTPUT_DIR_NAMES = {".retina", "__pycache__", "checkpoints"}
+
+
+@dataclass
+class Discovery:
+    sources: list[Source] = field(default_factory=list)
+    errors: list[ReadError] = field(default_factory=list)
+    ignored: list[tuple[Path, str]] = field(default_factory=list)  # (path, why), not errors
+
+
+def _is_output_dir(path: Path) -> bool:
+    if path.name in OUTPUT_DIR_NAMES:
+        return True
+    return any((path / marker).is_file() for marker in OUTPUT_MARKERS)
+
+
+def _image_like(path: Path) -> bool:
+    suffix = path.suffix.lower()
+    return suffix in IMAGE_SUFFIXES | TIFF_SUFFIXES | DICOM_SUFFIXES | NPY_SUFFIXES | VOL_SUFFIXES
+
+
+class _Scanner:
+    def __init__(self) -> None:
+        self.result = Discovery()
+        self._seen_dirs: set[tuple[int, int]] = set()
+        self._seen_sources: set[str] = set()
+
+    # -- one file ---------------------------------------------------------------------------------
+    def classify_file(self, path: Path):
+        """-> ("dicom", ds) | ("image", ImageHeader) | Source | None (ignored, already recorded)."""
+        suffix = path.suffix.lower()
+        if path.name.upper() == "DICOMDIR":
+            self.result.ignored.append((path, "DICOMDIR index"))
+            return None
+        try:
+            if suffix in VOL_SUFFIXES:
+                from retinacli.readers.heidelberg import read_vol_header, vol_metas
+
+                header = read_vol_header(path)
+                metas = vol_metas(header)
+                return Source(path, "vol", ("oct", "fundus"), metas=metas, format="heidelberg-vol")
+            if suffix in NPY_SUFFIXES:
+                from retinacli.readers.volumes import npy_header, npy_modality
+
+                shape, _ = npy_header(path)
+                return Source(path, "npy", (npy_modality(path, shape),), format="npy")
+            if suffix in TIFF_SUFFIXES:
+                header = image_header(path)
+                if header.pages > 1:
+                    return Source(path, "tiff", ("oct",), format="tiff")
+                return ("image", header)
+            if suffix in IMAGE_SUFFIXES:
+                return ("image", image_header(path))
+            if suffix in DICOM_SUFFIXES or dicom_reader.has_dicom_magic(path):
+                return ("dicom", dicom_reader.read_header(path))
+        except ReadError as exc:
+            self.result.errors.append(exc)
+            return None
+        except OSError as exc:
+            self.result.errors.append(ReadError(path, f"cannot open ({short(exc)})"))
+            return None
+        why = f"not an image ({suffix} file)" if suffix else "not an image or DICOM file"
+        self.result.ignored.append((path, why))
+        return None
+
+    def add(self, source: Source) -> None:
+        key = str(source.path)
+        if key not in self._seen_sources:
+            self._seen_sources.add(key)
+            self.result.sources.append(source)
+
+    def dicom_source(self, path: Path, ds) -> Source | None:
+        modality, description = dicom_reader.classify(ds)
+        if modality is None:
+            self.result.ignored.append((path, description))
+            return None
+        try:
+            dicom_reader.check_size(path, ds)
+        except ReadError as exc:
+            self.result.errors.append(exc)
+            return None
+        metas = {modality: dicom_reader.header_meta(ds)}
+        return Source(path, "dicom", (modality,), metas=metas, format="dicom")
+
+    # -- explicit paths -----------------------------------------------------------------------------
+    def scan_path(self, path: Path) -> None:
+        if not path.exists() and not path.is_symlink():
+            # A virtual source path discovery made up: "<folder>/series=<uid>" or "<folder>/bscan_#.png".
+            if path.parent.is_dir() and (path.name.startswith(SERIES_PREFIX) or "*" in path.name):
+                errors_before = len(self.result.errors)
+                sources, _ = self.scan_dir(path.parent)
+                del self.result.errors[errors_before:]  # other files' problems are not this path's
+                matches = [source for source in sources if source.path == path]
+                if matches:
+                    self.add(matches[0])
+                    return
+            self.result.errors.append(ReadError(path, "no such file or directory"))
+            return
+        if path.is_symlink() and not path.exists():
+            self.result.errors.append(ReadError(path, "broken symbolic link"))
+            return
+        if path.is_dir():
+            self.walk(path)
+            return
+        found = self.classify_file(path)
+        if isinstance(found, Source):
+            self.add(found)
+        elif isinstance(found, tuple) and found[0] == "dicom":
+            ds = found[1]
+            source = self.dicom_source(path, ds)
+            if source is not None:
+                self.add(source)
+        elif isinstance(found, tuple) and found[0] == "image":
+            self.add(Source(path, "image", ("fundus",), format=found[1].format))
+
+    def walk(self, root: Path) -> None:
+        stack = [root]
+        while stack:
+            directory = stack.pop()
+            try:
+                key = (directory.stat().st_dev, directory.stat().st_ino)
+            except OSError as exc:
+                self.result.errors.append(ReadError(directory, f"cannot open folder ({short(exc)})"))
+                continue
+            if key in self._seen_dirs:  # symlink loop or the same folder twice
+                continue
+            self._seen_dirs.add(key)
+            sources, subdirs = self.scan_dir(directory)
+            for source in sources:
+                self.add(source)
+            stack.extend(reversed(subdirs))
+
+    # -- one folder -----------------------------------------------------------------------------------
+    def scan_dir(self, directory: Path) -> tuple[list[Source], list[Path]]:
+        """Classify the files of one folder: (its sources, its subfolders to walk)."""
+        try:
+            entries = sorted(os.scandir(directory), key=lambda e: natural_key(e.name))
+        except OSError as exc:
+            self.result.errors.append(ReadError(directory, f"cannot list folder ({short(exc)})"))
+            return [], []
+        subdirs: list[Path] = []
+        series: dict[str, list[tuple[Path, object]]] = defaultdict(list)
+        images: list[tuple[Path, ImageHeader]] = []
+        singles: list[Source] = []
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            path = Path(entry.path)
+            try:
+                if entry.is_dir():  # follows symlinks; loops are caught by the (dev, inode) set
+                    if not _is_output_dir(path):
+                        subdirs.append(path)
+                    continue
+                if not entry.is_file():
+                    if entry.is_symlink():
+                        self.result.errors.append(ReadError(path, "broken symbolic link"))
+                    continue
+            except OSError as exc:
+                self.result.errors.append(ReadError(path, f"cannot open ({short(exc)})"))
+                continue
+            if entry.stat().st_size == 0 and not _image_like(path):
+                self.result.ignored.append((path, "empty file"))
+                continue
+            found = self.classify_file(path)
+            if isinstance(found, Source):
+                singles.append(found)
+            elif isinstance(found, tuple) and found[0] == "image":
+                images.append((path, found[1]))
+            elif isinstance(found, tuple) and found[0] == "dicom":
+                ds = found[1]
+                if dicom_reader.is_single_bscan(ds):
+                    series[str(ds.get("SeriesInstanceUID", "") or "unknown")].append((path, ds))
+                else:
+                    source = self.dicom_source(path, ds)
+                    if source is not None:
+                        singles.append(source)
+        sources = singles + _image_sources(directory, images)
+        for uid, members in series.items():
+            path = directory if len(series) == 1 else directory / f"{SERIES_PREFIX}{uid}"
+            sources.append(_series_source(path, members))
+        return sources, subdirs
+
+
+def _series_source(path: Path, members: list[tuple[Path, object]]) -> Source:
+    ordered = dicom_reader.series_order(members)
+    first = next(ds for p, ds in members if p == ordered[0])
+    meta = dicom_reader.header_meta(first)
+    for _, ds in members:  # the localizer may be referenced by any B-scan
+        for uid in dicom_reader.referenced_uids(ds):
+            if uid not in meta.referenced_sop_uids:
+                meta.referenced_sop_uids = (*meta.referenced_sop_uids, uid)
+    meta.sop_instance_uid = None
+    return Source(
+        path, "dicom-series", ("oct",), members=tuple(ordered), metas={"oct": meta}, format="dicom-series"
+    )
+
+
+def _image_sources(directory: Path, images: list[tuple[Path, ImageHeader]]) -> list[Source]:
+    """Numbered grayscale images of one size form a B-scan folder; every other image is a fundus."""
+    groups: dict[tuple, list[Path]] = defaultdict(list)
+    for path, header in images:
+        if header.grayscale:
+            groups[(numbered_pattern(path.name), header.width, header.height)].append(path)
+    stacks = [paths for (pattern, _, _), paths in groups.items() if len(paths) >= 2 and "#" in pattern]
+    sources: list[Source] = []
+    in_stack: set[Path] = set()
+    if stacks:
+        largest = max(stacks, key=len)
+        in_stack = set(largest)
+        ordered = tuple(sorted(largest, key=lambda p: natural_key(p.name)))
+        only_stack = len(largest) == len(images)
+        path = directory if only_stack else directory / numbered_pattern(ordered[0].name).replace("#", "*")
+        sources.append(Source(path, "bscan-folder", ("oct",), members=ordered, format="bscan-folder"))
+    for path, header in images:
+        if path not in in_stack:
+            sources.append(Source(path, "image", ("fundus",), format=header.format))
+    return sources
+
+
+def scan(paths) -> Discovery:
+    """Discover sources under files and folders (order kept; duplicates dropped)."""
+    scanner = _Scanner()
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    for path in paths:
+        scanner.scan_path(Path(path))
+    return scanner.result

@@ -1,0 +1,97 @@
+"""OCT volumes that are not DICOM: B-scan image folders, multi-page TIFF, and .npy arrays (.npy can
+also hold a fundus image: decided by its shape)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from retinacli.errors import ReadError
+from retinacli.items import FundusImage, ImageMeta, OctVolume
+from retinacli.readers.common import as_fundus_array, check_sample_budget, short, to_grayscale
+from retinacli.readers.images import load_image, tiff_header
+
+
+def npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype from the .npy header (nothing else is read)."""
+    path = Path(path)
+    if path.stat().st_size == 0:
+        raise ReadError(path, "empty file (0 bytes)")
+    try:
+        with open(path, "rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            shape, _fortran, dtype = np.lib.format._read_array_header(handle, version)
+    except Exception as exc:
+        raise ReadError(path, f"not a .npy array ({short(exc)})") from None
+    if dtype.hasobject:
+        raise ReadError(path, ".npy holds Python objects; only numeric arrays are read")
+    return tuple(int(s) for s in shape), dtype
+
+
+def npy_modality(path: Path, shape: tuple[int, ...]) -> str:
+    """(n, H, W) -> oct; (H, W) or (H, W, 1|3|4) -> fundus."""
+    if len(shape) == 2:
+        return "fundus"
+    if len(shape) == 3:
+        return "fundus" if shape[2] in (1, 3, 4) else "oct"
+    if len(shape) == 4 and shape[3] == 1:
+        return "oct"
+    raise ReadError(path, f"array shape {shape} is neither an OCT volume (n, H, W) nor an image (H, W[, C])")
+
+
+def read_npy(path: Path) -> OctVolume | FundusImage:
+    shape, dtype = npy_header(path)
+    modality = npy_modality(path, shape)
+    check_sample_budget(path, shape, "array")
+    if dtype.kind not in "uifb":
+        raise ReadError(path, f"unsupported array dtype {dtype}")
+    try:
+        pixels = np.load(path, allow_pickle=False)
+    except Exception as exc:
+        raise ReadError(path, f"truncated or unreadable .npy ({short(exc)})") from None
+    if pixels.dtype == np.bool_:
+        pixels = pixels.astype(np.uint8) * 255
+    elif pixels.dtype.kind == "f" and pixels.dtype != np.float32:
+        pixels = pixels.astype(np.float32)
+    if modality == "oct":
+        if pixels.ndim == 4:
+            pixels = pixels[..., 0]
+        return OctVolume(str(path), np.ascontiguousarray(pixels), "npy", ImageMeta())
+    return FundusImage(str(path), np.ascontiguousarray(as_fundus_array(path, pixels)), "npy", ImageMeta())
+
+
+def read_tiff_stack(path: Path) -> OctVolume:
+    import tifffile
+
+    header = tiff_header(path)
+    check_sample_budget(path, header.page_shape)
+    try:
+        pixels = tifffile.imread(path)
+    except Exception as exc:
+        raise ReadError(path, f"cannot decode TIFF ({short(exc)})") from None
+    if pixels.ndim == 4 and pixels.shape[-1] in (3, 4):
+        pixels = to_grayscale(pixels)
+    if pixels.ndim == 2:
+        pixels = pixels[None]
+    if pixels.ndim != 3:
+        raise ReadError(path, f"TIFF stack has shape {tuple(pixels.shape)}, expected (n_bscans, H, W)")
+    return OctVolume(str(path), np.ascontiguousarray(pixels), "tiff", ImageMeta())
+
+
+def read_bscan_folder(path: Path, members: tuple[Path, ...]) -> OctVolume:
+    """Numbered B-scan images (already in natural order) -> (n_bscans, H, W)."""
+    if not members:
+        raise ReadError(path, "folder holds no B-scan images")
+    scans: list[np.ndarray] = []
+    for member in members:
+        pixels, _fmt = load_image(member)
+        if pixels.ndim == 3:
+            pixels = to_grayscale(pixels)
+        if scans and pixels.shape != scans[0].shape:
+            shapes = f"{member.name} has shape {pixels.shape}, the others {scans[0].shape}"
+            raise ReadError(path, f"B-scans differ in size: {shapes}")
+        scans.append(pixels)
+        check_sample_budget(path, (len(scans), *scans[0].shape))
+    meta = ImageMeta(extra={"files": len(members)})
+    return OctVolume(str(path), np.stack(scans), "bscan-folder", meta)
