@@ -189,7 +189,7 @@ def _print_table(payload: dict[str, Any]) -> None:
     columns = ["id", "source", "laterality", "date"]
     columns += [f"value ({preds[0].get('units', '')})"] if regression else ["probability", "label"]
     for column in columns:
-        table.add_column(column)
+        table.add_column(column, overflow="fold", no_wrap=column != "source")
     for p in preds:
         cells = [p.get("id") or "", p.get("path") or "", p.get("laterality") or "", p.get("date") or ""]
         if regression:

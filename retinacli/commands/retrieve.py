@@ -153,7 +153,9 @@ def _print_table(payload: dict[str, Any]) -> None:
         title_justify="left",
     )
     for column in ("rank", "score", "id", "source", "laterality", "date"):
-        table.add_column(column, justify="right" if column in ("rank", "score") else "left")
+        # Paths wrap rather than being cut: the source is what the user opens next.
+        table.add_column(column, justify="right" if column in ("rank", "score") else "left",
+                         overflow="fold", no_wrap=column != "source")
     for r in payload["results"]:
         table.add_row(str(r["rank"]), f"{r['score']:.4f}", r["id"] or "", r["path"] or "",
                       r["laterality"] or "", r["date"] or "")
