@@ -1,0 +1,232 @@
+"""Inference on an exported model package with onnxruntime (no torch).
+
+    engine = Engine.load()                      # default package (see retinacli.package)
+    x = engine.preprocess(item)                 # the package's own preprocessing spec
+    emb = engine.embed("oct", x[None])          # (B, D) float32, L2-normalised
+    engine.predict("cst", emb)                  # [{"task": "cst", "value": 312.4, "units": "µm"}]
+
+Every file's sha256 is checked when the package is loaded, and sessions are built from the very
+bytes that were checked.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from retinacli.errors import ModelPackageError, UsageError
+from retinacli.package import model_id_for, resolve_package, verify_package
+from retinacli.preprocess import preprocess as _preprocess
+from retinacli.preprocess import spec_hash, validate_spec
+
+MODALITIES = ("fundus", "oct")
+
+
+def physical_cores() -> int:
+    """Physical cores available to this process (hyper-threads do not help onnxruntime much)."""
+    logical = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores: set[tuple[str, str]] = set()
+    try:
+        physical_id = core_id = None
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "physical id":
+                    physical_id = value.strip()
+                elif key == "core id":
+                    core_id = value.strip()
+                elif not key and physical_id is not None and core_id is not None:
+                    cores.add((physical_id, core_id))
+                    physical_id = core_id = None
+            if physical_id is not None and core_id is not None:
+                cores.add((physical_id, core_id))
+    except OSError:
+        pass
+    return max(1, min(logical, len(cores) or logical))
+
+
+def available_providers() -> list[str]:
+    import onnxruntime as ort
+
+    return list(ort.get_available_providers())
+
+
+def choose_providers(providers: str | list[str] | None) -> list[str]:
+    """``None``/``"cpu"`` -> CPU; ``"cuda"`` -> CUDA (error if absent); ``"auto"`` -> CUDA when present.
+
+    A list of onnxruntime provider names is used as given (unknown ones are an error).
+    """
+    available = available_providers()
+    if providers is None or providers == "cpu":
+        return ["CPUExecutionProvider"]
+    if providers == "auto":
+        return (["CUDAExecutionProvider"] if "CUDAExecutionProvider" in available else []) + [
+            "CPUExecutionProvider"
+        ]
+    if providers == "cuda":
+        if "CUDAExecutionProvider" not in available:
+            raise UsageError(
+                "CUDA was asked for but this onnxruntime has no CUDAExecutionProvider "
+                f"(available: {', '.join(available)}); install onnxruntime-gpu or use --device cpu"
+            )
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if isinstance(providers, str):
+        raise UsageError(f"unknown device {providers!r} (use cpu, cuda or auto)")
+    missing = [p for p in providers if p not in available]
+    if missing:
+        raise UsageError(f"onnxruntime providers not available: {', '.join(missing)}")
+    return list(providers)
+
+
+class Engine:
+    """A verified model package with lazily created onnxruntime sessions."""
+
+    def __init__(
+        self,
+        path: Path,
+        manifest: dict[str, Any],
+        blobs: dict[str, bytes],
+        providers: list[str],
+        threads: int,
+    ):
+        self.path = Path(path)
+        self.manifest = manifest
+        self.providers = providers
+        self.threads = threads
+        self._blobs = blobs
+        self._sessions: dict[str, Any] = {}
+        self.name: str = manifest["name"]
+        self.version: str = manifest["version"]
+        self.model_id: str = model_id_for(manifest)
+        self.spec: dict[str, Any] = manifest["preprocessing"]
+        self.spec_hash: str = spec_hash(self.spec)
+        self.embed_dim: int = int(manifest["embed_dim"])
+        self.tasks: tuple[str, ...] = tuple(sorted(manifest["heads"]))
+
+    # --- construction ---------------------------------------------------------------------------
+
+    @classmethod
+    def load(
+        cls,
+        name_or_path: str | os.PathLike | None = None,
+        providers: str | list[str] | None = None,
+        threads: int | None = None,
+    ) -> Engine:
+        """Resolve, verify (schema + sha256 of every file) and open a package.
+
+        ``providers``: None/"cpu", "cuda", "auto" or a list of onnxruntime provider names.
+        ``threads``: intra-op threads per session (default: physical cores).
+        """
+        path = resolve_package(name_or_path)
+        manifest, blobs = verify_package(path)
+        try:
+            validate_spec(manifest["preprocessing"])
+        except ValueError as exc:
+            raise ModelPackageError(f"{path / 'retina.json'}: preprocessing: {exc}") from None
+        if threads is not None and int(threads) < 1:
+            raise UsageError(f"threads must be >= 1, got {threads}")
+        return cls(path, manifest, blobs, choose_providers(providers), int(threads or physical_cores()))
+
+    def _session(self, file_name: str):
+        session = self._sessions.get(file_name)
+        if session is None:
+            import onnxruntime as ort
+
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = self.threads
+            options.inter_op_num_threads = 1
+            options.log_severity_level = 3
+            try:
+                session = ort.InferenceSession(self._blobs[file_name], options, providers=self.providers)
+            except Exception as exc:  # onnxruntime raises its own exception types
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                where = self.path / file_name
+                raise ModelPackageError(f"{where}: onnxruntime cannot load it ({first})") from None
+            self._sessions[file_name] = session
+        return session
+
+    # --- inference ------------------------------------------------------------------------------
+
+    def preprocess(self, item: Any) -> np.ndarray:
+        """An OctVolume / FundusImage -> the float32 array the encoder expects (no batch axis)."""
+        return _preprocess(item.modality, item.pixels, self.spec)
+
+    def input_shape(self, modality: str) -> tuple[int, ...]:
+        """Shape of one preprocessed item for ``modality`` (without the batch axis)."""
+        return tuple(int(s) for s in self.manifest["inputs"][self._check_modality(modality)]["shape"][1:])
+
+    def _check_modality(self, modality: str) -> str:
+        if modality not in MODALITIES:
+            raise UsageError(f"unknown modality {modality!r} (use fundus or oct)")
+        return modality
+
+    def embed(self, modality: str, batch: np.ndarray) -> np.ndarray:
+        """Preprocessed batch (B, *input_shape) -> embeddings (B, D) float32, L2-normalised."""
+        spec = self.manifest["inputs"][self._check_modality(modality)]
+        x = np.ascontiguousarray(batch, dtype=np.float32)
+        expected = self.input_shape(modality)
+        if x.ndim == len(expected):
+            x = x[None]
+        if tuple(x.shape[1:]) != expected:
+            raise UsageError(f"{modality} batch must be (B, {', '.join(map(str, expected))}), got {x.shape}")
+        if x.shape[0] == 0:
+            return np.zeros((0, self.embed_dim), dtype=np.float32)
+        (out,) = self._session(spec["file"]).run([spec["output_name"]], {spec["input_name"]: x})
+        return np.asarray(out, dtype=np.float32)
+
+    def head(self, task: str) -> dict[str, Any]:
+        if task not in self.manifest["heads"]:
+            have = ", ".join(self.tasks) or "none"
+            raise UsageError(f"model {self.name}@{self.version} has no '{task}' head (heads: {have})")
+        return self.manifest["heads"][task]
+
+    def predict_raw(self, task: str, embeddings: np.ndarray) -> np.ndarray:
+        """Head output (N,): the value in the head's units, or the probability of label 1."""
+        head = self.head(task)
+        x = np.ascontiguousarray(embeddings, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != self.embed_dim:
+            raise UsageError(f"embeddings must be (N, {self.embed_dim}), got {x.shape}")
+        if x.shape[0] == 0:
+            return np.zeros(0, dtype=np.float32)
+        (out,) = self._session(head["file"]).run([head["output_name"]], {head["input_name"]: x})
+        return np.asarray(out, dtype=np.float32).reshape(-1)
+
+    def predict(self, task: str, embeddings: np.ndarray) -> list[dict[str, Any]]:
+        """One record per embedding row.
+
+        cst: ``{"task", "value", "units"}``; binary tasks: ``{"task", "probability", "label",
+        "threshold", "label_meaning"}`` with ``label = probability >= threshold``.
+        """
+        head = self.head(task)
+        raw = self.predict_raw(task, embeddings)
+        if head["kind"] == "regression":
+            return [{"task": task, "value": float(v), "units": head["units"]} for v in raw]
+        threshold = float(head["threshold"] if head["threshold"] is not None else 0.5)
+        return [
+            {
+                "task": task,
+                "probability": float(p),
+                "label": int(p >= threshold),
+                "threshold": threshold,
+                "label_meaning": head["label_meaning"],
+            }
+            for p in raw
+        ]
+
+    def describe(self) -> dict[str, Any]:
+        """A short JSON-able summary (for `retina models show` and command outputs)."""
+        return {
+            "name": self.name,
+            "version": self.version,
+            "model_id": self.model_id,
+            "path": str(self.path),
+            "embed_dim": self.embed_dim,
+            "tasks": list(self.tasks),
+            "providers": self.providers,
+            "threads": self.threads,
+            "spec_hash": self.spec_hash,
+        }

@@ -1,0 +1,326 @@
+"""Model packages on disk: finding them by name or path, reading and verifying their manifest.
+
+A package is a folder holding ``retina.json`` plus the ONNX files it lists (docs/model-package.md).
+Packages are looked up in ``./exported/`` (next to a checkout or project) and in the model store
+``$RETINA_HOME/models`` (default ``~/.retina/models``). Which package a command uses when none is
+named: ``$RETINA_MODEL``, else the default set with ``retina models default NAME`` (kept in
+``$RETINA_HOME/config.json``), else the only package found, else the newest one.
+
+numpy-free and torch-free: importing this module costs nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from retinacli.errors import ModelPackageError
+
+MANIFEST_FILE = "retina.json"
+CONFIG_FILE = "config.json"
+ALLOWED_SUFFIXES = (".onnx", ".json")
+# Files that must never sit unlisted in a package: they could be loaded by other tools (pickle).
+_SUSPECT_SUFFIXES = (".onnx", ".pt", ".pth", ".pkl", ".pickle", ".bin", ".npy", ".npz", ".ckpt", ".data")
+
+
+# --- locations ----------------------------------------------------------------------------------
+
+
+def retina_home() -> Path:
+    """``$RETINA_HOME`` or ``~/.retina``."""
+    return Path(os.environ.get("RETINA_HOME") or Path.home() / ".retina").expanduser()
+
+
+def models_dir() -> Path:
+    """The per-user model store: ``$RETINA_HOME/models``."""
+    return retina_home() / "models"
+
+
+def search_dirs() -> list[Path]:
+    """Where package names are looked up, in order."""
+    return [Path.cwd() / "exported", models_dir()]
+
+
+def config_path() -> Path:
+    return retina_home() / CONFIG_FILE
+
+
+def read_config() -> dict[str, Any]:
+    path = config_path()
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelPackageError(f"{path}: cannot read retina config ({exc})") from None
+    return data if isinstance(data, dict) else {}
+
+
+def get_default_model() -> str | None:
+    """The name set with ``retina models default NAME`` (None when unset)."""
+    return read_config().get("default_model")
+
+
+def set_default_model(name: str | None) -> Path:
+    """Record (or clear, with None) the default model in ``$RETINA_HOME/config.json``."""
+    config = read_config()
+    if name is None:
+        config.pop("default_model", None)
+    else:
+        config["default_model"] = name
+    path = config_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+# --- listing ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PackageInfo:
+    """What listing needs from a package, read without hashing its files."""
+
+    path: Path
+    name: str
+    version: str
+    created: str
+    objective: str
+    embed_dim: int | None
+    tasks: tuple[str, ...]
+    problem: str | None = None  # why the manifest could not be read (listed, not hidden)
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+
+def read_manifest(package_dir: Path) -> dict[str, Any]:
+    """Parse ``retina.json`` (no validation); ModelPackageError names the file on failure."""
+    path = Path(package_dir) / MANIFEST_FILE
+    if not path.is_file():
+        raise ModelPackageError(f"{path}: missing package manifest (not a retina model package)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelPackageError(f"{path}: manifest is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ModelPackageError(f"{path}: manifest must be a JSON object")
+    return data
+
+
+def package_info(package_dir: Path) -> PackageInfo:
+    package_dir = Path(package_dir)
+    try:
+        m = read_manifest(package_dir)
+    except ModelPackageError as exc:
+        return PackageInfo(package_dir, package_dir.name, "?", "", "", None, (), problem=str(exc))
+    heads = m.get("heads") if isinstance(m.get("heads"), dict) else {}
+    return PackageInfo(
+        path=package_dir,
+        name=str(m.get("name") or package_dir.name),
+        version=str(m.get("version") or "?"),
+        created=str(m.get("created") or ""),
+        objective=str(m.get("objective") or ""),
+        embed_dim=m.get("embed_dim") if isinstance(m.get("embed_dim"), int) else None,
+        tasks=tuple(sorted(heads)),
+    )
+
+
+def list_packages(dirs: list[Path] | None = None) -> list[PackageInfo]:
+    """Every package folder (one holding retina.json) directly inside the search dirs."""
+    found: list[PackageInfo] = []
+    seen: set[Path] = set()
+    for base in dirs if dirs is not None else search_dirs():
+        if not base.is_dir():
+            continue
+        for child in sorted(base.iterdir()):
+            if child.is_dir() and (child / MANIFEST_FILE).is_file():
+                real = child.resolve()
+                if real not in seen:
+                    seen.add(real)
+                    found.append(package_info(child))
+    return found
+
+
+def _semver_key(version: str) -> tuple:
+    m = re.match(r"^(\d+)\.(\d+)\.(\d+)(?:-([0-9A-Za-z.-]+))?", version)
+    if not m:
+        return (-1, -1, -1, 0, "")
+    # a release sorts after its pre-releases
+    return (int(m[1]), int(m[2]), int(m[3]), 0 if m[4] else 1, m[4] or "")
+
+
+def _newest(infos: list[PackageInfo]) -> PackageInfo:
+    return max(infos, key=lambda i: (_semver_key(i.version), i.created))
+
+
+def _lookup_name(ref: str, dirs: list[Path]) -> Path | None:
+    """``name``, ``name@version`` or a folder name inside the search dirs."""
+    name, _, version = ref.partition("@")
+    infos = [i for i in list_packages(dirs) if i.problem is None]
+    matches = [i for i in infos if i.name == name and (not version or i.version == version)]
+    if not matches:
+        matches = [i for i in infos if i.path.name == ref]
+    return _newest(matches).path if matches else None
+
+
+def _explicit_path(ref: str) -> Path | None:
+    path = Path(ref).expanduser()
+    if path.is_file() and path.name == MANIFEST_FILE:
+        return path.parent
+    if path.is_dir():
+        if not (path / MANIFEST_FILE).is_file():
+            raise ModelPackageError(f"{path}: no {MANIFEST_FILE} here (not a retina model package)")
+        return path
+    return None
+
+
+def _looks_like_path(ref: str) -> bool:
+    return os.sep in ref or ref.startswith((".", "~")) or ref.endswith(MANIFEST_FILE)
+
+
+def resolve_package(name_or_path: str | os.PathLike | None = None) -> Path:
+    """The package folder for an explicit path or name, or the default package.
+
+    Order: explicit path; name (``name`` / ``name@version`` / folder name) under ``./exported`` and
+    ``$RETINA_HOME/models``; with nothing given, ``$RETINA_MODEL``, then the default from
+    ``retina models default``, then the only (or newest) package found.
+    """
+    dirs = search_dirs()
+    if name_or_path is None:
+        env = os.environ.get("RETINA_MODEL")
+        if env:
+            return _resolve_ref(env, dirs, source="$RETINA_MODEL")
+        default = get_default_model()
+        if default:
+            return _resolve_ref(default, dirs, source=f"default model in {config_path()}")
+        infos = [i for i in list_packages(dirs) if i.problem is None]
+        if not infos:
+            where = ", ".join(str(d) for d in dirs)
+            raise ModelPackageError(
+                f"no model package found (searched {where}); export one with "
+                "'retina export RUN --out exported/NAME' or pass --model PATH"
+            )
+        return _newest(infos).path
+    return _resolve_ref(str(name_or_path), dirs, source=None)
+
+
+def _resolve_ref(ref: str, dirs: list[Path], source: str | None) -> Path:
+    path = _explicit_path(ref)
+    if path is not None:
+        return path
+    if not _looks_like_path(ref):
+        found = _lookup_name(ref, dirs)
+        if found is not None:
+            return found
+    origin = f" (from {source})" if source else ""
+    where = ", ".join(str(d) for d in dirs)
+    raise ModelPackageError(
+        f"{ref}: no such model package{origin}; searched {where} (see 'retina models list')"
+    )
+
+
+def find_package_by_model_id(model_id: str, dirs: list[Path] | None = None) -> Path | None:
+    """The known package whose ``model_id`` (name@version+hash) matches, e.g. to reopen a store."""
+    for info in list_packages(dirs):
+        if info.problem is None and model_id.startswith(f"{info.ref}+"):
+            try:
+                if model_id_for(read_manifest(info.path)) == model_id:
+                    return info.path
+            except (ModelPackageError, KeyError, TypeError):
+                continue
+    return None
+
+
+# --- identity and verification -----------------------------------------------------------------
+
+
+def model_id_for(manifest: dict[str, Any]) -> str:
+    """``name@version+<12 hex>``: the hash covers the encoder graphs and the preprocessing spec.
+
+    Two packages with the same id produce the same embeddings; refitting heads keeps the id, so
+    an embedding store stays valid after a new ``retina probe`` + export.
+    """
+    digests = {f["path"]: f["sha256"] for f in manifest["files"]}
+    parts = [digests[manifest["inputs"][m]["file"]] for m in ("fundus", "oct")]
+    parts.append(json.dumps(manifest["preprocessing"], sort_keys=True, separators=(",", ":")))
+    short = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
+    return f"{manifest['name']}@{manifest['version']}+{short}"
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def validated_manifest(package_dir: Path) -> dict[str, Any]:
+    """Read and schema-check ``retina.json``; also check that every referenced file is listed."""
+    from retinacli.manifest_schema import manifest_errors
+
+    package_dir = Path(package_dir)
+    manifest = read_manifest(package_dir)
+    errors = manifest_errors(manifest)
+    if errors:
+        more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+        raise ModelPackageError(f"{package_dir / MANIFEST_FILE}: {errors[0]}{more}")
+    listed = {f["path"] for f in manifest["files"]}
+    referenced = [("inputs." + m, spec["file"]) for m, spec in manifest["inputs"].items()]
+    referenced += [("heads." + t, h["file"]) for t, h in manifest["heads"].items()]
+    for field_name, file_name in referenced:
+        if file_name not in listed:
+            raise ModelPackageError(
+                f"{package_dir / MANIFEST_FILE}: {field_name}.file '{file_name}' is not in the files list"
+            )
+    return manifest
+
+
+def verify_package(package_dir: Path, read: bool = True) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """Validate the manifest and check every listed file's size and sha256.
+
+    Returns the manifest and (when ``read``) the verified bytes of every ONNX file, so callers
+    build sessions from exactly the bytes that were checked. Raises ModelPackageError naming the
+    file and the reason: missing, wrong size, sha256 mismatch, file type not allowed, or an
+    unlisted model/pickle file inside the package.
+    """
+    package_dir = Path(package_dir)
+    manifest = validated_manifest(package_dir)
+    blobs: dict[str, bytes] = {}
+    listed = set()
+    for entry in manifest["files"]:
+        rel = entry["path"]
+        listed.add(rel)
+        path = package_dir / rel
+        if Path(rel).suffix not in ALLOWED_SUFFIXES:
+            raise ModelPackageError(f"{path}: file type not allowed in a package (only .onnx and .json)")
+        if not path.is_file():
+            raise ModelPackageError(f"{path}: missing (listed in {MANIFEST_FILE})")
+        data = path.read_bytes()
+        if len(data) != entry["bytes"]:
+            raise ModelPackageError(
+                f"{path}: size {len(data)} bytes differs from the manifest ({entry['bytes']}); corrupt file"
+            )
+        if sha256_bytes(data) != entry["sha256"]:
+            raise ModelPackageError(f"{path}: sha256 mismatch with the manifest (corrupt or modified file)")
+        if read and rel.endswith(".onnx"):
+            blobs[rel] = data
+    for child in sorted(package_dir.iterdir()):
+        if child.name == MANIFEST_FILE or child.name.startswith(".") or child.name in listed:
+            continue
+        if child.suffix.lower() in _SUSPECT_SUFFIXES:
+            raise ModelPackageError(f"{child}: not listed in {MANIFEST_FILE} (unlisted model file)")
+    return manifest, blobs

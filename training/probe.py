@@ -1,0 +1,240 @@
+"""`retina probe RUN`: embed a cohort with the run's torch encoders and fit the task heads.
+
+Heads are fitted with :func:`training.heads.fit_linear_head` (the one head-fitting code path) on the
+OCT embeddings by default (the paper's setting), with patient-grouped out-of-fold metrics, and
+written to ``RUN/heads.json`` where ``retina export`` picks them up.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from training.heads import TASKS, LinearHead, fit_linear_head, save_heads
+
+LABEL_COLUMNS = {"cst": "cst_um", "bcva": "bcva_label", "tn": "tn_label"}
+PATH_COLUMNS = {"oct": "oct_path", "fundus": "fundus_path"}
+
+
+# --- cohort manifest ---------------------------------------------------------------------------
+
+
+def read_cohort_manifest(path: str | Path) -> list[dict[str, str]]:
+    """Rows of a cohort manifest CSV (contract 1); raises ValueError naming missing columns."""
+    path = Path(path)
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        columns = set(reader.fieldnames or [])
+        missing = {"patient_id", "oct_path", "fundus_path"} - columns
+        if missing:
+            raise ValueError(f"{path}: cohort manifest lacks column(s) {', '.join(sorted(missing))}")
+        return list(reader)
+
+
+def label_array(rows: list[dict[str, str]], task: str) -> np.ndarray:
+    """The task's labels as float64, NaN where empty or unparseable."""
+    column = LABEL_COLUMNS[task]
+    out = np.full(len(rows), np.nan)
+    for i, row in enumerate(rows):
+        text = (row.get(column) or "").strip()
+        try:
+            value = float(text) if text else math.nan
+        except ValueError:
+            value = math.nan
+        out[i] = value
+    return out
+
+
+def resolve_manifest_path(config: dict[str, Any], run_dir: Path, explicit: str | Path | None) -> Path:
+    """The manifest to use: explicit, else the run's (as recorded; relative to cwd, then the run)."""
+    if explicit is not None:
+        path = Path(explicit)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: cohort manifest not found")
+        return path
+    recorded = config.get("manifest")
+    if not recorded:
+        raise FileNotFoundError(f"{run_dir}: the run records no manifest; pass --manifest")
+    for candidate in (Path(recorded), run_dir / recorded):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"{recorded}: the run's cohort manifest is not there any more; pass --manifest")
+
+
+# --- reading + preprocessing -----------------------------------------------------------------------
+
+
+@dataclass
+class CohortArrays:
+    """Preprocessed arrays for the manifest rows that read cleanly (row indices in ``rows``)."""
+
+    rows: list[int]
+    arrays: dict[str, np.ndarray]  # modality -> (N, ...) float32
+    errors: list[str] = field(default_factory=list)
+
+
+def preprocess_rows(
+    manifest_path: Path,
+    rows: list[dict[str, str]],
+    spec: dict[str, Any],
+    modalities: Iterable[str] = ("oct", "fundus"),
+    limit: int | None = None,
+    on_item: Callable[[], None] | None = None,
+) -> CohortArrays:
+    """Read each row's files with ``retinacli.readers`` and apply ``retinacli.preprocess`` (the one
+    preprocessing). A row with an unreadable file is skipped and its error kept."""
+    from retinacli.errors import ReadError
+    from retinacli.preprocess import preprocess
+    from retinacli.readers import read_fundus, read_oct
+
+    readers = {"oct": read_oct, "fundus": read_fundus}
+    modalities = tuple(modalities)
+    base = Path(manifest_path).parent
+    kept: list[int] = []
+    stacks: dict[str, list[np.ndarray]] = {m: [] for m in modalities}
+    errors: list[str] = []
+    for i, row in enumerate(rows):
+        if limit is not None and len(kept) >= limit:
+            break
+        try:
+            arrays = {}
+            for modality in modalities:
+                rel = (row.get(PATH_COLUMNS[modality]) or "").strip()
+                if not rel:
+                    raise ReadError(f"row {i + 1}", f"no {PATH_COLUMNS[modality]}")
+                item = readers[modality](base / rel)
+                try:
+                    arrays[modality] = preprocess(modality, item.pixels, spec)
+                except ValueError as exc:
+                    raise ReadError(base / rel, str(exc)) from None
+        except ReadError as exc:
+            errors.append(str(exc))
+            continue
+        finally:
+            if on_item is not None:
+                on_item()
+        kept.append(i)
+        for modality, array in arrays.items():
+            stacks[modality].append(array)
+    return CohortArrays(
+        rows=kept,
+        arrays={m: np.stack(v) if v else np.zeros((0,), np.float32) for m, v in stacks.items()},
+        errors=errors,
+    )
+
+
+def embed_arrays(model, modality: str, arrays: np.ndarray, batch_size: int = 8) -> np.ndarray:
+    """Torch embeddings (N, D) float32 of preprocessed arrays, in eval mode, batch by batch."""
+    import torch
+
+    encode = model.encode_oct if modality == "oct" else model.encode_fundus
+    device = next(model.parameters()).device
+    out = []
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(arrays), batch_size):
+            batch = torch.from_numpy(np.ascontiguousarray(arrays[start : start + batch_size])).to(device)
+            out.append(encode(batch).float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, model.embed_dim), np.float32)
+
+
+# --- probing -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class ProbeResult:
+    heads: list[LinearHead]
+    skipped: dict[str, str]  # task -> why no head was fitted
+    n_rows: int
+    n_embedded: int
+    errors: list[str]
+    manifest: Path
+    heads_path: Path | None
+
+    def to_dict(self) -> dict[str, Any]:
+        from training.heads import _json_safe
+
+        return _json_safe(
+            {
+                "manifest": str(self.manifest),
+                "rows": self.n_rows,
+                "embedded": self.n_embedded,
+                "heads_file": str(self.heads_path) if self.heads_path else None,
+                "heads": {
+                    h.task: {
+                        "kind": h.kind,
+                        "n_train": h.n_train,
+                        "threshold": h.threshold,
+                        "units": h.units,
+                        "input_modality": h.input_modality,
+                        "metrics": h.metrics,
+                    }
+                    for h in self.heads
+                },
+                "skipped": self.skipped,
+                "errors": self.errors,
+            }
+        )
+
+
+def probe_run(
+    run_dir: str | Path,
+    manifest: str | Path | None = None,
+    tasks: Iterable[str] = ("cst", "bcva", "tn"),
+    modality: str = "oct",
+    seed: int = 0,
+    batch_size: int = 8,
+    progress: Callable[[int, int], None] | None = None,
+) -> ProbeResult:
+    """Embed the manifest with the run's encoder for ``modality``, fit one head per task with labels,
+    save them to ``RUN/heads.json``. ``progress(done, total)`` is called per manifest row read."""
+    from training.model import load_run
+
+    tasks = list(tasks)
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown task(s) {', '.join(unknown)} (known: {', '.join(TASKS)})")
+    if modality not in PATH_COLUMNS:
+        raise ValueError(f"unknown modality {modality!r} (use oct or fundus)")
+    run = load_run(run_dir)
+    manifest_path = resolve_manifest_path(run.config, Path(run_dir), manifest)
+    rows = read_cohort_manifest(manifest_path)
+    labels = {t: label_array(rows, t) for t in tasks}
+    # Only rows with at least one label are worth reading.
+    wanted = [i for i in range(len(rows)) if any(np.isfinite(labels[t][i]) for t in tasks)]
+    done = [0]
+
+    def tick() -> None:
+        done[0] += 1
+        if progress is not None:
+            progress(done[0], len(wanted))
+
+    data = preprocess_rows(manifest_path, [rows[i] for i in wanted], run.spec, (modality,), on_item=tick)
+    kept = [wanted[i] for i in data.rows]
+    embeddings = embed_arrays(run.model, modality, data.arrays[modality], batch_size)
+    groups = np.array([rows[i].get("patient_id", str(i)) for i in kept])
+    heads: list[LinearHead] = []
+    skipped: dict[str, str] = {}
+    for task in tasks:
+        y = labels[task][kept]
+        if not np.isfinite(y).any():
+            skipped[task] = "no labels in the manifest"
+            continue
+        try:
+            head = fit_linear_head(task, embeddings, y, seed=seed, groups=groups, input_modality=modality)
+            heads.append(head)
+        except ValueError as exc:
+            skipped[task] = str(exc)
+    heads_path = None
+    if heads:
+        from retinacli.preprocess import spec_hash
+
+        extra = {"manifest": str(manifest_path), "spec_hash": spec_hash(run.spec), "seed": seed}
+        heads_path = save_heads(run_dir, heads, extra=extra)
+    return ProbeResult(heads, skipped, len(rows), len(kept), data.errors, manifest_path, heads_path)
