@@ -115,7 +115,7 @@ def _run(paths, model, out, modality, batch_size, workers, shard_size, keep_iden
             err.print(f"{plan.skipped_sources} source(s) already in the store: skipped", highlight=False)
         progress = Progress(
             TextColumn("embedding"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-            console=err, transient=True,
+            console=err, transient=True, disable=not err.is_terminal,  # no bar lines in logs
         )
         with progress:
             task = progress.add_task("embed", total=len(plan.todo))

@@ -32,9 +32,10 @@ def register(app: typer.Typer) -> None:
             None, "--index", "-i", help="Embedding store (used without PATHs). Default: $RETINA_STORE, "
             "else ./.retina/store.",
         ),
-        modality: str = typer.Option(
-            "oct", "--modality", help="Items to predict on: oct (what the heads are fitted on) or fundus "
-            "(the same heads applied in the shared embedding space).",
+        modality: str | None = typer.Option(
+            None, "--modality", help="Items to predict on: oct or fundus. Default: the modality the head was "
+            "fitted on (its input_modality in the manifest, normally oct); the other one applies the head in "
+            "the shared embedding space.",
         ),
         batch_size: int = typer.Option(16, "--batch-size", min=1, help="Items per model call (with PATHs)."),
         json_output: bool = typer.Option(False, "--json", help="Print predictions as JSON."),
@@ -46,7 +47,7 @@ def register(app: typer.Typer) -> None:
 
         if task not in TASKS:
             fail(f"--task must be one of {', '.join(TASKS)}, not {task!r}", EXIT_USAGE)
-        if modality not in ("oct", "fundus"):
+        if modality not in (None, "oct", "fundus"):
             fail(f"--modality must be oct or fundus, not {modality!r}", EXIT_USAGE)
         if json_output and csv_output:
             fail("choose one of --json and --csv", EXIT_USAGE)
@@ -80,6 +81,13 @@ def _check_task(engine: Any, task: str) -> None:
         raise error
 
 
+def _head_modality(engine: Any, task: str, modality: str | None) -> str:
+    if modality is not None:
+        return modality
+    head = (getattr(engine, "manifest", None) or {}).get("heads", {}).get(task, {})
+    return head.get("input_modality", "oct")
+
+
 def _records(engine: Any, task: str, rows: list[dict[str, Any]], vectors: Any) -> list[dict[str, Any]]:
     records = []
     for start in range(0, len(rows), PREDICT_CHUNK):
@@ -92,7 +100,7 @@ def _records(engine: Any, task: str, rows: list[dict[str, Any]], vectors: Any) -
     return records
 
 
-def _predict_store(task: str, model: str | None, index: Path | None, modality: str) -> dict[str, Any]:
+def _predict_store(task: str, model: str | None, index: Path | None, modality: str | None) -> dict[str, Any]:
     import numpy as np
 
     from retinacli.console import err
@@ -105,6 +113,7 @@ def _predict_store(task: str, model: str | None, index: Path | None, modality: s
     engine, package = engine_for_store(store, model)
     err.print(f"model: {engine.model_id} ({package}{'' if model else ', the store model'})", highlight=False)
     _check_task(engine, task)
+    modality = _head_modality(engine, task, modality)
     err.print(f"task: {task}; predicting every {modality} item in the store from its stored embedding",
               highlight=False)
     rows, parts = [], []
@@ -137,7 +146,7 @@ class _MemoryWriter:
         self.vectors.extend(vectors)
 
 
-def _predict_files(paths: list[Path], task: str, model: str | None, modality: str, batch_size: int,
+def _predict_files(paths: list[Path], task: str, model: str | None, modality: str | None, batch_size: int,
                    index: Path | None) -> dict[str, Any]:
     import secrets
 
@@ -151,6 +160,7 @@ def _predict_files(paths: list[Path], task: str, model: str | None, modality: st
     engine, package = load_engine(model)
     err.print(f"model: {engine.model_id} ({package}{'' if model else ', default'})", highlight=False)
     _check_task(engine, task)
+    modality = _head_modality(engine, task, modality)
     err.print(f"task: {task}; embedding {modality} items on the fly (nothing is written)", highlight=False)
     # Ids match the store's when a store exists (same secret), so predictions join with it.
     store_root, _origin = store_path_and_origin(index)
