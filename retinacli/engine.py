@@ -12,6 +12,7 @@ bytes that were checked.
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +100,7 @@ class Engine:
         self.threads = threads
         self._blobs = blobs
         self._sessions: dict[str, Any] = {}
+        self._lock = threading.Lock()  # sessions are created lazily, possibly from worker threads
         self.name: str = manifest["name"]
         self.version: str = manifest["version"]
         self.model_id: str = model_id_for(manifest)
@@ -132,6 +134,10 @@ class Engine:
         return cls(path, manifest, blobs, choose_providers(providers), int(threads or physical_cores()))
 
     def _session(self, file_name: str):
+        with self._lock:
+            return self._session_locked(file_name)
+
+    def _session_locked(self, file_name: str):
         session = self._sessions.get(file_name)
         if session is None:
             import onnxruntime as ort
@@ -148,6 +154,23 @@ class Engine:
                 raise ModelPackageError(f"{where}: onnxruntime cannot load it ({first})") from None
             self._sessions[file_name] = session
         return session
+
+    def check_graphs(self) -> None:
+        """Open every graph and check its input/output names and embedding size against the manifest."""
+        entries = [*self.manifest["inputs"].values(), *self.manifest["heads"].values()]
+        graphs = [(e["file"], e["input_name"], e["output_name"]) for e in entries]
+        for file_name, input_name, output_name in graphs:
+            session = self._session(file_name)
+            inputs = [i.name for i in session.get_inputs()]
+            outputs = {o.name: o.shape for o in session.get_outputs()}
+            where = self.path / file_name
+            if inputs != [input_name]:
+                raise ModelPackageError(f"{where}: graph inputs {inputs} differ from the manifest's")
+            if output_name not in outputs:
+                raise ModelPackageError(f"{where}: graph has no output '{output_name}' (has {list(outputs)})")
+            shape = outputs[output_name]
+            if output_name == "embedding" and (len(shape) != 2 or shape[1] != self.embed_dim):
+                raise ModelPackageError(f"{where}: output shape {shape} is not (batch, {self.embed_dim})")
 
     # --- inference ------------------------------------------------------------------------------
 

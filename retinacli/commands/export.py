@@ -1,12 +1,96 @@
-"""`retina export` (not implemented yet)."""
+"""`retina export RUN --out PKG`: a training run (and its probed heads) -> an ONNX model package."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
+
+from retinacli.errors import EXIT_NOTHING_DONE, EXIT_USAGE
+
+
+def _needs_torch(feature: str) -> None:
+    """Exit with one line on how to install the training extras when torch is missing."""
+    import importlib.util
+
+    from retinacli.console import fail
+    from retinacli.errors import MissingExtraError
+
+    for module in ("torch", "onnx"):
+        if importlib.util.find_spec(module) is None:
+            fail(str(MissingExtraError(feature, "train", module)), EXIT_NOTHING_DONE)
 
 
 def register(app: typer.Typer) -> None:
     @app.command("export")
-    def export() -> None:
-        """Not implemented yet."""
-        raise typer.Exit(1)
+    def export(
+        run_dir: Path = typer.Argument(
+            ..., help="Training run folder (from 'retina train').", show_default=False
+        ),
+        out: Path = typer.Option(
+            None, "--out", "-o", help="Package folder to write. Default: ./exported/<NAME>."
+        ),
+        name: str = typer.Option(None, "--name", help="Package name. Default: the run folder's name."),
+        version: str = typer.Option("0.1.0", "--version", help="Package version (semver)."),
+        opset: int = typer.Option(18, "--opset", help="ONNX opset for all graphs."),
+        exporter: str = typer.Option(
+            "dynamo", "--exporter", help="torch.onnx exporter: dynamo (default) or torchscript."
+        ),
+        tolerance: float = typer.Option(
+            1e-4, "--tolerance", help="Max |onnxruntime - torch| allowed by the parity check."
+        ),
+        manifest: Path = typer.Option(
+            None, "--manifest", help="Cohort manifest for parity samples. Default: the run's manifest."
+        ),
+        changelog: str = typer.Option(None, "--changelog", help="One line describing this version."),
+        force: bool = typer.Option(False, "--force", help="Replace an existing package folder."),
+        as_json: bool = typer.Option(False, "--json", help="Print the package manifest as JSON."),
+    ) -> None:
+        """Export the run's encoders and task heads to ONNX, check parity, write retina.json."""
+        from retinacli.console import err, fail, print_json
+        from retinacli.console import out as stdout
+
+        _needs_torch("retina export")
+        from retinacli.errors import RetinaError
+        from training.export import export_run, package_name_for
+
+        if not (run_dir / "config.json").is_file():
+            fail(f"{run_dir}: not a training run (no config.json)", EXIT_USAGE)
+        name = name or package_name_for(run_dir)
+        target = out or Path("exported") / name
+        err.print(f"exporting {run_dir} -> {target} ({name}@{version}, opset {opset}, {exporter} exporter)")
+        try:
+            result = export_run(
+                run_dir,
+                target,
+                name=name,
+                version=version,
+                opset=opset,
+                exporter=exporter,
+                tolerance=tolerance,
+                manifest=manifest,
+                changelog=changelog,
+                overwrite=force,
+                log=lambda message: err.print(f"  {message}", highlight=False),
+            )
+        except (RetinaError, ValueError, FileNotFoundError) as exc:
+            fail(str(exc), getattr(exc, "exit_code", EXIT_NOTHING_DONE))
+        m = result.manifest
+        if as_json:
+            print_json({"package": str(result.package_dir), **m})
+            return
+        parity = m["parity"]
+        stdout.print(f"package [bold]{m['name']}@{m['version']}[/] written to {result.package_dir}")
+        for modality in ("fundus", "oct"):
+            p = parity[modality]
+            stdout.print(
+                f"  {modality} encoder: parity on {p['n']} items: max |Δ| {p['max_abs_diff']:.2e}, "
+                f"min cosine {p['min_cosine']:.8f}",
+                highlight=False,
+            )
+        for task, p in parity["heads"].items():
+            stdout.print(f"  head {task}: max |Δ| {p['max_abs_diff']:.2e}", highlight=False)
+        if not m["heads"]:
+            stdout.print(f"  no task heads (run 'retina probe {run_dir}' before exporting to include them)")
+        took = f"{result.seconds:.1f} s"
+        stdout.print(f"  parity inputs: {parity['inputs']}; export took {took}", highlight=False)

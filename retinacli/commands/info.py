@@ -1,12 +1,97 @@
-"""`retina info` (not implemented yet)."""
+"""`retina info`: versions, onnxruntime providers, threads, model and store locations."""
 
 from __future__ import annotations
 
 import typer
 
 
+def collect_info() -> dict:
+    import os
+    import platform
+    import sys
+    from importlib import metadata
+
+    import numpy as np
+    import onnxruntime as ort
+
+    from retinacli import __version__
+    from retinacli.commands.models import _default_marker
+    from retinacli.engine import physical_cores
+    from retinacli.package import config_path, get_default_model, models_dir, retina_home, search_dirs
+    from retinacli.store import default_store_path
+
+    used, why = _default_marker()
+    try:
+        default_model = get_default_model()
+    except Exception as exc:  # a broken config file is reported, not fatal here
+        default_model = f"(unreadable: {exc})"
+    return {
+        "retina": __version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "numpy": np.__version__,
+        "onnxruntime": ort.__version__,
+        "pydicom": _version(metadata, "pydicom"),
+        "torch": _version(metadata, "torch") or "not installed (only needed for train/probe/export)",
+        "providers": list(ort.get_available_providers()),
+        "threads": physical_cores(),
+        "logical_cpus": os.cpu_count(),
+        "retina_home": str(retina_home()),
+        "retina_home_source": "$RETINA_HOME" if os.environ.get("RETINA_HOME") else "default (~/.retina)",
+        "config_file": str(config_path()),
+        "model_store": str(models_dir()),
+        "model_search_dirs": [str(d) for d in search_dirs()],
+        "retina_model_env": os.environ.get("RETINA_MODEL"),
+        "default_model": default_model,
+        "model_used_by_default": used,
+        "model_problem": why,
+        "default_embedding_store": str(default_store_path()),
+        "executable": sys.executable,
+    }
+
+
+def _version(metadata, dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def register(app: typer.Typer) -> None:
     @app.command("info")
-    def info() -> None:
-        """Not implemented yet."""
-        raise typer.Exit(1)
+    def info(
+        as_json: bool = typer.Option(False, "--json", help="Print the information as JSON."),
+    ) -> None:
+        """Show versions, onnxruntime providers, threads, the default model and where things are stored."""
+        from retinacli.console import out, print_json
+
+        data = collect_info()
+        if as_json:
+            print_json(data)
+            return
+        labels = {
+            "retina": "retina",
+            "python": "python",
+            "numpy": "numpy",
+            "onnxruntime": "onnxruntime",
+            "pydicom": "pydicom",
+            "torch": "torch",
+            "providers": "providers",
+            "threads": "threads (physical cores)",
+            "retina_home": "RETINA_HOME",
+            "model_store": "model store",
+            "model_search_dirs": "model search",
+            "retina_model_env": "RETINA_MODEL",
+            "default_model": "default model",
+            "model_used_by_default": "model used",
+            "default_embedding_store": "embedding store",
+        }
+        for key, label in labels.items():
+            value = data[key]
+            if isinstance(value, list):
+                value = ", ".join(value)
+            if key == "retina_home":
+                value = f"{value} ({data['retina_home_source']})"
+            if key == "model_used_by_default" and value is None:
+                value = f"none ({data['model_problem']})"
+            out.print(f"[bold]{label:>24}[/]  {value if value is not None else '-'}", highlight=False)

@@ -1,15 +1,226 @@
-"""`retina models list|show|verify|default` (not implemented yet)."""
+"""`retina models list|show|verify|default`: the model packages this machine knows about."""
 
 from __future__ import annotations
 
 import typer
 
+from retinacli.errors import EXIT_MODEL_INVALID
+
+NAME_HELP = "Package name (name or name@version) or folder. Default: the default package."
+
+
+def _default_marker() -> tuple[str | None, str | None]:
+    """(path of the package used when none is named, why) without failing when there is none."""
+    from retinacli.errors import ModelPackageError
+    from retinacli.package import resolve_package
+
+    try:
+        return str(resolve_package(None).resolve()), None
+    except ModelPackageError as exc:
+        return None, str(exc)
+
+
+def _metric_summary(head: dict) -> str:
+    metrics = head.get("metrics") or {}
+    m = metrics.get("cv") or metrics.get("train") or {}
+    split = "cv" if metrics.get("cv") else "train"
+    if head["kind"] == "regression" and m.get("mae") is not None:
+        r2 = "-" if m.get("r2") is None else f"{m['r2']:.3f}"
+        return f"{split} MAE {m['mae']:.1f} {head.get('units') or ''}, R² {r2}"
+    if m.get("auroc") is not None:
+        return f"{split} AUROC {m['auroc']:.3f}"
+    return "-"
+
 
 def register(app: typer.Typer) -> None:
-    models = typer.Typer(help="List, inspect and verify model packages.", no_args_is_help=True)
+    models = typer.Typer(
+        help="List, inspect, verify model packages and choose the default one.", no_args_is_help=True
+    )
     app.add_typer(models, name="models")
 
     @models.command("list")
-    def list_() -> None:
-        """Not implemented yet."""
-        raise typer.Exit(1)
+    def list_(
+        as_json: bool = typer.Option(False, "--json", help="Print the list as JSON."),
+    ) -> None:
+        """Packages in ./exported and $RETINA_HOME/models (manifests only; 'verify' checks the files)."""
+        from retinacli.console import err, out, print_json
+        from retinacli.package import list_packages, search_dirs
+
+        packages = list_packages()
+        default_path, _ = _default_marker()
+        records = [
+            {
+                "name": p.name,
+                "version": p.version,
+                "objective": p.objective,
+                "embed_dim": p.embed_dim,
+                "tasks": list(p.tasks),
+                "created": p.created,
+                "path": str(p.path),
+                "default": default_path is not None and str(p.path.resolve()) == default_path,
+                "problem": p.problem,
+            }
+            for p in packages
+        ]
+        if as_json:
+            print_json({"search_dirs": [str(d) for d in search_dirs()], "packages": records})
+            return
+        if not records:
+            where = ", ".join(str(d) for d in search_dirs())
+            err.print(f"no model packages found (searched {where}); create one with 'retina export RUN'")
+            return
+        from rich.table import Table
+
+        table = Table(title=f"{len(records)} model package(s)", title_justify="left")
+        for column in ("", "name", "version", "objective", "dim", "tasks", "created", "path"):
+            table.add_column(column, overflow="fold")
+        for r in records:
+            table.add_row(
+                "*" if r["default"] else "",
+                r["name"],
+                r["version"],
+                r["objective"] or "-",
+                str(r["embed_dim"] or "-"),
+                ",".join(r["tasks"]) or "-",
+                r["created"] or "-",
+                r["path"] + (f" [red]({r['problem']})[/]" if r["problem"] else ""),
+            )
+        out.print(table)
+        if default_path:
+            err.print("* = used when no --model is given")
+
+    @models.command("show")
+    def show(
+        name: str = typer.Argument(None, help=NAME_HELP, show_default=False),
+        as_json: bool = typer.Option(False, "--json", help="Print the whole manifest as JSON."),
+    ) -> None:
+        """Show a package's manifest: inputs, heads and their metrics, training provenance, parity."""
+        from retinacli.console import fail, out, print_json
+        from retinacli.errors import ModelPackageError
+        from retinacli.package import model_id_for, resolve_package, validated_manifest
+
+        try:
+            path = resolve_package(name)
+            m = validated_manifest(path)
+        except ModelPackageError as exc:
+            fail(str(exc), EXIT_MODEL_INVALID)
+        model_id = model_id_for(m)
+        if as_json:
+            print_json({"path": str(path), "model_id": model_id, **m})
+            return
+        out.print(f"[bold]{m['name']}@{m['version']}[/]  ({model_id})")
+        rows = [
+            ("path", str(path)),
+            ("created", m["created"]),
+            ("changelog", m["changelog"]),
+            ("objective", m["objective"]),
+            ("architectures", f"fundus {m['architectures']['fundus']}, oct {m['architectures']['oct']}"),
+            ("embedding", f"{m['embed_dim']}-d, L2-normalised"),
+        ]
+        for modality, spec in m["inputs"].items():
+            shape = "x".join(str(s) for s in spec["shape"])
+            rows.append((f"input {modality}", f"{shape} {spec['dtype']} ({spec['value_range']})"))
+        for task, head in m["heads"].items():
+            threshold = "" if head["threshold"] is None else f", threshold {head['threshold']:.3f}"
+            rows.append(
+                (f"head {task}", f"{head['kind']} on {head['input_modality']} embeddings, n={head['n_train']}"
+                 f"{threshold}; {_metric_summary(head)}; {head['label_meaning']}")
+            )
+        if not m["heads"]:
+            rows.append(("heads", "none"))
+        t = m["training"]
+        data_sha = (t["data_manifest_sha256"] or "-")[:12]
+        rows.append(
+            ("training", f"preset {t.get('preset')}, seed {t['seed']}, {t['epochs']} epochs, "
+             f"config sha256 {t['config_sha256'][:12]}, data sha256 {data_sha}")
+        )
+        p = m["parity"]
+        fundus_diff, oct_diff = p["fundus"]["max_abs_diff"], p["oct"]["max_abs_diff"]
+        rows.append(
+            ("parity", f"max |Δ| fundus {fundus_diff:.1e}, oct {oct_diff:.1e} "
+             f"(tolerance {p['tolerance_abs']:g}; {p.get('inputs', '')})")
+        )
+        rows.append(("exporter", f"{m['export']['exporter']}, opset {m['export']['opset']}"))
+        rows.append(("packages", ", ".join(f"{k} {v}" for k, v in m["packages"].items() if v)))
+        size = sum(f["bytes"] for f in m["files"])
+        rows.append(("files", f"{len(m['files'])} files, {size / 1e6:.1f} MB"))
+        for key, value in rows:
+            out.print(f"  [bold]{key:>13}[/]  {value}", highlight=False)
+
+    @models.command("verify")
+    def verify(
+        name: str = typer.Argument(None, help=NAME_HELP, show_default=False),
+        as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    ) -> None:
+        """Check the manifest schema, every file's size and sha256, and that onnxruntime loads each graph.
+
+        Exit code 3 when the package is invalid.
+        """
+        from retinacli.console import fail, out, print_json
+        from retinacli.engine import Engine
+        from retinacli.errors import ModelPackageError
+        from retinacli.package import resolve_package
+
+        path = None
+        try:
+            path = resolve_package(name)
+            engine = Engine.load(path, threads=1)
+            engine.check_graphs()
+        except ModelPackageError as exc:
+            if as_json:
+                print_json({"path": str(path) if path else name, "ok": False, "error": str(exc)})
+                raise typer.Exit(EXIT_MODEL_INVALID) from None
+            fail(str(exc), EXIT_MODEL_INVALID)
+        files = engine.manifest["files"]
+        if as_json:
+            print_json({"path": str(path), "ok": True, "model_id": engine.model_id,
+                        "files": [{"path": f["path"], "sha256": f["sha256"]} for f in files]})
+            return
+        out.print(f"[green]ok[/] {engine.model_id}: {len(files)} files verified (sha256), "
+                  f"{len(files)} graphs load in onnxruntime ({path})")
+
+    @models.command("default")
+    def default(
+        name: str = typer.Argument(None, help="Package name or folder to use when no --model is given.",
+                                   show_default=False),
+        clear: bool = typer.Option(False, "--clear", help="Forget the default."),
+        as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    ) -> None:
+        """Set (or show, without NAME) the default package, stored in $RETINA_HOME/config.json."""
+        from pathlib import Path
+
+        from retinacli.console import err, fail, out, print_json
+        from retinacli.errors import ModelPackageError
+        from retinacli.package import (
+            _looks_like_path,
+            get_default_model,
+            resolve_package,
+            set_default_model,
+            validated_manifest,
+        )
+
+        if clear:
+            config = set_default_model(None)
+            err.print(f"default model cleared ({config})")
+            return
+        if name is None:
+            current = get_default_model()
+            used, why = _default_marker()
+            if as_json:
+                print_json({"default": current, "resolved": used, "problem": why})
+            else:
+                out.print(f"default: {current or '(not set)'}; used when no --model is given: {used or why}")
+            return
+        try:
+            path = resolve_package(name)
+            m = validated_manifest(path)
+        except ModelPackageError as exc:
+            fail(str(exc), EXIT_MODEL_INVALID)
+        # A folder is remembered as an absolute path, a name as the name (it follows new versions).
+        is_folder = _looks_like_path(name) or Path(name).is_dir()
+        value = str(Path(name).expanduser().resolve()) if is_folder else name
+        config = set_default_model(value)
+        if as_json:
+            print_json({"default": value, "resolved": str(path), "config": str(config)})
+        else:
+            out.print(f"default model: {value} -> {m['name']}@{m['version']} ({path}); saved in {config}")
