@@ -163,3 +163,36 @@ def write_png(path: Path, pixels: np.ndarray) -> None:
 
 def read_back(path: Path) -> Dataset:
     return pydicom.dcmread(path)
+
+
+def write_dicom_cohort(
+    root: Path, patients: int = 3, visits: int = 2, reference: bool = True
+) -> list[dict[str, str]]:
+    """A small export: per patient, visit and eye an OPT volume and its OP localizer (one minute
+    earlier), one folder per visit. Returns the truth: one dict per pair (paths absolute)."""
+    truth = []
+    rng = np.random.default_rng(7)
+    for p in range(patients):
+        patient = f"SYN{p + 1:06d}"
+        for v in range(visits):
+            day = np.datetime64("2024-01-01") + np.timedelta64(30 * v + p, "D")
+            date = str(day).replace("-", "")
+            folder = root / f"patient{p}" / f"visit{v}"
+            folder.mkdir(parents=True, exist_ok=True)
+            study = generate_uid()
+            for e, eye in enumerate(("OD", "OS")):
+                fundus_time = f"{date}10{10 + e:02d}00"
+                oct_time = f"{date}10{10 + e:02d}45"
+                fundus_path = folder / f"IMG{2 * e + 1:03d}.dcm"
+                oct_path = folder / f"IMG{2 * e + 2:03d}.dcm"
+                image = rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)
+                op = write_op(fundus_path, image, patient, eye, fundus_time, study)
+                write_opt(
+                    oct_path, ramp_volume(4, 32, 32), patient, eye, oct_time, study,
+                    localizer_uid=op.SOPInstanceUID if reference else None,
+                )  # fmt: skip
+                truth.append(
+                    {"patient": patient, "eye": eye, "date": date, "visit": v,
+                     "oct_path": str(oct_path), "fundus_path": str(fundus_path)}
+                )  # fmt: skip
+    return truth

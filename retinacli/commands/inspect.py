@@ -61,7 +61,8 @@ def _print_table(items: list[dict], errors: list[dict], ignored: int) -> None:
 
     if items:
         table = Table(title=f"{len(items)} item(s)", title_justify="left")
-        for column in ("path", "modality", "format", "shape", "eye", "date", "device", "spacing (mm)"):
+        table.add_column("path", overflow="fold", min_width=24)
+        for column in ("modality", "format", "shape", "eye", "date", "device", "spacing (mm)"):
             table.add_column(column, overflow="fold")
         for record in items:
             spacing = record["pixel_spacing_mm"]

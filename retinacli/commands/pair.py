@@ -1,12 +1,102 @@
-"""`retina pair` (not implemented yet)."""
+"""`retina pair DIR... --out manifest.csv`: pair OCT volumes with fundus images into a training manifest."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
+
+from retinacli.errors import EXIT_NOTHING_DONE, EXIT_OK
 
 
 def register(app: typer.Typer) -> None:
     @app.command("pair")
-    def pair() -> None:
-        """Not implemented yet."""
-        raise typer.Exit(1)
+    def pair(
+        paths: list[Path] = typer.Argument(..., help="Folders (or files) with the OCT and fundus exports."),
+        out: Path = typer.Option(
+            ..., "--out", "-o", help="Manifest CSV to write (paths inside are relative to it)."
+        ),
+        labels: Path | None = typer.Option(
+            None,
+            "--labels",
+            help="Labels CSV: patient_id, eye, date (or visit) and any of cst_um, bcva_letters, bcva_label, "
+            "tn_label; joined by patient, eye and date.",
+        ),
+        window_hours: float = typer.Option(
+            24.0, "--window-hours", help="Fallback matching: largest OCT-fundus time difference in hours."
+        ),
+        keep_identifiers: bool = typer.Option(
+            False,
+            "--keep-identifiers",
+            help="Write the real patient IDs instead of pseudonyms (keyed by secret.key beside the CSV).",
+        ),
+        as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON to stdout."),
+    ) -> None:
+        """Build the paired training manifest: each OCT volume with the fundus image of that eye and visit.
+
+        Pairs by the OCT's localizer reference (DICOM), else by patient + eye + nearest acquisition
+        time within --window-hours. Reports what stayed unpaired and why. Exit 0 when at least one
+        pair was written, 1 when none.
+        """
+        from retinacli.console import err, fail, print_json
+        from retinacli.console import out as stdout
+        from retinacli.errors import RetinaError
+        from retinacli.pairing import pair_folders
+
+        if labels is not None and not labels.is_file():
+            fail(f"{labels}: labels CSV not found", 2)
+        try:
+            report = pair_folders(paths, out, labels, window_hours, keep_identifiers)
+        except RetinaError as exc:
+            fail(str(exc), exc.exit_code)
+            return
+        result = report.result
+        unpaired = [
+            {"path": str(u.path), "modality": u.modality, "reason": u.reason} for u in result.unpaired
+        ]
+        errors = [{"path": e.path, "error": e.reason} for e in result.errors]
+        if as_json:
+            print_json(
+                {
+                    "manifest": str(report.manifest) if report.manifest else None,
+                    "pairs": len(report.rows),
+                    "by_method": report.by_method(),
+                    "labels_rows": report.labels_rows,
+                    "labels_matched": report.labels_matched,
+                    "unpaired": unpaired,
+                    "errors": errors,
+                    "ignored": result.ignored,
+                }
+            )
+        else:
+            _print_summary(report, unpaired, errors, stdout, err)
+        raise typer.Exit(EXIT_OK if report.rows else EXIT_NOTHING_DONE)
+
+
+def _print_summary(report, unpaired: list[dict], errors: list[dict], stdout, err) -> None:
+    from rich.table import Table
+
+    if report.rows:
+        methods = ", ".join(f"{n} by {m}" for m, n in sorted(report.by_method().items()))
+        stdout.print(f"wrote {len(report.rows)} pair(s) to {report.manifest} ({methods})", highlight=False)
+        if report.labels_rows:
+            stdout.print(
+                f"labels: {report.labels_matched} of {report.labels_rows} label row(s) matched a pair",
+                highlight=False,
+            )
+    if unpaired:
+        table = Table(title=f"{len(unpaired)} unpaired", title_justify="left", title_style="bold yellow")
+        for column in ("path", "modality", "reason"):
+            table.add_column(column, overflow="fold")
+        for record in unpaired:
+            table.add_row(record["path"], record["modality"], record["reason"])
+        err.print(table)
+    if errors:
+        table = Table(title=f"{len(errors)} unreadable", title_justify="left", title_style="bold red")
+        table.add_column("path", overflow="fold")
+        table.add_column("error", overflow="fold")
+        for record in errors:
+            table.add_row(record["path"], record["error"])
+        err.print(table)
+    if not report.rows:
+        err.print("[bold red]error:[/] no OCT-fundus pair found; nothing written", highlight=False)

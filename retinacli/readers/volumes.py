@@ -21,7 +21,10 @@ def npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
     try:
         with open(path, "rb") as handle:
             version = np.lib.format.read_magic(handle)
-            shape, _fortran, dtype = np.lib.format._read_array_header(handle, version)
+            if version == (1, 0):
+                shape, _fortran, dtype = np.lib.format.read_array_header_1_0(handle)
+            else:
+                shape, _fortran, dtype = np.lib.format.read_array_header_2_0(handle)
     except Exception as exc:
         raise ReadError(path, f"not a .npy array ({short(exc)})") from None
     if dtype.hasobject:

@@ -1,0 +1,155 @@
+"""Folder discovery: what is a volume, what is an image, what is ignored, what is an error."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+from test_readers_support import ramp_volume, write_bscan_series, write_op, write_opt, write_png
+
+from retinacli import readers
+from retinacli.errors import ReadError
+from retinacli.readers import discover, iter_items, read_item, scan
+from retinacli.readers.common import natural_key
+
+
+def _names(sources):
+    return sorted(str(s.path.name) for s in sources)
+
+
+def test_rules_for_a_mixed_export(tmp_path):
+    root = tmp_path / "export"
+    root.mkdir()
+    write_op(root / "fundus.dcm", np.zeros((16, 16, 3), np.uint8))
+    write_opt(root / "oct.dcm", ramp_volume(3, 16, 16))
+    write_bscan_series(root / "series", ramp_volume(4, 16, 16))
+    bscans = root / "bscans"
+    bscans.mkdir()
+    for index in range(5):
+        write_png(bscans / f"b{index}.png", np.full((8, 8), index, np.uint8))
+    (root / "notes.txt").write_text("visit notes")
+    (root / "table.csv").write_text("a,b\n")
+    (root / "meta.json").write_text("{}")
+    (root / "DICOMDIR").write_bytes(b"\0" * 200)
+    (root / ".hidden.dcm").write_text("hidden files are skipped")
+    (root / ".retina").mkdir()
+    (root / ".retina" / "x.npy").write_bytes(b"junk")
+    store = root / "mystore"
+    (store / "embeddings").mkdir(parents=True)
+    (store / "store.json").write_text("{}")
+    np.save(store / "embeddings" / "emb_00000.npy", np.zeros((4, 8), np.float32))
+    (root / "broken.png").write_bytes(b"\x89PNG not really")
+
+    found = scan([root])
+    kinds = {s.path.name: (s.kind, s.modalities) for s in found.sources}
+    assert kinds == {
+        "fundus.dcm": ("dicom", ("fundus",)),
+        "oct.dcm": ("dicom", ("oct",)),
+        "series": ("dicom-series", ("oct",)),
+        "bscans": ("bscan-folder", ("oct",)),
+    }
+    assert [e.path for e in found.errors] == [str(root / "broken.png")]
+    assert "not a readable image" in found.errors[0].reason
+    assert sorted(p.name for p, _ in found.ignored) == ["DICOMDIR", "meta.json", "notes.txt", "table.csv"]
+    paths, errors = discover([root])
+    assert sorted(p.name for p in paths) == ["bscans", "fundus.dcm", "oct.dcm", "series"]
+    assert len(errors) == 1
+
+
+def test_discovery_reads_headers_only(tmp_path, monkeypatch):
+    write_opt(tmp_path / "oct.dcm", ramp_volume(4, 32, 32))
+    data = (tmp_path / "oct.dcm").read_bytes()
+    (tmp_path / "cut.dcm").write_bytes(data[:-700])  # header fine, pixel data truncated
+    write_png(tmp_path / "photo.png", np.zeros((10, 10, 3), np.uint8))
+
+    def no_pixels(*args, **kwargs):
+        raise AssertionError("discovery decoded pixel data")
+
+    monkeypatch.setattr(readers.dicom, "load_pixels", no_pixels)
+    monkeypatch.setattr(readers.images, "load_image", no_pixels)
+    found = scan([tmp_path])
+    assert _names(found.sources) == ["cut.dcm", "oct.dcm", "photo.png"]
+    assert found.errors == []
+    monkeypatch.undo()
+    # the truncation shows up when the pixels are read, as that file's error, not a crash
+    results = list(iter_items([tmp_path]))
+    errors = [r for r in results if isinstance(r, ReadError)]
+    assert [os.path.basename(e.path) for e in errors] == ["cut.dcm"]
+    assert errors[0].reason == "truncated pixel data"
+    assert sorted(r.modality for r in results if not isinstance(r, ReadError)) == ["fundus", "oct"]
+
+
+def test_two_series_in_one_folder_are_two_volumes(tmp_path):
+    folder = tmp_path / "flat"
+    write_bscan_series(folder, ramp_volume(3, 16, 16), patient="SYN000010")
+    first_files = set(folder.iterdir())
+    other = tmp_path / "other"
+    write_bscan_series(other, ramp_volume(5, 16, 16) + 1, patient="SYN000011")
+    for path in other.iterdir():
+        path.rename(folder / f"X{path.name}")
+    found = scan([folder])
+    assert len(found.sources) == 2
+    assert all(s.kind == "dicom-series" and s.path.name.startswith("series=") for s in found.sources)
+    sizes = sorted(len(s.members) for s in found.sources)
+    assert sizes == [3, 5]
+    three = next(s for s in found.sources if len(s.members) == 3)
+    assert set(three.members) == first_files
+    # the virtual path reads back on its own
+    item = read_item(three.path)
+    assert item.shape == (3, 16, 16)
+    np.testing.assert_array_equal(item.pixels, ramp_volume(3, 16, 16))
+
+
+def test_bscans_next_to_a_fundus_and_colour_photo_folders(tmp_path):
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for index in range(4):
+        write_png(mixed / f"scan_{index:03d}.png", np.full((12, 20), index, np.uint8))
+    write_png(mixed / "slo.png", np.zeros((30, 30), np.uint8))
+    found = scan([mixed])
+    by_kind = {s.kind: s for s in found.sources}
+    assert set(by_kind) == {"bscan-folder", "image"}
+    assert len(by_kind["bscan-folder"].members) == 4 and by_kind["image"].path.name == "slo.png"
+    assert read_item(by_kind["bscan-folder"].path).shape == (4, 12, 20)
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for index in range(3):  # colour photos are never B-scans, even when numbered
+        write_png(photos / f"img_{index}.png", np.zeros((10, 10, 3), np.uint8))
+    found = scan([photos])
+    assert [s.kind for s in found.sources] == ["image"] * 3
+
+
+def test_symlink_loops_and_broken_links(tmp_path):
+    root = tmp_path / "root"
+    (root / "a").mkdir(parents=True)
+    write_png(root / "a" / "photo.png", np.zeros((8, 8, 3), np.uint8))
+    os.symlink(root, root / "a" / "loop")  # a -> root -> a -> ...
+    os.symlink(tmp_path / "missing.dcm", root / "dangling.dcm")
+    found = scan([root])
+    assert [s.path.name for s in found.sources] == ["photo.png"]
+    assert [e.reason for e in found.errors] == ["broken symbolic link"]
+
+
+def test_iter_items_filters_by_modality(shared_samples):
+    folder = shared_samples / "heidelberg_vol"
+    fundus = list(iter_items([folder], modality="fundus"))
+    assert [i.modality for i in fundus] == ["fundus", "fundus"]
+    octs = list(iter_items(folder, modality="oct"))
+    assert [i.shape for i in octs] == [(1, 496, 768), (1, 496, 768)]
+
+
+def test_natural_key():
+    names = ["bscan_10.png", "bscan_2.png", "bscan_1.png", "Bscan_3.png"]
+    assert sorted(names, key=natural_key) == ["bscan_1.png", "bscan_2.png", "Bscan_3.png", "bscan_10.png"]
+
+
+def test_import_readers_does_not_import_torch():
+    code = (
+        "import sys, retinacli.readers as r, retinacli.readers.dicom, retinacli.readers.volumes, "
+        "retinacli.readers.heidelberg, retinacli.pairing; "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
