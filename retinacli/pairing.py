@@ -309,7 +309,7 @@ def manifest_rows(
             **dict.fromkeys(LABEL_COLUMNS, ""),
             "visit_date": date,
             "pair_method": pair.method,
-            "hours_apart": "" if pair.hours_apart is None else round(pair.hours_apart, 3),
+            "hours_apart": "" if pair.hours_apart is None else round(pair.hours_apart, 4),
             "oct_format": pair.oct.format,
             "fundus_format": pair.fundus.format,
             "oct_device": pair.oct.meta.device or "",
