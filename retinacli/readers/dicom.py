@@ -266,9 +266,9 @@ def _transfer_syntax_problem(ds) -> str | None:
     return f"unsupported transfer syntax {uid.name} ({uid}): {hint}"
 
 
-def load_pixels(path: Path) -> tuple[Any, np.ndarray]:
+def load_pixels(path: Path, header=None) -> tuple[Any, np.ndarray]:
     """Full read with the guards: size cap first (header), then decode with one-line reasons."""
-    ds = read_header(path)
+    ds = header if header is not None else read_header(path)
     check_size(path, ds)
     problem = _transfer_syntax_problem(ds)
     if problem:
@@ -318,7 +318,7 @@ def read_dicom(path: Path, source_format: str = "dicom") -> OctVolume | FundusIm
     modality, description = classify(header)
     if modality is None:
         raise ReadError(path, f"not an OCT volume or fundus image: {description}")
-    ds, pixels = load_pixels(path)
+    ds, pixels = load_pixels(path, header)
     meta = header_meta(ds)
     frames = frame_count(ds)
     samples = int(ds.get("SamplesPerPixel", 1) or 1)

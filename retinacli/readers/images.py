@@ -6,7 +6,6 @@ grayscale images of one size in one folder are the B-scans of an OCT volume (see
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,22 +45,33 @@ def image_header(path: Path) -> ImageHeader:
         return tiff_header(path)
     Image = _pillow()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                mode = im.mode
-                if mode == "P":  # a palette image is grayscale only if its palette is
-                    mode = "P-gray" if _palette_is_gray(im) else "P-colour"
-                return ImageHeader(
-                    format=(im.format or path.suffix.lstrip(".")).lower(),
-                    width=im.width,
-                    height=im.height,
-                    grayscale=mode in GRAY_MODES or mode == "P-gray",
-                )
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        with Image.open(path) as im:
+            _check_pixels(path, im.width, im.height)
+            mode = im.mode
+            if mode == "P":  # a palette image is grayscale only if its palette is
+                mode = "P-gray" if _palette_is_gray(im) else "P-colour"
+            return ImageHeader(
+                format=(im.format or path.suffix.lstrip(".")).lower(),
+                width=im.width,
+                height=im.height,
+                grayscale=mode in GRAY_MODES or mode == "P-gray",
+            )
+    except ReadError:
+        raise
+    except Image.DecompressionBombError as exc:
         raise ReadError(path, f"image too large (decompression-bomb guard: {short(exc)})") from None
     except Exception as exc:
         raise ReadError(path, f"not a readable image ({short(exc)})") from None
+
+
+def _check_pixels(path: Path, width: int, height: int) -> None:
+    """Pillow only warns between MAX_IMAGE_PIXELS and twice that; retina refuses (no global
+    warning filters, which are not thread-safe, are touched)."""
+    limit = _pillow().MAX_IMAGE_PIXELS
+    if limit and width * height > limit:
+        raise ReadError(
+            path, f"image too large (decompression-bomb guard: {width}x{height} pixels > {limit})"
+        )
 
 
 def _palette_is_gray(im) -> bool:
@@ -115,12 +125,13 @@ def load_image(path: Path) -> tuple[np.ndarray, str]:
     Image = _pillow()
     header = image_header(path)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                im.load()
-                pixels = _to_array(path, im)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        with Image.open(path) as im:
+            _check_pixels(path, im.width, im.height)
+            im.load()
+            pixels = _to_array(path, im)
+    except ReadError:
+        raise
+    except Image.DecompressionBombError as exc:
         raise ReadError(path, f"image too large (decompression-bomb guard: {short(exc)})") from None
     except OSError as exc:
         if "truncated" in str(exc).lower() or "broken" in str(exc).lower():
