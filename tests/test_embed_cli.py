@@ -201,3 +201,11 @@ app(sys.argv[1:])
     assert (summary["embedded"], summary["skipped"], summary["rows"]) == (10 - partial, partial, 10)
     rows = EmbeddingStore.open(tmp_path / "s").metadata()
     assert len({r["id"] for r in rows}) == 10 and len({r["path"] for r in rows}) == 10
+
+
+def test_cli_import_does_not_import_torch():
+    result = subprocess.run([sys.executable, "-X", "importtime", "-c", "import retinacli.cli"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0
+    imported = [line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if "|" in line]
+    assert imported and not [m for m in imported if m.split(".")[0] in ("torch", "torchvision")]
