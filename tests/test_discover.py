@@ -153,3 +153,23 @@ def test_import_readers_does_not_import_torch():
         "assert 'torch' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_numbered_nir_images_beside_visit_folders_are_fundus_images(tmp_path):
+    """The synthetic PNG layout: <patient>/OD_v00_fundus.png + <patient>/OD_v00_oct/bscan_000.png..."""
+    patient = tmp_path / "p1234"
+    patient.mkdir()
+    for visit in range(2):
+        write_png(patient / f"OD_v{visit:02d}_fundus.png", np.full((32, 32), 50 + visit, np.uint8))
+        oct_dir = patient / f"OD_v{visit:02d}_oct"
+        oct_dir.mkdir()
+        for index in range(3):
+            write_png(oct_dir / f"bscan_{index:03d}.png", np.full((32, 32), index, np.uint8))
+    found = scan([tmp_path])
+    kinds = sorted((s.path.name, s.kind) for s in found.sources)
+    assert kinds == [
+        ("OD_v00_fundus.png", "image"),
+        ("OD_v00_oct", "bscan-folder"),
+        ("OD_v01_fundus.png", "image"),
+        ("OD_v01_oct", "bscan-folder"),
+    ]

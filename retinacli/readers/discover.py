@@ -7,7 +7,8 @@ big export is cheap; pixels are decoded later, one source at a time. Rules (docs
   training runs) and symlink loops are skipped; `DICOMDIR` and non-image files are ignored (counted);
 - each multi-frame DICOM, TIFF, .npy, .vol and single image is one source;
 - single-frame OCT DICOM files are grouped per folder by SeriesInstanceUID into one volume;
-- numbered grayscale images of one size in one folder (bscan_0.png, bscan_1.png, ...) are one volume;
+- numbered grayscale images of one size in one folder without subfolders (bscan_0.png, bscan_1.png,
+  ...) are one volume;
 - an image-like file that cannot be read (zero bytes, wrong content, truncated header) is an error.
 """
 
@@ -212,7 +213,7 @@ class _Scanner:
                     source = self.dicom_source(path, ds)
                     if source is not None:
                         singles.append(source)
-        sources = singles + _image_sources(directory, images)
+        sources = singles + _image_sources(directory, images, leaf=not subdirs)
         for uid, members in series.items():
             path = directory if len(series) == 1 else directory / f"{SERIES_PREFIX}{uid}"
             sources.append(_series_source(path, members))
@@ -233,13 +234,17 @@ def _series_source(path: Path, members: list[tuple[Path, object]]) -> Source:
     )
 
 
-def _image_sources(directory: Path, images: list[tuple[Path, ImageHeader]]) -> list[Source]:
-    """Numbered grayscale images of one size form a B-scan folder; every other image is a fundus."""
+def _image_sources(directory: Path, images: list[tuple[Path, ImageHeader]], leaf: bool) -> list[Source]:
+    """In a folder without subfolders, numbered grayscale images of one size form a B-scan volume;
+    every other image is a fundus image. (A patient folder with visit subfolders next to its numbered
+    NIR images, e.g. OD_v00_fundus.png, OD_v01_fundus.png, is not a B-scan folder.)"""
     groups: dict[tuple, list[Path]] = defaultdict(list)
     for path, header in images:
         if header.grayscale:
             groups[(numbered_pattern(path.name), header.width, header.height)].append(path)
     stacks = [paths for (pattern, _, _), paths in groups.items() if len(paths) >= 2 and "#" in pattern]
+    if not leaf:
+        stacks = []
     sources: list[Source] = []
     in_stack: set[Path] = set()
     if stacks:
