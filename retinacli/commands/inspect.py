@@ -35,23 +35,35 @@ def item_record(item) -> dict:
 
 def inspect_paths(paths: list[Path]) -> tuple[list[dict], list[dict], int]:
     """Read every source under `paths`: (item records, error records, ignored-file count)."""
-    from retinacli.errors import ReadError
-    from retinacli.readers import read_source, scan
+    from rich.progress import Progress
+
+    from retinacli.console import err
+    from retinacli.readers import scan
 
     found = scan(paths)
     items: list[dict] = []
     errors = [{"path": e.path, "error": e.reason} for e in found.errors]
-    for source in found.sources:
-        try:
-            items.extend(item_record(item) for item in read_source(source))
-        except ReadError as exc:
-            errors.append({"path": exc.path, "error": exc.reason})
-        except MemoryError:
-            errors.append({"path": str(source.path), "error": "not enough memory to read this item"})
-        except Exception as exc:  # one reader bug must not hide the other files
-            reason = f"unexpected read failure ({type(exc).__name__})"
-            errors.append({"path": str(source.path), "error": reason})
+    with Progress(console=err, transient=True, disable=not err.is_terminal) as progress:
+        task = progress.add_task("reading", total=len(found.sources))
+        for source in found.sources:
+            _read_one(source, items, errors)
+            progress.advance(task)
     return items, errors, len(found.ignored)
+
+
+def _read_one(source, items: list[dict], errors: list[dict]) -> None:
+    """Decode one source into `items`, or its failure into `errors` (one bad file never stops the rest)."""
+    from retinacli.errors import ReadError
+    from retinacli.readers import read_source
+
+    try:
+        items.extend(item_record(item) for item in read_source(source))
+    except ReadError as exc:
+        errors.append({"path": exc.path, "error": exc.reason})
+    except MemoryError:
+        errors.append({"path": str(source.path), "error": "not enough memory to read this item"})
+    except Exception as exc:  # a reader bug must not hide the other files
+        errors.append({"path": str(source.path), "error": f"unexpected read failure ({type(exc).__name__})"})
 
 
 def _print_table(items: list[dict], errors: list[dict], ignored: int) -> None:
