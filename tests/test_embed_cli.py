@@ -209,3 +209,50 @@ def test_cli_import_does_not_import_torch():
     assert result.returncode == 0
     imported = [line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if "|" in line]
     assert imported and not [m for m in imported if m.split(".")[0] in ("torch", "torchvision")]
+
+
+def write_png_folder(root: Path, n: int = 4) -> Path:
+    """n fundus PNGs and n OCT volumes as B-scan PNG folders, plus one truncated PNG."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    for i in range(n):
+        volume = root / f"oct{i}"
+        volume.mkdir(parents=True)
+        for j in range(3):
+            Image.fromarray(rng.integers(0, 255, (24, 20), dtype=np.uint8)).save(volume / f"bscan_{j}.png")
+        Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(root / f"fundus{i}.png")
+    (root / "cut.png").write_bytes((root / "fundus0.png").read_bytes()[:60])
+    return root
+
+
+def test_real_engine_and_readers_in_a_torch_free_process(toy_package, tmp_path):
+    """The real readers + onnxruntime engine (the torch-free toy package), in a fresh interpreter."""
+    data = write_png_folder(tmp_path / "data")
+    script = (
+        "import sys\nfrom retinacli.cli import app\n"
+        "try:\n    app(sys.argv[1:])\nfinally:\n"
+        "    assert not [m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision')]\n"
+    )
+    store = tmp_path / "store"
+    result = subprocess.run([sys.executable, "-c", script, "embed", str(data), "--model", str(toy_package),
+                             "--out", str(store), "--json"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert (summary["embedded"], summary["failed"]) == (8, 1)
+    assert summary["errors"][0]["path"].endswith("cut.png")
+    rows = EmbeddingStore.open(store).metadata()
+    oct_names = sorted(Path(r["path"]).name for r in rows if r["modality"] == "oct")
+    assert oct_names == ["oct0", "oct1", "oct2", "oct3"]
+    # In-process from here: retrieve and predict with the same package.
+    payload = json.loads(run("retrieve", data / "fundus2.png", "--index", store, "--model", toy_package,
+                             "--top", "3", "--json").stdout)
+    assert [r["modality"] for r in payload["results"]] == ["oct"] * 3
+    assert payload["query"]["id"] in {r["id"] for r in rows}
+    preds = json.loads(run("predict", "--task", "tn", "--index", store, "--model", toy_package,
+                           "--json").stdout)["predictions"]
+    assert len(preds) == 4 and all(0 <= p["probability"] <= 1 for p in preds)
+    cst = json.loads(run("predict", data / "oct1", "--task", "cst", "--model", toy_package,
+                         "--json").stdout)["predictions"]
+    assert len(cst) == 1 and cst[0]["units"] == "µm" and Path(cst[0]["path"]).name == "oct1"

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import fixtures_cohort
+import fixtures_models
 import fixtures_packages
 import numpy as np
 import pytest
@@ -22,7 +23,8 @@ import pytest
 from retinacli.privacy import SECRET_FILE
 from retinacli.store import EmbeddingStore
 
-if not (hasattr(fixtures_cohort, "tiny_cohort") and hasattr(fixtures_packages, "tiny_package")):
+if not all(hasattr(m, f) for m, f in ((fixtures_cohort, "tiny_cohort"), (fixtures_models, "tiny_run"),
+                                      (fixtures_packages, "tiny_package"))):
     pytest.skip("the tiny_cohort / tiny_package fixtures are not available", allow_module_level=True)
 
 NO_TORCH = (
