@@ -173,3 +173,19 @@ def test_numbered_nir_images_beside_visit_folders_are_fundus_images(tmp_path):
         ("OD_v01_fundus.png", "image"),
         ("OD_v01_oct", "bscan-folder"),
     ]
+
+
+def test_folder_path_names_its_series_next_to_the_localizer(tmp_path):
+    """A flat export: single-frame B-scans + their OP localizer in one folder (extension-less names)."""
+    folder = tmp_path / "export"
+    write_bscan_series(folder, ramp_volume(4, 16, 16))
+    for path in folder.iterdir():
+        path.rename(path.with_suffix(""))  # IM0003.dcm -> IM0003
+    write_op(folder / "IM9999", np.zeros((16, 16, 3), np.uint8), "SYN000002", "OS")
+    found = scan([folder])
+    kinds = sorted((s.path.name, s.kind) for s in found.sources)
+    assert kinds == [("IM9999", "dicom"), ("export", "dicom-series")]
+    item = readers.read_oct(folder)
+    np.testing.assert_array_equal(item.pixels, ramp_volume(4, 16, 16))
+    assert read_item(folder).modality == "oct"
+    assert readers.read_fundus(folder / "IM9999").shape == (16, 16, 3)

@@ -87,6 +87,11 @@ def _single_source(path: Path) -> Source:
     if found.sources:
         if len(found.sources) == 1:
             return found.sources[0]
+        # a folder holding one B-scan series (or B-scan stack) next to other files, e.g. its localizer:
+        # the folder's own path names the series
+        own = [source for source in found.sources if source.path == path]
+        if len(own) == 1:
+            return own[0]
         raise ReadError(
             path,
             f"folder holds {len(found.sources)} separate images/volumes; read them with iter_items() "
