@@ -7,6 +7,7 @@ row blocks, so memory stays bounded by the block, not the store.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,6 +35,16 @@ class Hit:
             "laterality": self.row.get("laterality"),
             "date": self.row.get("date"),
         }
+
+
+def display_path(path: str | None) -> str:
+    """A stored absolute path as the user would type it: relative when under the current folder."""
+    if not path:
+        return ""
+    try:
+        return str(Path(path).relative_to(Path.cwd()))
+    except ValueError:
+        return path
 
 
 def normalise(vector: np.ndarray) -> np.ndarray:

@@ -79,10 +79,10 @@ def default_store_path() -> Path:
     return Path(env).expanduser() if env else DEFAULT_STORE
 
 
-def store_path_and_origin(path: Path | str | None) -> tuple[Path, str]:
-    """The store to use and why (for echoing defaults): explicit, $RETINA_STORE, or the default."""
+def store_path_and_origin(path: Path | str | None, option: str = "--index") -> tuple[Path, str]:
+    """The store to use and why (for echoing defaults): the option, $RETINA_STORE, or the default."""
     if path is not None:
-        return Path(path).expanduser(), "--index/--out"
+        return Path(path).expanduser(), option
     if os.environ.get(STORE_ENV):
         return default_store_path(), f"${STORE_ENV}"
     return DEFAULT_STORE, "default ./.retina/store"

@@ -66,6 +66,9 @@ def register(app: typer.Typer) -> None:
             err.print(f"... and {len(report.errors) - MAX_ERRORS_SHOWN} more", highlight=False)
         if report.errors:
             err.print(f"failures listed in {errors_file}", highlight=False)
+        if report.embedded + report.skipped + report.failed == 0:
+            wanted = "OCT volumes or fundus images" if modality == "auto" else f"{modality} items"
+            err.print(f"no {wanted} found under {', '.join(map(str, paths))}", highlight=False)
         summary = {
             "embedded": report.embedded,
             "skipped": report.skipped,
@@ -95,7 +98,7 @@ def _run(paths, model, out, modality, batch_size, workers, shard_size, keep_iden
     from retinacli.pipeline import default_workers, load_engine, plan_embedding, run_embedding
     from retinacli.store import StoreWriter, store_path_and_origin
 
-    store_root, store_origin = store_path_and_origin(out)
+    store_root, store_origin = store_path_and_origin(out, "--out")
     engine, package = load_engine(model)
     workers = workers or default_workers()
     err.print(f"model: {engine.model_id} ({package}{'' if model else ', default'})", highlight=False)

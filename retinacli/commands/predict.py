@@ -192,6 +192,7 @@ def _print_table(payload: dict[str, Any]) -> None:
     from rich.table import Table
 
     from retinacli.console import out
+    from retinacli.retrieval import display_path
 
     preds = payload["predictions"]
     regression = bool(preds) and "value" in preds[0]
@@ -201,7 +202,8 @@ def _print_table(payload: dict[str, Any]) -> None:
     for column in columns:
         table.add_column(column, overflow="fold", no_wrap=column != "source")
     for p in preds:
-        cells = [p.get("id") or "", p.get("path") or "", p.get("laterality") or "", p.get("date") or ""]
+        cells = [p.get("id") or "", display_path(p.get("path")), p.get("laterality") or "",
+                 p.get("date") or ""]
         if regression:
             cells.append(f"{p['value']:.1f}")
         else:

@@ -145,6 +145,7 @@ def _print_table(payload: dict[str, Any]) -> None:
     from rich.table import Table
 
     from retinacli.console import out
+    from retinacli.retrieval import display_path
 
     q = payload["query"]
     table = Table(
@@ -157,6 +158,6 @@ def _print_table(payload: dict[str, Any]) -> None:
         table.add_column(column, justify="right" if column in ("rank", "score") else "left",
                          overflow="fold", no_wrap=column != "source")
     for r in payload["results"]:
-        table.add_row(str(r["rank"]), f"{r['score']:.4f}", r["id"] or "", r["path"] or "",
+        table.add_row(str(r["rank"]), f"{r['score']:.4f}", r["id"] or "", display_path(r["path"]),
                       r["laterality"] or "", r["date"] or "")
     out.print(table)
