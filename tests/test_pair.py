@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 from test_readers_support import ramp_volume, write_dicom_cohort, write_op, write_opt
 from typer.testing import CliRunner
@@ -167,18 +168,39 @@ def test_vol_files_pair_with_their_own_slo(shared_samples, tmp_path):
 
 
 def test_tiny_cohort_pairs_recovered(request, tmp_path):
+    """The synthetic cohort with its manifest removed: every original (oct, fundus) pair comes back,
+    and labels joined by PatientID / eye / date equal the original manifest's labels."""
     try:
         cohort = Path(request.getfixturevalue("tiny_cohort"))
     except pytest.FixtureLookupError:
         pytest.skip("fixture tiny_cohort not available yet")
+    original_rows = _rows(cohort / "manifest.csv")
     original = _pairs(cohort / "manifest.csv")
     copy = tmp_path / "cohort"
     shutil.copytree(cohort, copy)
     (copy / "manifest.csv").unlink()
-    manifest = copy / "paired.csv"
-    result, payload = _pair_json(copy, "--out", manifest)
-    assert result.exit_code == 0, result.output
     old, new = str(cohort.resolve()), str(copy.resolve())
+
+    # labels keyed the way a clinic has them: the PatientID in the files, eye, visit date
+    labels = tmp_path / "labels.csv"
+    with open(labels, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["patient_id", "eye", "date", "cst_um", "bcva_letters", "bcva_label", "tn_label"])
+        for row in original_rows:
+            header = pydicom.dcmread(cohort / row["oct_path"], stop_before_pixels=True)
+            writer.writerow([header.PatientID, row["eye"], row["visit_date"], row["cst_um"],
+                             row["bcva_letters"], row["bcva_label"], row["tn_label"]])  # fmt: skip
+
+    manifest = copy / "paired.csv"
+    result, payload = _pair_json(copy, "--out", manifest, "--labels", labels)
+    assert result.exit_code == 0, result.output
     expected = {(o.replace(old, new), f.replace(old, new)) for o, f in original}
     assert _pairs(manifest) == expected
-    assert payload["by_method"] == {"reference": len(expected)}
+    assert payload["by_method"] == {"reference": len(expected)} and payload["unpaired"] == []
+    assert payload["labels_matched"] == len(original_rows)
+    by_oct = {str((cohort / r["oct_path"]).resolve()).replace(old, new): r for r in original_rows}
+    for row in _rows(manifest):
+        truth = by_oct[str((manifest.parent / row["oct_path"]).resolve())]
+        for column in ("eye", "visit", "cst_um", "bcva_letters", "bcva_label", "tn_label"):
+            assert row[column] == truth[column], column
+    assert "SYNTH^" not in manifest.read_text() and "SYN0" not in manifest.read_text()
