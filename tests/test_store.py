@@ -242,3 +242,34 @@ def test_search_filters_sorts_and_finds_itself(tmp_path):
     assert len(left) == 3 and {h.row["laterality"] for h in left} == {"OS"}
     itself = search(store, vectors[query_row], target="fundus", top_k=1)
     assert itself[0].row["id"] == rows[query_row]["id"] and itself[0].score == pytest.approx(1.0, abs=1e-5)
+
+
+def test_reading_runs_in_worker_threads_with_a_bounded_window(tmp_path):
+    """Decoding happens off the main thread, and at most 2 x workers sources are held at once."""
+    import threading
+
+    folder = make_folder(tmp_path / "data", n_pairs=12, bad=0)
+    lock = threading.Lock()
+    counts = {"started": 0, "done": 0, "max_held": 0}
+    threads = set()
+
+    def tracking_read(source, modality):
+        with lock:
+            counts["started"] += 1
+            counts["max_held"] = max(counts["max_held"], counts["started"] - counts["done"])
+            threads.add(threading.current_thread().name)
+        return standin_read(source, modality)
+
+    def done(_result):
+        with lock:
+            counts["done"] += 1
+
+    engine = StandInEngine()
+    with StoreWriter.open_for_model(tmp_path / "s", model_id=engine.model_id, embed_dim=8) as writer:
+        plan = plan_embedding([folder], writer.secret, set(), discover=standin_discover)
+        report = run_embedding(engine, plan, writer, workers=2, batch_size=4, read_source=tracking_read,
+                               on_source_done=done)
+    assert report.embedded == 24 and counts["done"] == 24
+    assert threads and all(name.startswith("retina-read") for name in threads)
+    assert counts["max_held"] <= 2 * 2 + 1  # the window, plus the one being batched
+    assert engine.calls == 6  # 12 per modality in batches of 4
