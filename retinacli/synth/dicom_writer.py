@@ -1,0 +1,294 @@
+"""DICOM output of one visit: an Ophthalmic Photography 8 Bit (OP) fundus image and a multi-frame
+Ophthalmic Tomography (OPT) volume that references it as its localizer.
+
+Both share the visit's study; the OPT's per-frame Ophthalmic Frame Location gives each B-scan's
+line on the fundus image (row, column of its start and end), and its Pixel Measures give the voxel
+spacing. Explicit VR Little Endian, uncompressed. Validated with dicom3tools' ``dciodvfy``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
+from pydicom.sequence import Sequence
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
+
+from retinacli import __version__
+from retinacli.synth.cohort import OCT_DEVICE, VisitRecord, uid
+from retinacli.synth.fundus import DEVICES, FIELD_MM
+from retinacli.synth.oct import DEPTH_MM, SCAN_MM
+
+OP_8BIT = "1.2.840.10008.5.1.4.1.1.77.1.5.1"
+OPT = "1.2.840.10008.5.1.4.1.1.77.1.5.4"
+MANUFACTURER = "retina synthetic cohort"
+
+
+def _code(value: str, scheme: str, meaning: str) -> Dataset:
+    item = Dataset()
+    item.CodeValue = value
+    item.CodingSchemeDesignator = scheme
+    item.CodeMeaning = meaning
+    return item
+
+
+EYE = ("81745001", "SCT", "Eye")
+FUNDUS_CAMERA = ("409898007", "SCT", "Fundus Camera")
+SLO = ("392001008", "SCT", "Scanning Laser Ophthalmoscope")
+OCT_SCANNER = ("392012008", "SCT", "Optical Coherence Tomography Scanner")
+LOCALIZER = ("121311", "DCM", "Localizer")
+INFRARED_FILTER = ("445169002", "SCT", "Infrared optical filter")
+NO_FILTER = ("111609", "DCM", "No filter")
+FULL_SPECTRUM = ("414298005", "SCT", "Full Spectrum")
+INFRARED = ("414497003", "SCT", "Infrared")
+
+
+def _dicom_dt(value: dt.datetime) -> tuple[str, str]:
+    return value.strftime("%Y%m%d"), value.strftime("%H%M%S")
+
+
+def _uids(record: VisitRecord) -> dict:
+    n, eye, visit, seed = record.identity.patient_number, record.eye.eye, record.state.visit, record.seed
+    return {
+        "study": uid(seed, "study", n, visit),
+        "fundus_series": uid(seed, "series", n, eye, visit, "fundus"),
+        "oct_series": uid(seed, "series", n, eye, visit, "oct"),
+        "fundus_sop": uid(seed, "sop", n, eye, visit, "fundus"),
+        "oct_sop": uid(seed, "sop", n, eye, visit, "oct"),
+        "frame_of_reference": uid(seed, "for", n, eye, visit),
+        "dimension_organization": uid(seed, "dimorg", n, eye, visit),
+    }
+
+
+def _new_file(path: Path, sop_class: str, sop_instance: str) -> FileDataset:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = sop_instance
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    meta.ImplementationVersionName = f"RETINA_{__version__}"[:16]
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = sop_instance
+    return ds
+
+
+def _common(ds: Dataset, record: VisitRecord, uids: dict, modality: str, series_uid: str, when: dt.datetime):
+    ident, state = record.identity, record.state
+    study_date, study_time = _dicom_dt(record.acquired)
+    date, time = _dicom_dt(when)
+    # Patient (synthetic test identities).
+    ds.PatientName = ident.patient_name
+    ds.PatientID = ident.patient_id
+    ds.PatientBirthDate = ident.birth_date
+    ds.PatientSex = ident.sex
+    # General Study.
+    ds.StudyInstanceUID = uids["study"]
+    ds.StudyDate, ds.StudyTime = study_date, study_time
+    ds.ReferringPhysicianName = ""
+    ds.StudyID = f"V{state.visit:02d}"
+    ds.AccessionNumber = record.accession
+    ds.StudyDescription = "Synthetic retina visit"
+    # General Series.
+    ds.Modality = modality
+    ds.SeriesInstanceUID = series_uid
+    ds.SeriesNumber = 1 if modality == "OP" else 2
+    ds.SeriesDate, ds.SeriesTime = date, time
+    ds.SeriesDescription = "Fundus" if modality == "OP" else "Macular cube"
+    # General Equipment.
+    ds.Manufacturer = MANUFACTURER
+    ds.InstitutionName = "Synthetic"
+    ds.SoftwareVersions = f"retina {__version__}"
+    # General Image / content.
+    ds.InstanceNumber = 1
+    ds.ContentDate, ds.ContentTime = date, time
+    ds.AcquisitionDateTime = when.strftime("%Y%m%d%H%M%S")
+    ds.InstanceCreationDate, ds.InstanceCreationTime = date, time
+    # Ocular Region Imaged.
+    ds.ImageLaterality = "R" if record.eye.eye == "OD" else "L"
+    ds.AnatomicRegionSequence = Sequence([_code(*EYE)])
+    # Burned-in annotation / lossy flags.
+    ds.BurnedInAnnotation = "NO"
+    ds.LossyImageCompression = "00"
+
+
+def _acquisition_parameters(ds: Dataset, horizontal_fov_deg: float) -> None:
+    # Ophthalmic acquisition parameters: type 2 attributes, most unknown for a synthetic eye.
+    ds.HorizontalFieldOfView = round(horizontal_fov_deg, 2)
+    ds.RefractiveStateSequence = Sequence()
+    ds.EmmetropicMagnification = None
+    ds.IntraOcularPressure = None
+    ds.PupilDilated = "NO"
+
+
+def fundus_dataset(path: Path, record: VisitRecord, uids: dict) -> FileDataset:
+    ds = _new_file(path, OP_8BIT, uids["fundus_sop"])
+    nir = record.fundus_device == "nir"
+    _common(ds, record, uids, "OP", uids["fundus_series"], record.acquired)
+    ds.ManufacturerModelName = DEVICES[record.fundus_device]
+    ds.DeviceSerialNumber = "SYN-F-001"
+    ds.ImageType = ["ORIGINAL", "PRIMARY"]
+    ds.PatientOrientation = ""
+    ds.PatientEyeMovementCommanded = "NO"
+    _acquisition_parameters(ds, FIELD_MM / 0.288)  # ~0.288 mm per degree on an emmetropic retina
+    # Ophthalmic Photographic Parameters.
+    ds.AcquisitionDeviceTypeCodeSequence = Sequence([_code(*(SLO if nir else FUNDUS_CAMERA))])
+    ds.IlluminationTypeCodeSequence = Sequence([_code(*(INFRARED if nir else FULL_SPECTRUM))])
+    ds.LightPathFilterTypeStackCodeSequence = Sequence([_code(*(INFRARED_FILTER if nir else NO_FILTER))])
+    ds.ImagePathFilterTypeStackCodeSequence = Sequence()
+    ds.LensesCodeSequence = Sequence()
+    ds.DetectorType = "CCD"
+    # Synchronization (required by OP): acquisition clocks are not synchronised to anything.
+    ds.SynchronizationFrameOfReferenceUID = "1.2.840.10008.15.1.1"  # UTC
+    ds.SynchronizationTrigger = "NO TRIGGER"
+    ds.AcquisitionTimeSynchronized = "N"
+    # Multi-frame (the OP IOD is multi-frame capable; this is a single frame).
+    ds.NumberOfFrames = 1
+    ds.FrameIncrementPointer = 0x00181063  # FrameTime (Cine)
+    ds.FrameTime = 0.0
+    # Image pixels.
+    pixels = record.fundus_pixels
+    ds.Rows, ds.Columns = pixels.shape[:2]
+    ds.PixelSpacing = [f"{record.fundus_geo.pixel_mm:.6g}"] * 2
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    if pixels.shape[2] == 1:
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.PresentationLUTShape = "IDENTITY"
+        ds.PixelData = np.ascontiguousarray(pixels[..., 0]).tobytes()
+    else:
+        ds.SamplesPerPixel = 3
+        ds.PhotometricInterpretation = "RGB"
+        ds.PlanarConfiguration = 0
+        ds.PixelData = np.ascontiguousarray(pixels).tobytes()
+    return ds
+
+
+def oct_dataset(path: Path, record: VisitRecord, uids: dict) -> FileDataset:
+    ds = _new_file(path, OPT, uids["oct_sop"])
+    acquired = record.acquired + dt.timedelta(minutes=2)
+    _common(ds, record, uids, "OPT", uids["oct_series"], acquired)
+    geo = record.oct_geo
+    volume = record.oct_pixels
+    n_frames, rows, cols = volume.shape
+    # Enhanced General Equipment.
+    ds.ManufacturerModelName = OCT_DEVICE
+    ds.DeviceSerialNumber = "SYN-O-001"
+    # Frame of Reference.
+    ds.FrameOfReferenceUID = uids["frame_of_reference"]
+    ds.PositionReferenceIndicator = ""
+    # Ophthalmic Tomography Image.
+    ds.ImageType = ["ORIGINAL", "PRIMARY"]
+    ds.AcquisitionDuration = round(0.02 * n_frames, 3)
+    ds.AcquisitionNumber = 1
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.PresentationLUTShape = "IDENTITY"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.Rows, ds.Columns = rows, cols
+    ds.NumberOfFrames = n_frames
+    # Ophthalmic Tomography Acquisition Parameters (type 2, unknown) and device parameters.
+    ds.AxialLengthOfTheEye = None
+    _acquisition_parameters(ds, SCAN_MM / 0.288)
+    ds.AcquisitionDeviceTypeCodeSequence = Sequence([_code(*OCT_SCANNER)])
+    ds.LightPathFilterTypeStackCodeSequence = Sequence()
+    ds.DetectorType = "CCD"
+    ds.IlluminationWaveLength = 870.0
+    ds.IlluminationPower = 1.2
+    ds.IlluminationBandwidth = 50.0
+    ds.DepthSpatialResolution = round(geo.axial_spacing_mm * 1000.0 * 1.8, 2)
+    ds.AlongScanSpatialResolution = 14.0
+    ds.AcrossScanSpatialResolution = 14.0
+    # Acquisition Context (no context items).
+    ds.AcquisitionContextSequence = Sequence()
+    # Localizer: the visit's fundus image.
+    ref = Dataset()
+    ref.ReferencedSOPClassUID = OP_8BIT
+    ref.ReferencedSOPInstanceUID = uids["fundus_sop"]
+    ref.PurposeOfReferenceCodeSequence = Sequence([_code(*LOCALIZER)])
+    # Also at the top level (a standard extension) for simple readers; the standard place is the
+    # shared functional groups below.
+    ds.ReferencedImageSequence = Sequence([ref])
+
+    # Multi-frame Dimension: frames are ordered by position in one stack.
+    org = Dataset()
+    org.DimensionOrganizationUID = uids["dimension_organization"]
+    ds.DimensionOrganizationSequence = Sequence([org])
+    ds.DimensionOrganizationType = "3D"
+    index = []
+    for pointer in (0x00209056, 0x00209057):  # StackID, InStackPositionNumber
+        item = Dataset()
+        item.DimensionOrganizationUID = uids["dimension_organization"]
+        item.DimensionIndexPointer = pointer
+        item.FunctionalGroupPointer = 0x00209111  # FrameContentSequence
+        index.append(item)
+    ds.DimensionIndexSequence = Sequence(index)
+
+    # Shared functional groups: spacing, orientation, localizer reference.
+    shared = Dataset()
+    measures = Dataset()
+    measures.PixelSpacing = [f"{geo.axial_spacing_mm:.6g}", f"{geo.lateral_spacing_mm:.6g}"]
+    measures.SliceThickness = f"{geo.slice_spacing_mm:.6g}"
+    measures.SpacingBetweenSlices = f"{geo.slice_spacing_mm:.6g}"
+    shared.PixelMeasuresSequence = Sequence([measures])
+    orientation = Dataset()
+    # Rows run along the scan line (x), columns into the eye (z); frames step along y.
+    orientation.ImageOrientationPatient = [1, 0, 0, 0, 0, 1]
+    shared.PlaneOrientationSequence = Sequence([orientation])
+    shared_ref = Dataset()
+    shared_ref.ReferencedSOPClassUID = OP_8BIT
+    shared_ref.ReferencedSOPInstanceUID = uids["fundus_sop"]
+    shared_ref.PurposeOfReferenceCodeSequence = Sequence([_code(*LOCALIZER)])
+    shared.ReferencedImageSequence = Sequence([shared_ref])
+    anatomy = Dataset()
+    anatomy.AnatomicRegionSequence = Sequence([_code(*EYE)])
+    anatomy.FrameLaterality = ds.ImageLaterality
+    shared.FrameAnatomySequence = Sequence([anatomy])
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+
+    per_frame = []
+    frame_dt = acquired.strftime("%Y%m%d%H%M%S")
+    for k in range(n_frames):
+        item = Dataset()
+        content = Dataset()
+        content.FrameAcquisitionDateTime = frame_dt
+        content.FrameReferenceDateTime = frame_dt
+        content.FrameAcquisitionDuration = 20.0
+        content.StackID = "1"
+        content.InStackPositionNumber = k + 1
+        content.DimensionIndexValues = [1, k + 1]
+        item.FrameContentSequence = Sequence([content])
+        position = Dataset()
+        position.ImagePositionPatient = [
+            f"{geo.xs_image[0]:.6g}",
+            f"{-geo.ys[k]:.6g}",
+            "0",
+        ]
+        item.PlanePositionSequence = Sequence([position])
+        location = Dataset()
+        location.ReferencedSOPClassUID = OP_8BIT
+        location.ReferencedSOPInstanceUID = uids["fundus_sop"]
+        v = -geo.ys[k]  # image-axis mm (down) of this B-scan's line on the fundus
+        r0, c0 = record.fundus_geo.to_pixel(geo.xs_image[0], v)
+        r1, c1 = record.fundus_geo.to_pixel(geo.xs_image[-1], v)
+        location.ReferenceCoordinates = [round(float(x), 3) for x in (r0, c0, r1, c1)]
+        location.OphthalmicImageOrientation = "LINEAR"
+        item.OphthalmicFrameLocationSequence = Sequence([location])
+        per_frame.append(item)
+    ds.PerFrameFunctionalGroupsSequence = Sequence(per_frame)
+    ds.PixelData = np.ascontiguousarray(volume).tobytes()
+    return ds
+
+
+def write_visit(oct_path: Path, fundus_path: Path, record: VisitRecord) -> None:
+    uids = _uids(record)
+    record.uids = uids
+    oct_path.parent.mkdir(parents=True, exist_ok=True)
+    fundus_dataset(fundus_path, record, uids).save_as(fundus_path, enforce_file_format=True)
+    oct_dataset(oct_path, record, uids).save_as(oct_path, enforce_file_format=True)
+
+
+__all__ = ["DEPTH_MM", "OPT", "OP_8BIT", "fundus_dataset", "oct_dataset", "write_visit"]
