@@ -204,3 +204,31 @@ def test_tiny_cohort_pairs_recovered(request, tmp_path):
         for column in ("eye", "visit", "cst_um", "bcva_letters", "bcva_label", "tn_label"):
             assert row[column] == truth[column], column
     assert "SYNTH^" not in manifest.read_text() and "SYN0" not in manifest.read_text()
+
+
+def test_tiny_cohort_without_localizer_references(request, tmp_path):
+    """Fallback: with every OCT's localizer reference deleted, patient + eye + time recovers the pairs."""
+    try:
+        cohort = Path(request.getfixturevalue("tiny_cohort"))
+    except pytest.FixtureLookupError:
+        pytest.skip("fixture tiny_cohort not available yet")
+    original_rows = _rows(cohort / "manifest.csv")
+    copy = tmp_path / "cohort"
+    shutil.copytree(cohort, copy, ignore=shutil.ignore_patterns("manifest.csv"))
+    for row in original_rows:
+        path = copy / row["oct_path"]
+        ds = pydicom.dcmread(path)
+        for keyword in ("ReferencedImageSequence", "OphthalmicFrameLocationSequence"):
+            if keyword in ds:
+                delattr(ds, keyword)
+        for frame in ds.get("PerFrameFunctionalGroupsSequence") or []:
+            if "OphthalmicFrameLocationSequence" in frame:
+                del frame.OphthalmicFrameLocationSequence
+        ds.save_as(path)
+    manifest = copy / "paired.csv"
+    result, payload = _pair_json(copy, "--out", manifest)
+    assert result.exit_code == 0, result.output
+    expected = {(str((copy / r["oct_path"]).resolve()), str((copy / r["fundus_path"]).resolve()))
+                for r in original_rows}  # fmt: skip
+    assert _pairs(manifest) == expected
+    assert payload["by_method"] == {"time": len(expected)}
