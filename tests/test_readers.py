@@ -75,6 +75,8 @@ def test_single_frame_series_is_reordered(tmp_path, order_by):
     assert item.shape == (7, 16, 20)
     np.testing.assert_array_equal(item.pixels, volume)
     assert item.meta.laterality == "OS"
+    if order_by == "position":  # slice spacing from the positions (0.25 mm apart)
+        assert item.meta.pixel_spacing_mm == pytest.approx((0.25, 0.004, 0.011))
 
 
 # --- DICOM fundus ----------------------------------------------------------------------------------

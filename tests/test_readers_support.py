@@ -135,6 +135,7 @@ def write_bscan_series(
         ds = _base(OPT_SOP, "OPT", patient, "OS", "20240103090000", study_uid)
         ds.SeriesInstanceUID = series_uid
         _set_pixels(ds, bscan, "MONOCHROME2")
+        ds.PixelSpacing = [0.004, 0.011]
         if order_by == "position":
             ds.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]  # B-scan rows along x, columns along -z
             ds.ImagePositionPatient = [0.0, 0.25 * index, 0.0]  # slices advance along y

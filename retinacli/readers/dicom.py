@@ -405,9 +405,11 @@ def series_order(members: list[tuple[Path, Any]]) -> list[Path]:
 def read_dicom_series(path: Path, members: tuple[Path, ...]) -> OctVolume:
     """Single-frame B-scan files of one series (already ordered) -> one volume."""
     scans: list[np.ndarray] = []
+    headers: list = []
     meta: ImageMeta | None = None
     for member in members:
         ds, pixels = load_pixels(member)
+        headers.append(ds)
         if int(ds.get("SamplesPerPixel", 1) or 1) > 1:
             pixels = to_grayscale(pixels)
         if pixels.ndim == 3:
@@ -428,4 +430,8 @@ def read_dicom_series(path: Path, members: tuple[Path, ...]) -> OctVolume:
         raise ReadError(path, "empty B-scan series")
     meta.sop_instance_uid = None  # the volume is many instances
     meta.extra["files"] = len(members)
+    positions = _positions_along_scan_axis(headers) if len(headers) > 1 else None
+    spacing2d = _pixel_spacing_2d(headers[0])
+    if positions is not None and spacing2d is not None:
+        meta.pixel_spacing_mm = (float(np.median(np.abs(np.diff(positions)))), *spacing2d)
     return OctVolume(str(path), np.stack(scans), "dicom-series", meta)
