@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -108,21 +109,27 @@ def test_shared_vol_samples(shared_samples):
     assert "01234" not in result.stdout  # the sample's patient ID
 
 
-def test_tiny_cohort_reads_every_file(request):
-    cohort = _cohort_or_skip(request, "tiny_cohort")
+def _manifest_paths(cohort):
+    import csv
+
+    with open(cohort / "manifest.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    return {
+        **{str((cohort / r["oct_path"]).resolve()): "oct" for r in rows},
+        **{str((cohort / r["fundus_path"]).resolve()): "fundus" for r in rows},
+    }
+
+
+@pytest.mark.parametrize("fixture", ["tiny_cohort", "tiny_cohort_png"])
+def test_tiny_cohort_reads_every_file(request, fixture):
+    cohort = _cohort_or_skip(request, fixture)
     result, payload = _inspect_json(cohort)
     assert result.exit_code == 0 and payload["errors"] == []
-    modalities = [i["modality"] for i in payload["items"]]
-    assert modalities.count("oct") == modalities.count("fundus") > 0
+    seen = {str(Path(i["path"]).resolve()): i["modality"] for i in payload["items"]}
+    assert seen == _manifest_paths(cohort)  # every OCT and fundus of the manifest, nothing else
+    oct_shapes = {tuple(i["shape"]) for i in payload["items"] if i["modality"] == "oct"}
+    assert oct_shapes == {(8, 64, 64)}
     assert "SYN0" not in result.stdout and "SYNTH^" not in result.stdout
-
-
-def test_tiny_cohort_png_reads_every_file(request):
-    cohort = _cohort_or_skip(request, "tiny_cohort_png")
-    result, payload = _inspect_json(cohort)
-    assert result.exit_code == 0 and payload["errors"] == []
-    modalities = [i["modality"] for i in payload["items"]]
-    assert modalities.count("oct") == modalities.count("fundus") > 0
 
 
 def test_inspect_does_not_import_torch(mixed_folder):
