@@ -113,8 +113,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Show what the readers see: modality, format, shape, eye, date and device of every item.
 
-        Unreadable files are listed with the reason. Exit 0 when at least one item was read,
-        1 when nothing readable was found. Patient identifiers are never shown.
+        Unreadable files are listed with the reason; patient identifiers are never shown.
+        Exit 0 when at least one item was read, 1 when nothing readable was found.
         """
         from retinacli.console import err, print_json
 

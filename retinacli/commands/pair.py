@@ -34,9 +34,9 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Build the paired training manifest: each OCT volume with the fundus image of that eye and visit.
 
-        Pairs by the OCT's localizer reference (DICOM), else by patient + eye + nearest acquisition
-        time within --window-hours. Reports what stayed unpaired and why. Exit 0 when at least one
-        pair was written, 1 when none.
+        Pairs by the OCT's localizer reference (DICOM), else by patient + eye + nearest time.
+        Reports what stayed unpaired and why. Patient IDs are pseudonymised unless asked otherwise.
+        Exit 0 when at least one pair was written, 1 when none.
         """
         from retinacli.console import err, fail, print_json
         from retinacli.console import out as stdout
