@@ -189,3 +189,13 @@ def test_folder_path_names_its_series_next_to_the_localizer(tmp_path):
     np.testing.assert_array_equal(item.pixels, ramp_volume(4, 16, 16))
     assert read_item(folder).modality == "oct"
     assert readers.read_fundus(folder / "IM9999").shape == (16, 16, 3)
+
+
+def test_store_folders_are_never_read_as_images(tmp_path):
+    store = tmp_path / "store"
+    (store / "embeddings").mkdir(parents=True)
+    (store / "store.json").write_text("{}")
+    np.save(store / "embeddings" / "emb_00000.npy", np.zeros((4, 8), np.float32))  # would look like a fundus
+    for path in (store, store / "embeddings", tmp_path):
+        found = scan([path])
+        assert found.sources == [] and found.errors == [], path

@@ -53,6 +53,14 @@ def _is_output_dir(path: Path) -> bool:
     return any((path / marker).is_file() for marker in OUTPUT_MARKERS)
 
 
+def _inside_output(path: Path) -> bool:
+    """An explicitly named folder that is (or sits directly in) one of retina's own outputs."""
+    resolved = path.resolve()
+    if ".retina" in resolved.parts:
+        return True
+    return _is_output_dir(resolved) or (resolved.parent != resolved and _is_output_dir(resolved.parent))
+
+
 def _image_like(path: Path) -> bool:
     suffix = path.suffix.lower()
     return suffix in IMAGE_SUFFIXES | TIFF_SUFFIXES | DICOM_SUFFIXES | NPY_SUFFIXES | VOL_SUFFIXES
@@ -139,6 +147,9 @@ class _Scanner:
             self.result.errors.append(ReadError(path, "broken symbolic link"))
             return
         if path.is_dir():
+            if _inside_output(path):
+                self.result.ignored.append((path, "a retina output folder (store, model package or run)"))
+                return
             self.walk(path)
             return
         found = self.classify_file(path)
