@@ -319,8 +319,12 @@ def export_run(
     changelog: str | None = None,
     overwrite: bool = False,
     log: Callable[[str], None] | None = None,
+    loaded: Any = None,
 ) -> ExportResult:
-    """Export a training run (and its heads from ``retina probe``) to a model package at ``out_dir``."""
+    """Export a training run (and its heads from ``retina probe``) to a model package at ``out_dir``.
+
+    ``loaded``: an already loaded run (``training.model.load_run``) to reuse.
+    """
     import torch
 
     from retinacli.manifest_schema import validate_manifest
@@ -337,7 +341,7 @@ def export_run(
         raise ExportError(f"{out_dir}: already exists and is not empty (use --force to replace it)")
     name = name or package_name_for(run_dir)
     try:
-        run = load_run(run_dir)
+        run = loaded if loaded is not None else load_run(run_dir)
     except FileNotFoundError as exc:
         raise ExportError(str(exc)) from None
     validate_spec(run.spec)

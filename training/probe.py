@@ -191,9 +191,11 @@ def probe_run(
     seed: int = 0,
     batch_size: int = 8,
     progress: Callable[[int, int], None] | None = None,
+    loaded: Any = None,
 ) -> ProbeResult:
     """Embed the manifest with the run's encoder for ``modality``, fit one head per task with labels,
-    save them to ``RUN/heads.json``. ``progress(done, total)`` is called per manifest row read."""
+    save them to ``RUN/heads.json``. ``progress(done, total)`` is called per manifest row read.
+    ``loaded``: an already loaded run (``training.model.load_run``) to reuse."""
     from training.model import load_run
 
     tasks = list(tasks)
@@ -202,7 +204,7 @@ def probe_run(
         raise ValueError(f"unknown task(s) {', '.join(unknown)} (known: {', '.join(TASKS)})")
     if modality not in PATH_COLUMNS:
         raise ValueError(f"unknown modality {modality!r} (use oct or fundus)")
-    run = load_run(run_dir)
+    run = loaded if loaded is not None else load_run(run_dir)
     manifest_path = resolve_manifest_path(run.config, Path(run_dir), manifest)
     rows = read_cohort_manifest(manifest_path)
     labels = {t: label_array(rows, t) for t in tasks}

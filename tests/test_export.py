@@ -1,0 +1,163 @@
+"""`retina probe` + `retina export` on the tiny run: ONNX parity with torch, manifest, heads, CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("onnx")
+
+from typer.testing import CliRunner  # noqa: E402
+
+from retinacli.cli import app  # noqa: E402
+from retinacli.engine import Engine  # noqa: E402
+from retinacli.manifest_schema import manifest_errors  # noqa: E402
+from training.export import ExportError, canonical_sha256, export_run  # noqa: E402
+from training.heads import load_heads  # noqa: E402
+from training.probe import preprocess_rows, read_cohort_manifest, resolve_manifest_path  # noqa: E402
+
+
+def _manifest(package):
+    return json.loads((package / "retina.json").read_text())
+
+
+def test_package_holds_only_onnx_and_a_valid_manifest(tiny_package, tiny_loaded_run):
+    m = _manifest(tiny_package)
+    assert manifest_errors(m) == []
+    on_disk = sorted(p.name for p in tiny_package.iterdir())
+    listed = sorted(f["path"] for f in m["files"])
+    assert on_disk == sorted([*listed, "retina.json"])
+    assert all(name.endswith(".onnx") for name in listed)
+    for entry in m["files"]:
+        data = (tiny_package / entry["path"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == entry["sha256"] and len(data) == entry["bytes"]
+    run = tiny_loaded_run
+    assert m["preprocessing"] == run.spec  # the one spec travels with the model
+    assert m["embed_dim"] == run.model.embed_dim
+    assert m["training"]["config_sha256"] == canonical_sha256(run.config)
+    assert m["training"]["seed"] == run.config["seed"]
+    assert m["export"]["exporter"] == "torch.onnx.export(dynamo=True)" and m["export"]["opset"] == 18
+    assert m["packages"]["torch"] == torch.__version__ and m["packages"]["onnxruntime"]
+    assert m["inputs"]["oct"]["shape"][0] == "batch" and m["inputs"]["oct"]["shape"][1] == 1
+    assert "cst" in m["heads"]
+    assert m["heads"]["cst"]["units"] == "µm" and m["heads"]["cst"]["threshold"] is None
+    for task in set(m["heads"]) - {"cst"}:
+        assert 0.0 <= m["heads"][task]["threshold"] <= 1.0
+    # recorded parity: within tolerance, on real items from the run's manifest
+    p = m["parity"]
+    assert "items of manifest.csv" in p["inputs"]
+    for modality in ("fundus", "oct"):
+        assert p[modality]["max_abs_diff"] <= p["tolerance_abs"] == 1e-4
+        assert p[modality]["min_cosine"] > 0.99999
+
+
+def test_onnxruntime_embeddings_match_torch_on_preprocessed_items(tiny_package, tiny_loaded_run):
+    """Reader -> Engine.preprocess -> onnxruntime equals the torch encoders on the same arrays."""
+    from retinacli.readers import read_fundus, read_oct
+
+    run = tiny_loaded_run
+    tiny_package_run = run.run_dir
+    manifest = resolve_manifest_path(run.config, tiny_package_run, None)
+    rows = read_cohort_manifest(manifest)[:5]
+    engine = Engine.load(tiny_package, threads=1)
+    tolerance = _manifest(tiny_package)["parity"]["tolerance_abs"]
+    for modality, reader, column in (("oct", read_oct, "oct_path"), ("fundus", read_fundus, "fundus_path")):
+        batch = np.stack([engine.preprocess(reader(manifest.parent / r[column])) for r in rows])
+        with torch.no_grad():
+            encode = run.model.encode_oct if modality == "oct" else run.model.encode_fundus
+            expected = encode(torch.from_numpy(batch)).numpy()
+        got = engine.embed(modality, batch)
+        assert np.max(np.abs(got - expected)) <= tolerance
+        cosine = np.sum(got * expected, axis=1) / (
+            np.linalg.norm(got, axis=1) * np.linalg.norm(expected, axis=1)
+        )
+        assert cosine.min() > 0.99999
+        np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+        # the probe/export loader produces the same arrays as Engine.preprocess
+        data = preprocess_rows(manifest, rows, run.spec, (modality,))
+        np.testing.assert_array_equal(data.arrays[modality], batch)
+
+
+def test_onnx_heads_equal_the_numpy_heads(tiny_package, tiny_package_run):
+    engine = Engine.load(tiny_package, threads=1)
+    heads = {h.task: h for h in load_heads(tiny_package_run)}
+    assert set(heads) == set(engine.tasks)
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(16, engine.embed_dim)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    for task, head in heads.items():
+        got = engine.predict_raw(task, emb)
+        expected = head.predict(emb)
+        if head.kind == "regression":
+            np.testing.assert_allclose(got, expected, rtol=1e-5)
+        else:
+            np.testing.assert_allclose(got, expected, atol=1e-5)  # float32 graph vs float64
+            assert ((got >= 0) & (got <= 1)).all()
+            labels = [r["label"] for r in engine.predict(task, emb)]
+            assert labels == [int(p >= head.threshold) for p in got]
+
+
+def test_probe_cli_reports_metrics_as_json(tiny_package_run, tmp_path, reuse_loaded_run):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_package_run, run)
+    (run / "heads.json").unlink()
+    result = CliRunner().invoke(app, ["probe", str(run), "--tasks", "cst,tn", "--json"])
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert set(report["heads"]) == {"cst", "tn"}
+    assert report["embedded"] == report["rows"] > 0
+    assert report["heads"]["cst"]["metrics"]["train"]["mae"] >= 0
+    assert report["heads"]["cst"]["units"] == "µm"
+    assert {h.task for h in load_heads(run)} == {"cst", "tn"}
+    bad = CliRunner().invoke(app, ["probe", str(run), "--tasks", "iop"])
+    assert bad.exit_code == 2 and "unknown task" in bad.stderr
+
+
+@pytest.fixture
+def reuse_loaded_run(monkeypatch, tiny_loaded_run):
+    """Commands below load the run by path; hand them the session's loaded model (same weights)."""
+    import training.model
+
+    monkeypatch.setattr(training.model, "load_run", lambda *args, **kwargs: tiny_loaded_run)
+
+
+@pytest.fixture
+def fast_encoder_export(monkeypatch, tiny_package, reuse_loaded_run):
+    """Reuse the session package's encoder graphs (same weights) instead of re-exporting: seconds saved,
+    while parity still runs torch against onnxruntime for real."""
+    import training.export as export_module
+
+    def copy_graph(model, modality, example, path, opset, exporter):
+        shutil.copyfile(tiny_package / export_module.ENCODER_FILES[modality], path)
+
+    monkeypatch.setattr(export_module, "export_encoder", copy_graph)
+
+
+def test_failed_parity_leaves_no_package(tiny_package_run, tmp_path, fast_encoder_export):
+    out = tmp_path / "pkg"
+    with pytest.raises(ExportError, match=r"parity check failed .*fundus encoder max"):
+        export_run(tiny_package_run, out, tolerance=-1.0)
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []  # no staging debris
+
+
+def test_export_cli_then_verify(tiny_package_run, tmp_path, fast_encoder_export, monkeypatch):
+    monkeypatch.setenv("RETINA_HOME", str(tmp_path / "home"))
+    out = tmp_path / "pkg"
+    runner = CliRunner()
+    result = runner.invoke(
+        app, ["export", str(tiny_package_run), "--out", str(out), "--name", "demo", "--version", "1.2.3"]
+    )
+    assert result.exit_code == 0, result.stderr
+    assert "demo@1.2.3" in result.stdout and "max |Δ|" in result.stdout
+    m = _manifest(out)
+    assert (m["name"], m["version"]) == ("demo", "1.2.3")
+    verify = runner.invoke(app, ["models", "verify", str(out), "--json"])
+    assert verify.exit_code == 0 and json.loads(verify.stdout)["ok"] is True
+    again = runner.invoke(app, ["export", str(tiny_package_run), "--out", str(out)])
+    assert again.exit_code == 1 and "already exists" in again.stderr
