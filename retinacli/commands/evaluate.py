@@ -1,12 +1,197 @@
-"""`retina evaluate` (not implemented yet)."""
+"""`retina evaluate`: the paper's downstream protocol on a labelled cohort (docs/evaluation.md).
+
+Baseline / CLIP / CLOOB encoders × linear probe / fine-tune × CST, BCVA, TN with 5-fold
+patient-grouped cross-validation, modality swap, retrieval on held-out patients, figures, and
+optionally the final heads stored in each run. Needs the `train` extra (torch); imported lazily.
+
+Exit codes: 0 done; 1 the evaluation failed (or torch is missing); 2 bad options or inputs (manifest,
+column, run dir, too few patients for the folds) — reported in one line before any training starts.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
+
+TASKS = ("cst", "bcva", "tn")
+MODES = ("probe", "finetune")
+MODALITIES = ("oct", "fundus")
+
+
+def _split_choice(value: str, allowed: tuple[str, ...], option: str) -> tuple[str, ...]:
+    """'a,b' -> ('a', 'b') in the canonical order; raises UsageError naming the option."""
+    from retinacli.errors import UsageError
+
+    picked = [v.strip().lower() for v in value.split(",") if v.strip()]
+    unknown = [v for v in picked if v not in allowed]
+    if unknown or not picked:
+        raise UsageError(f"{option}: choose from {','.join(allowed)} (got {value!r})")
+    return tuple(v for v in allowed if v in picked)
+
+
+class _RichReporter:
+    """Progress bar per stage and one-line messages, all on stderr."""
+
+    def __init__(self, progress):
+        self.progress = progress
+        self.task = None
+
+    def message(self, text: str) -> None:
+        self.progress.console.print(text, highlight=False)
+
+    def stage(self, name: str, total: int) -> None:
+        if self.task is not None:
+            self.progress.update(self.task, completed=self.progress.tasks[self.task].total)
+        self.task = self.progress.add_task(name, total=max(total, 1))
+
+    def advance(self, n: int = 1) -> None:
+        if self.task is not None:
+            self.progress.advance(self.task, n)
 
 
 def register(app: typer.Typer) -> None:
     @app.command("evaluate")
-    def evaluate() -> None:
-        """Not implemented yet."""
-        raise typer.Exit(1)
+    def evaluate(
+        manifest: Path = typer.Option(
+            ..., "--manifest", "-m", help="Cohort manifest CSV with labels (cst_um, bcva_label, tn_label)."
+        ),
+        runs: list[Path] = typer.Option(
+            ..., "--runs", "-r",
+            help="Training run folders to evaluate (e.g. a CLIP and a CLOOB run): '--runs A B' or '--runs A "
+            "--runs B'.",
+        ),
+        more_runs: list[Path] | None = typer.Argument(
+            None, metavar="[RUN]...", show_default=False,
+            help="More run folders (lets '--runs RUN_CLIP RUN_CLOOB' take several).",
+        ),
+        baseline: str | None = typer.Option(
+            None, "--baseline",
+            help="Reference encoder without contrastive training: 'random', 'imagenet' or 'kinetics' "
+            "(torchvision supervised weights for both towers, from the local torch hub folder), "
+            "a run folder, or 'none' to skip it. Default: the first run's own initialisation and seed.",
+        ),
+        out: Path = typer.Option(
+            Path("evaluation"), "--out", "-o",
+            help="Output folder: results.json, results.md, folds.csv, timings.json, figures/*.png.",
+        ),
+        folds: int = typer.Option(5, "--folds", help="Cross-validation folds (grouped by patient; >= 2)."),
+        modes: str = typer.Option(
+            "probe,finetune", "--modes",
+            help="Comma-separated: 'probe' (frozen encoder + linear layer), 'finetune' (end to end).",
+        ),
+        tasks: str = typer.Option(
+            "cst,bcva,tn", "--tasks",
+            help="Comma-separated tasks: cst (regression, µm), bcva and tn (binary).",
+        ),
+        modalities: str = typer.Option(
+            "oct,fundus", "--modalities",
+            help="Encoders to evaluate: oct, fundus (both also give the OCT-head-on-fundus swap rows).",
+        ),
+        seed: int = typer.Option(
+            0, "--seed", help="Seed for folds, heads and fine-tuning (same seed, same results.json)."
+        ),
+        finetune_epochs: int = typer.Option(
+            2, "--finetune-epochs", help="Fine-tuning epochs per fold (encoder + linear layer, end to end)."
+        ),
+        finetune_batch_size: int = typer.Option(8, "--finetune-batch-size", help="Fine-tuning batch size."),
+        finetune_lr: float = typer.Option(
+            1e-3, "--finetune-lr", help="Fine-tuning learning rate of the linear layer."
+        ),
+        finetune_encoder_lr: float = typer.Option(
+            1e-4, "--finetune-encoder-lr",
+            help="Fine-tuning learning rate of the encoder (lower: adapt, not erase).",
+        ),
+        fit_final: bool = typer.Option(
+            False, "--fit-final",
+            help="Refit each task head on all labelled rows and store it in each run (RUN/heads.json, "
+            "with the CV metrics), ready for 'retina export'.",
+        ),
+        figures: bool = typer.Option(True, "--figures/--no-figures", help="Write t-SNE and retrieval PNGs."),
+        device: str = typer.Option("cpu", "--device", help="torch device: cpu, cuda or cuda:N."),
+        threads: int = typer.Option(0, "--threads", help="torch CPU threads (0 = torch's default)."),
+        json_output: bool = typer.Option(
+            False, "--json", help="Print results.json to stdout instead of the results table."
+        ),
+    ) -> None:
+        """Cross-validated linear probe / fine-tune / retrieval evaluation of trained encoders."""
+        import time
+
+        from retinacli.console import err, fail
+        from retinacli.console import out as stdout
+        from retinacli.errors import EXIT_NOTHING_DONE, EXIT_USAGE, RetinaError
+
+        try:
+            picked_modes = _split_choice(modes, MODES, "--modes")
+            picked_tasks = _split_choice(tasks, TASKS, "--tasks")
+            picked_modalities = _split_choice(modalities, MODALITIES, "--modalities")
+        except RetinaError as exc:
+            fail(str(exc), EXIT_USAGE)
+        try:
+            import torch
+
+            from training.evaluation import EvalConfig
+            from training.evaluation.protocol import prepare, run_evaluation
+        except ModuleNotFoundError as exc:
+            fail(
+                f"retina evaluate needs the training dependencies ({exc.name} is not installed): "
+                "pip install 'retina[train]'",
+                EXIT_NOTHING_DONE,
+            )
+        if threads > 0:
+            torch.set_num_threads(threads)
+        cfg = EvalConfig(
+            manifest=manifest,
+            runs=[*runs, *(more_runs or [])],
+            out_dir=out,
+            baseline=baseline,
+            folds=folds,
+            modes=picked_modes,
+            tasks=picked_tasks,
+            modalities=picked_modalities,
+            seed=seed,
+            finetune_epochs=finetune_epochs,
+            finetune_batch_size=finetune_batch_size,
+            finetune_lr=finetune_lr,
+            finetune_encoder_lr=finetune_encoder_lr,
+            fit_final=fit_final,
+            figures=figures,
+            device=device,
+        )
+        try:
+            cohort, _ = prepare(cfg)  # every cheap check, before any model is loaded
+        except RetinaError as exc:
+            fail(str(exc), exc.exit_code)
+        err.print(
+            f"evaluating {len(cfg.runs)} run(s) + baseline '{baseline or 'run init'}' on {len(cohort)} rows: "
+            f"modes {','.join(cfg.modes)}, tasks {','.join(cfg.tasks)}, {folds} folds, seed {seed} -> {out}",
+            highlight=False,
+        )
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        start = time.perf_counter()
+        try:
+            with Progress(
+                TextColumn("{task.description:<14}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                console=err, transient=False,
+            ) as progress:
+                results = run_evaluation(cfg, _RichReporter(progress))
+        except RetinaError as exc:
+            fail(str(exc), exc.exit_code)
+        except (ValueError, RuntimeError, FileNotFoundError) as exc:
+            fail(f"evaluation failed: {exc}", EXIT_NOTHING_DONE)
+        elapsed = time.perf_counter() - start
+        if json_output:
+            import sys
+
+            sys.stdout.write((out / "results.json").read_text())
+        else:
+            stdout.print((out / "results.md").read_text(), markup=False, highlight=False)
+        heads = results.get("final_heads")
+        err.print(
+            f"wrote {out}/results.json, results.md, folds.csv"
+            + (", figures/" if figures else "")
+            + f" in {elapsed:.1f} s"
+            + (f"; heads stored in {', '.join(heads)}" if heads else ""),
+            highlight=False,
+        )

@@ -1,0 +1,48 @@
+"""What one `retina evaluate` run does: sources, modes, tasks, folds, seeds and sizes."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+# Manifest column holding each task's label (contract 1).
+TASK_LABEL_COLUMNS: dict[str, str] = {"cst": "cst_um", "bcva": "bcva_label", "tn": "tn_label"}
+TASK_KINDS: dict[str, str] = {"cst": "regression", "bcva": "binary", "tn": "binary"}
+TASKS = tuple(TASK_LABEL_COLUMNS)
+MODES = ("probe", "finetune")
+MODALITIES = ("oct", "fundus")
+BASELINE_INITS = ("random", "imagenet", "kinetics")
+
+
+@dataclass
+class EvalConfig:
+    manifest: Path
+    runs: list[Path]
+    out_dir: Path
+    # None: the first run's own init; "random" / "imagenet" / "kinetics"; "none"; or a run dir
+    baseline: str | None = None
+    folds: int = 5
+    modes: tuple[str, ...] = MODES
+    tasks: tuple[str, ...] = TASKS
+    modalities: tuple[str, ...] = MODALITIES
+    seed: int = 0
+    finetune_epochs: int = 2
+    finetune_batch_size: int = 8
+    finetune_lr: float = 1e-3  # head
+    finetune_encoder_lr: float = 1e-4  # encoder: ten times lower, so few epochs adapt rather than overwrite
+    retrieval_k: tuple[int, ...] = (1, 5, 10)
+    fit_final: bool = False
+    figures: bool = True
+    device: str = "cpu"
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        """The settings that determine the numbers (input paths as given; no output path, no wall times)."""
+        d = asdict(self)
+        d["manifest"] = str(self.manifest)
+        d["runs"] = [str(r) for r in self.runs]
+        d.pop("out_dir")  # two runs into different folders must give the same results.json
+        for key in ("modes", "tasks", "modalities", "retrieval_k"):
+            d[key] = list(d[key])
+        d.pop("extra")
+        return d

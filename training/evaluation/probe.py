@@ -1,0 +1,63 @@
+"""Linear probe: frozen encoder embeddings + one linear layer per task, fitted by `training.heads`.
+
+`fit_linear_head` is the project's one head-fitting code path (the same one `retina probe` and the
+exported heads use); it sees only the training folds, including when it picks a binary threshold.
+The modality swap applies the head fitted on OCT embeddings to the paired fundus embeddings of the
+held-out patients (the shared embedding space makes this meaningful after contrastive training).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from training.evaluation.metrics import summarise, task_metrics
+
+SWAP_KEY = "oct_to_fundus"  # head trained on OCT embeddings, evaluated on the paired fundus embeddings
+
+
+def head_predict(head, embeddings: np.ndarray) -> np.ndarray:
+    """The head's output in task units: µm for regression, probability for binary tasks."""
+    return np.asarray(head.predict(np.asarray(embeddings, np.float64)), dtype=float)
+
+
+def cross_validate_probe(
+    task: str,
+    kind: str,
+    embeddings: Mapping[str, np.ndarray],
+    labels: np.ndarray,
+    fold: np.ndarray,
+    seed: int,
+    modalities: tuple[str, ...] = ("oct", "fundus"),
+    groups: np.ndarray | None = None,
+) -> dict[str, dict]:
+    """Per-fold and summary metrics for each modality (and the OCT→fundus swap when both exist)."""
+    from training.heads import fit_linear_head
+
+    keys = list(modalities) + ([SWAP_KEY] if {"oct", "fundus"} <= set(modalities) else [])
+    per_fold: dict[str, list[dict]] = {k: [] for k in keys}
+    for k in range(int(fold.max()) + 1):
+        train, test = fold != k, fold == k
+        for modality in modalities:
+            head = fit_linear_head(
+                task,
+                embeddings[modality][train],
+                labels[train],
+                seed=seed,
+                groups=None if groups is None else groups[train],
+                input_modality=modality,
+            )
+            threshold = getattr(head, "threshold", None)
+            prediction = head_predict(head, embeddings[modality][test])
+            per_fold[modality].append(
+                {"fold": k, **task_metrics(kind, labels[test], prediction, threshold)}
+            )
+            if modality == "oct" and SWAP_KEY in per_fold:
+                swapped = head_predict(head, embeddings["fundus"][test])
+                per_fold[SWAP_KEY].append({"fold": k, **task_metrics(kind, labels[test], swapped, threshold)})
+    return {key: {"folds": f, "summary": summarise(_metrics_only(f))} for key, f in per_fold.items()}
+
+
+def _metrics_only(folds: list[dict]) -> list[dict]:
+    return [{k: v for k, v in f.items() if k != "fold"} for f in folds]
