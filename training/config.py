@@ -53,6 +53,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     warmup_fraction: float = 0.1  # linear warm-up over this share of all steps, then cosine to 0
     grad_clip: float = 1.0  # max global grad norm (0 = off)
+    keep_epoch_checkpoints: int = 2  # epoch_NNN.pt files kept (newest); 0 = all; last.pt always
     # runtime
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto | fp32 | bf16 (autocast); auto = bf16 on CUDA, fp32 on CPU

@@ -89,13 +89,13 @@ class RetinaModel(nn.Module):
 
     def temperatures(self) -> dict[str, float]:
         """Current temperature values (for logs)."""
-        out = {}
+        out: dict[str, float] = {}
         if hasattr(self, "logit_scale"):
-            out["logit_scale"] = float(self.logit_scale.exp())
+            out["logit_scale"] = float(self.logit_scale.detach().exp())
         if hasattr(self, "logit_bias"):
-            out["logit_bias"] = float(self.logit_bias)
+            out["logit_bias"] = float(self.logit_bias.detach())
         if hasattr(self, "log_inv_tau"):
-            out["inv_tau"] = float(self.log_inv_tau.exp())
+            out["inv_tau"] = float(self.log_inv_tau.detach().exp())
         return out
 
 

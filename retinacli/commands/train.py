@@ -1,12 +1,219 @@
-"""`retina train` (not implemented yet)."""
+"""`retina train`: contrastive pre-training of the fundus and OCT encoders (needs retina[train])."""
 
 from __future__ import annotations
 
+from datetime import datetime
+from pathlib import Path
+
 import typer
+
+from retinacli.errors import EXIT_NOTHING_DONE, EXIT_USAGE
+
+DEFAULT_MANIFEST = Path("manifest.csv")
+START_HINT = (
+    "No ./manifest.csv here. To start, make a synthetic cohort:  retina synth ./cohort\n"
+    "then train on it:  retina train --manifest ./cohort/manifest.csv"
+)
+# Shown in --help; the numbers come from training/config.py PRESET_VALUES (kept in step by a test).
+PRESET_HELP = (
+    "Preset: tiny (tests, seconds), demo (CPU demo, <= 3 min on 2 cores), paper (GPU, published setting). "
+    "Options left unset take the preset's value."
+)
+
+
+def _fail(message: str, code: int) -> None:
+    """One-line error (the message is literal text: '[train]' or paths are not Rich markup)."""
+    from rich.markup import escape
+
+    from retinacli.console import fail
+
+    fail(escape(message), code)
+
+
+def _needs_torch() -> None:
+    try:
+        import torch  # noqa: F401
+        import torchvision  # noqa: F401
+    except ImportError as exc:
+        missing = (exc.name or "torch").split(".")[0]
+        _fail(
+            f"retina train needs torch ({missing} is not installed): pip install 'retina[train]'",
+            EXIT_NOTHING_DONE,
+        )
+
+
+def _preset_default(key: str) -> str:
+    from training.config import PRESET_VALUES, TrainConfig
+
+    values = [f"{name} {PRESET_VALUES[name].get(key, getattr(TrainConfig, key))}" for name in PRESET_VALUES]
+    return "default from preset: " + ", ".join(values)
+
+
+def _help(text: str, key: str) -> str:
+    # Preset values are static numbers in training/config.py; importing it needs torch only through
+    # training/__init__ (which does not import torch), so --help stays light.
+    try:
+        return f"{text} ({_preset_default(key)})."
+    except ImportError:
+        return f"{text} (default from preset)."
+
+
+def _progress_factory(console):
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    def make():
+        return Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.4f}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            transient=True,
+            disable=not console.is_terminal,
+        )
+
+    return make
 
 
 def register(app: typer.Typer) -> None:
     @app.command("train")
-    def train() -> None:
-        """Not implemented yet."""
-        raise typer.Exit(1)
+    def train(
+        manifest: Path = typer.Option(
+            None,
+            "--manifest",
+            "-m",
+            help="Cohort manifest CSV (from 'retina synth' or 'retina pair'). "
+            "Default: ./manifest.csv if present.",
+        ),
+        out: Path = typer.Option(
+            None, "--out", "-o", help="Run folder to create. Default: ./runs/<objective>-<YYYYmmdd-HHMMSS>."
+        ),
+        objective: str = typer.Option(None, "--objective", help="clip, cloob or siglip. Default: clip."),
+        preset: str = typer.Option(None, "--preset", help=PRESET_HELP + " Default: demo."),
+        config_file: Path = typer.Option(
+            None,
+            "--config",
+            help="JSON or TOML file of config keys (see docs/training.md); flags override it.",
+        ),
+        epochs: int = typer.Option(None, "--epochs", help=_help("Training epochs", "epochs")),
+        batch_size: int = typer.Option(
+            None, "--batch-size", help=_help("Pairs per step (global, over all processes)", "batch_size")
+        ),
+        lr: float = typer.Option(None, "--lr", help=_help("Peak AdamW learning rate", "lr")),
+        oct_slices: int = typer.Option(
+            None, "--oct-slices", help=_help("B-scans per OCT volume", "oct_slices")
+        ),
+        oct_size: int = typer.Option(None, "--oct-size", help=_help("OCT B-scan height = width", "oct_size")),
+        fundus_size: int = typer.Option(
+            None, "--fundus-size", help=_help("Fundus side length", "fundus_size")
+        ),
+        fundus_channels: int = typer.Option(
+            None, "--fundus-channels", help="3 for colour photos, 1 for NIR/SLO (default 3)."
+        ),
+        init: str = typer.Option(
+            None,
+            "--init",
+            help="random, or pretrained (ImageNet fundus + Kinetics-400 OCT weights from the torch hub "
+            "cache). Default: random (paper preset: pretrained).",
+        ),
+        fundus_init: str = typer.Option(
+            None, "--fundus-init", help="Fundus encoder init: random, imagenet or a state_dict file."
+        ),
+        oct_init: str = typer.Option(
+            None, "--oct-init", help="OCT encoder init: random, kinetics or a state_dict file."
+        ),
+        embed_dim: int = typer.Option(
+            None, "--embed-dim", help=_help("Shared embedding dimension", "embed_dim")
+        ),
+        seed: int = typer.Option(
+            None, "--seed", help="Seed for init, split, data order and augmentation (default 0)."
+        ),
+        resume: bool = typer.Option(
+            False, "--resume", help="Continue the run in --out from its last checkpoint (its config is kept)."
+        ),
+        device: str = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N (default auto)."),
+        threads: int = typer.Option(
+            None, "--threads", help="CPU threads for torch; 0 = all cores (default 0)."
+        ),
+        precision: str = typer.Option(
+            None, "--precision", help="auto, fp32 or bf16 autocast (default auto: bf16 on CUDA, fp32 on CPU)."
+        ),
+    ) -> None:
+        """Pre-train the fundus + OCT encoders contrastively (CLIP / CLOOB / SigLIP) into a run folder."""
+        from retinacli.console import err
+
+        if manifest is None and config_file is None and not resume:
+            if DEFAULT_MANIFEST.is_file():
+                manifest = DEFAULT_MANIFEST
+            else:
+                err.print(START_HINT, markup=False, highlight=False)
+                raise typer.Exit(EXIT_USAGE)
+        _needs_torch()
+        from training.config import load_config_file, resolve_config
+        from training.encoders import WeightsNotFoundError
+        from training.loop import RunExistsError
+        from training.loop import train as run_training
+
+        if init is not None and init not in ("random", "pretrained"):
+            _fail(f"--init {init}: use random or pretrained (files: --fundus-init, --oct-init)", EXIT_USAGE)
+        overrides = {
+            "objective": objective,
+            "preset": preset,
+            "manifest": str(manifest) if manifest is not None else None,
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "lr": lr,
+            "oct_slices": oct_slices,
+            "oct_size": oct_size,
+            "fundus_size": fundus_size,
+            "fundus_channels": fundus_channels,
+            "fundus_init": fundus_init or ("imagenet" if init == "pretrained" else init),
+            "oct_init": oct_init or ("kinetics" if init == "pretrained" else init),
+            "embed_dim": embed_dim,
+            "seed": seed,
+            "device": device,
+            "threads": threads,
+            "precision": precision,
+        }
+        try:
+            file_values = load_config_file(config_file) if config_file is not None else {}
+        except (OSError, ValueError) as exc:
+            _fail(f"{config_file}: cannot read config ({exc})", EXIT_USAGE)
+        try:
+            config = resolve_config("demo", file_values, overrides)
+        except (ValueError, TypeError) as exc:
+            _fail(str(exc), EXIT_USAGE)
+        if resume and out is None:
+            _fail("--resume needs --out RUN_DIR (the run to continue)", EXIT_USAGE)
+        if not resume and config.manifest is None:
+            _fail("no manifest: pass --manifest or set 'manifest' in the --config file", EXIT_USAGE)
+        if out is None:
+            out = Path("runs") / f"{config.objective}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+        if not resume:
+            shown = {k: v for k, v in config.to_dict().items() if k not in ("manifest_sha256", "extra")}
+            err.print(f"retina train -> {out}", highlight=False)
+            err.print("  " + ", ".join(f"{k}={v}" for k, v in shown.items()), markup=False, highlight=False)
+
+        def echo(message: str) -> None:
+            err.print(message, markup=False, highlight=False)
+
+        try:
+            run_training(config, out, resume=resume, echo=echo, progress_factory=_progress_factory(err))
+        except RunExistsError as exc:
+            _fail(str(exc), EXIT_USAGE)
+        except (FileNotFoundError, ValueError, WeightsNotFoundError) as exc:
+            _fail(str(exc), EXIT_NOTHING_DONE)
+        except KeyboardInterrupt:
+            err.print(f"interrupted; continue with: retina train --out {out} --resume", highlight=False)
+            raise typer.Exit(130) from None
+        err.print(f"run saved to {out} (checkpoints/last.pt, metrics.jsonl)", highlight=False)

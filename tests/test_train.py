@@ -1,0 +1,219 @@
+"""Training loop, run dir (contract 4), exact resume, config resolution, data split, retrieval metrics."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from training.config import PRESET_VALUES, load_config_file, resolve_config  # noqa: E402
+from training.data import epoch_batches, split_patients  # noqa: E402
+from training.loop import RunExistsError, lr_lambda, train  # noqa: E402
+from training.model import build_model, load_run  # noqa: E402
+from training.retrieval_metrics import pair_ranks, retrieval_metrics  # noqa: E402
+
+
+def _tiny(manifest, **overrides):
+    return resolve_config("tiny", overrides={"manifest": str(manifest), "threads": 2, **overrides})
+
+
+# --- config -----------------------------------------------------------------------------------
+
+
+def test_preset_then_file_then_overrides(tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text('objective = "cloob"\nepochs = 7\nlr = 0.01\n')
+    config = resolve_config("tiny", load_config_file(toml), {"epochs": 3, "lr": None})
+    assert (config.objective, config.epochs, config.lr) == ("cloob", 3, 0.01)
+    assert config.oct_size == PRESET_VALUES["tiny"]["oct_size"]
+    js = tmp_path / "c.json"
+    js.write_text(json.dumps({"train": {"preset": "demo", "embed_dim": 48}}))
+    config = resolve_config("tiny", load_config_file(js))
+    assert (config.preset, config.embed_dim) == ("demo", 48)
+    assert config.oct_slices == PRESET_VALUES["demo"]["oct_slices"]
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [({"epochz": 1}, "unknown config keys: epochz"), ({"objective": "simclr"}, "unknown objective"),
+     ({"batch_size": 1}, "batch_size must be >= 2"), ({"preset": "huge"}, "unknown preset")],
+)
+def test_bad_config_values_are_named(values, message):
+    with pytest.raises(ValueError, match=message):
+        resolve_config("tiny", overrides=values)
+
+
+def test_schedule_warms_up_then_decays_to_zero():
+    f = lr_lambda(total_steps=10, warmup_steps=2)
+    assert [round(f(s), 3) for s in (0, 1)] == [0.5, 1.0]
+    assert f(2) == pytest.approx(1.0)
+    assert f(6) == pytest.approx(0.5)
+    assert f(10) == pytest.approx(0.0, abs=1e-12)
+
+
+# --- data -------------------------------------------------------------------------------------
+
+
+def test_patient_split_holds_out_whole_patients_and_is_seeded():
+    patients = [f"p{i}" for i in range(24) for _ in range(3)]
+    a, b, c = (split_patients(patients, 0.25, s) for s in (0, 0, 1))
+    assert a == b and a["val"] != c["val"]
+    assert len(a["val"]) == 6 and len(a["train"]) == 18
+    assert not set(a["val"]) & set(a["train"])
+
+
+def test_epoch_batches_depend_only_on_seed_and_epoch():
+    first = epoch_batches(10, 4, seed=3, epoch=1)
+    assert [b.tolist() for b in first] == [b.tolist() for b in epoch_batches(10, 4, seed=3, epoch=1)]
+    assert len(first) == 2 and len(set(np.concatenate(first).tolist())) == 8  # last partial batch dropped
+    assert [b.tolist() for b in first] != [b.tolist() for b in epoch_batches(10, 4, seed=3, epoch=2)]
+
+
+# --- retrieval metrics ------------------------------------------------------------------------
+
+
+def test_retrieval_metrics_ranks_chance_and_ties():
+    eye = np.eye(4)
+    m = retrieval_metrics(eye, eye, ks=(1, 5))
+    assert m["pool"] == 4 and m["top1"] == 1.0 and m["top1_chance"] == 0.25 and m["top5_chance"] == 1.0
+    assert m["median_rank"] == 1.0
+    mixed = 0.6 * eye + 0.8 * np.roll(eye, 1, axis=0)  # each query matches one other row better
+    assert pair_ranks(eye, mixed).tolist() == [2, 2, 2, 2]
+    constant = np.ones((4, 2))  # ties count against the query
+    assert pair_ranks(constant, constant).tolist() == [4, 4, 4, 4]
+
+
+# --- model ------------------------------------------------------------------------------------
+
+
+def test_model_embeddings_are_unit_length_for_gray_fundus():
+    config = resolve_config("tiny", overrides={"fundus_channels": 1, "embed_dim": 16})
+    model = build_model(config).eval()
+    with torch.no_grad():
+        f = model.encode_fundus(torch.randn(2, 1, 32, 32))
+        o = model.encode_oct(torch.randn(2, 1, 4, 32, 32))
+    assert f.shape == o.shape == (2, 16)
+    torch.testing.assert_close(f.norm(dim=1), torch.ones(2))
+    torch.testing.assert_close(o.norm(dim=1), torch.ones(2))
+
+
+def test_temperatures_are_clamped_after_a_step():
+    model = build_model(resolve_config("tiny", overrides={"objective": "clip"}))
+    with torch.no_grad():
+        model.logit_scale.fill_(10.0)  # exp(10) >> 100
+    model.clamp_temperatures()
+    assert model.temperatures()["logit_scale"] == pytest.approx(100.0, rel=1e-5)
+    cloob = build_model(resolve_config("tiny", overrides={"objective": "cloob", "learn_inv_tau": True}))
+    with torch.no_grad():
+        cloob.log_inv_tau.fill_(-3.0)
+    cloob.clamp_temperatures()
+    assert cloob.temperatures()["inv_tau"] == pytest.approx(1.0, rel=1e-5)
+
+
+# --- training runs ----------------------------------------------------------------------------
+
+
+def test_resume_after_epoch_one_matches_uninterrupted_run(tmp_path):
+    from fixtures_models import write_noise_cohort
+
+    manifest = write_noise_cohort(tmp_path / "cohort", patients=4)  # 6 training pairs: 1 step per epoch
+    full = train(_tiny(manifest, objective="cloob"), tmp_path / "full")
+    train(_tiny(manifest, objective="cloob"), tmp_path / "split", stop_after_epochs=1)
+    stopped = torch.load(tmp_path / "split" / "checkpoints" / "last.pt", weights_only=True)
+    assert stopped["epoch"] == 1
+    resumed = train(_tiny(manifest), tmp_path / "split", resume=True)  # the saved config wins
+    a = torch.load(full / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(resumed / "checkpoints" / "last.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 2
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    lines_a = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
+    lines_b = [json.loads(x) for x in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in lines_b] == [1, 2]
+    assert [x["train_loss"] for x in lines_a] == [x["train_loss"] for x in lines_b]
+
+
+def test_refuses_to_overwrite_a_run(noise_cohort, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    with pytest.raises(RunExistsError, match="--resume"):
+        train(_tiny(noise_cohort), run)
+
+
+def test_tiny_run_layout_follows_contract(tiny_run):
+    config = json.loads((tiny_run / "config.json").read_text())
+    for key in ("objective", "fundus_arch", "oct_arch", "embed_dim", "fundus_init", "oct_init", "preset",
+                "seed", "manifest", "manifest_sha256"):
+        assert key in config, key
+    spec = json.loads((tiny_run / "preprocess.json").read_text())
+    assert spec["oct"]["slices"] == config["oct_slices"] and spec["fundus"]["size"] == config["fundus_size"]
+    split = json.loads((tiny_run / "split.json").read_text())
+    assert split["train"] and split["val"] and not set(split["train"]) & set(split["val"])
+    lines = [json.loads(x) for x in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in lines] == list(range(1, config["epochs"] + 1))
+    retrieval = lines[-1]["val"]["fundus_to_oct"]
+    assert retrieval["top1_chance"] == pytest.approx(1 / retrieval["pool"])
+    assert retrieval["pool"] == lines[-1]["val_pairs"]
+    for name in ("last.pt", f"epoch_{config['epochs']:03d}.pt"):
+        state = torch.load(tiny_run / "checkpoints" / name, weights_only=True)
+        assert "model" in state
+
+    run = load_run(tiny_run)
+    assert run.spec == spec and run.config == config and not run.model.training
+    s, size = spec["oct"]["slices"], spec["oct"]["height"]
+    with torch.no_grad():
+        o = run.model.encode_oct(torch.zeros(2, 1, s, size, size))
+        f = run.model.fundus_encoder(torch.zeros(2, spec["fundus"]["channels"], 32, 32))
+    assert o.shape == (2, run.model.embed_dim) == f.shape
+    torch.testing.assert_close(o.norm(dim=1), torch.ones(2))
+
+
+# --- command line -----------------------------------------------------------------------------
+
+
+def _invoke(args, cwd, monkeypatch):
+    from typer.testing import CliRunner
+
+    from retinacli.cli import app
+
+    monkeypatch.chdir(cwd)
+    return CliRunner().invoke(app, ["train", *args])
+
+
+def test_cli_without_arguments_explains_how_to_start(tmp_path, monkeypatch):
+    result = _invoke([], tmp_path, monkeypatch)
+    assert result.exit_code == 2
+    text = result.output
+    assert "retina synth ./cohort" in text and "retina train --manifest ./cohort/manifest.csv" in text
+    assert len(text.strip().splitlines()) == 2
+
+
+def test_cli_without_torch_says_how_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch -> ImportError
+    result = _invoke(["--manifest", "m.csv"], tmp_path, monkeypatch)
+    assert result.exit_code == 1
+    assert "pip install 'retina[train]'" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_cli_trains_and_echoes_its_settings(noise_cohort, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    result = _invoke(
+        ["--manifest", str(noise_cohort), "--out", str(out), "--preset", "tiny", "--epochs", "1",
+         "--objective", "siglip", "--threads", "2"],
+        tmp_path,
+        monkeypatch,
+    )
+    assert result.exit_code == 0, result.output
+    for setting in ("objective=siglip", "epochs=1", "oct_size=32", "lr=0.001"):
+        assert setting in result.output
+    assert "fundus->OCT top-1" in result.output and "pool 4" in result.output
+    config = json.loads((out / "config.json").read_text())
+    assert config["objective"] == "siglip" and config["epochs"] == 1
+    again = _invoke(["--manifest", str(noise_cohort), "--out", str(out)], tmp_path, monkeypatch)
+    assert again.exit_code == 2 and "--resume" in again.output

@@ -1,0 +1,45 @@
+"""Checkpoints: plain dicts of tensors and numbers, loadable with torch.load(weights_only=True)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from training.model import CHECKPOINT_DIR, LAST_CHECKPOINT
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / CHECKPOINT_DIR
+
+
+def _atomic_save(obj: dict[str, Any], target: Path) -> None:
+    tmp = target.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, target)  # a crash never leaves a half-written checkpoint
+
+
+def save_checkpoint(run_dir: Path, epoch: int, state: dict[str, Any], keep_epochs: int = 2) -> Path:
+    """last.pt = the full training state (for --resume); epoch_NNN.pt = the weights of that epoch.
+
+    Only the newest `keep_epochs` epoch files are kept (0 keeps all): r3d_18 + resnet18 weigh
+    ~180 MB per file, the optimiser state twice that.
+    """
+    folder = checkpoint_dir(run_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"epoch_{epoch:03d}.pt"
+    _atomic_save({k: v for k, v in state.items() if k not in ("optimizer", "scheduler", "torch_rng")}, path)
+    _atomic_save(state, folder / LAST_CHECKPOINT)
+    if keep_epochs > 0:
+        for old in sorted(folder.glob("epoch_*.pt"))[:-keep_epochs]:
+            old.unlink()
+    return path
+
+
+def load_checkpoint(run_dir: Path, name: str = LAST_CHECKPOINT) -> dict[str, Any]:
+    path = checkpoint_dir(run_dir) / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no checkpoint to resume from")
+    return torch.load(path, map_location="cpu", weights_only=True)

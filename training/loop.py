@@ -1,0 +1,369 @@
+"""The training loop: AdamW, warm-up + cosine, optional bf16 autocast and channels-last-3d, gradient
+clipping, a checkpoint every epoch, exact --resume, per-epoch validation retrieval, metrics.jsonl.
+
+Exact resume: the data order and the augmentation of epoch e depend only on (seed, e); model,
+optimiser, scheduler and the global torch RNG state are checkpointed; so stopping after any epoch
+and resuming gives the same weights as an uninterrupted run (tests/test_train.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import platform
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from training import distributed
+from training.augment import augment_fundus, augment_oct
+from training.checkpoint import load_checkpoint, save_checkpoint
+from training.config import TrainConfig, config_from_dict
+from training.data import epoch_batches, file_sha256, load_pairs, read_manifest, save_split, split_patients
+from training.model import CONFIG_FILE, METRICS_FILE, SPEC_FILE, SPLIT_FILE, RetinaModel, build_model
+from training.objective import compute_loss
+from training.retrieval_metrics import both_directions
+
+LOG_FILE = "train.log"
+
+
+class RunExistsError(ValueError):
+    pass
+
+
+# --- runtime choices --------------------------------------------------------------------------
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        name = f"cuda:{local_rank}"
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but CUDA is not available")
+    return device
+
+
+def use_bf16(config: TrainConfig, device: torch.device) -> bool:
+    if config.precision == "auto":
+        return device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return config.precision == "bf16"
+
+
+def use_channels_last(config: TrainConfig, device: torch.device) -> bool:
+    if config.channels_last == "auto":
+        return device.type == "cpu"  # measured: ~2x faster r3d_18 steps on CPU (benchmarks/RESULTS.md)
+    return config.channels_last == "on"
+
+
+def autocast(enabled: bool, device: torch.device):
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def lr_lambda(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    """Linear warm-up from ~0 to 1 over `warmup_steps`, then cosine decay to 0 at `total_steps`."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def make_optimizer(model: RetinaModel, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases, norm parameters and temperatures (open_clip convention)."""
+    decay, no_decay = [], []
+    for _, param in model.named_parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    try:  # the fused kernel is ~4x faster on CPU too (one pass over ~45M parameters)
+        return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.98), eps=1e-6, fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
+
+
+# --- one step ---------------------------------------------------------------------------------
+
+
+def step_loss(model: nn.Module, fundus: torch.Tensor, oct: torch.Tensor) -> torch.Tensor:
+    """Encode the local batch, gather features over ranks, loss on the global batch."""
+    f, o = model(fundus, oct)
+    return compute_loss(model, distributed.gather_features(f), distributed.gather_features(o))
+
+
+def to_device(x: np.ndarray, device: torch.device, channels_last_3d: bool = False) -> torch.Tensor:
+    t = torch.from_numpy(x).to(device)
+    if channels_last_3d and t.ndim == 5:
+        t = t.contiguous(memory_format=torch.channels_last_3d)
+    return t
+
+
+@torch.no_grad()
+def embed_pairs(
+    model: RetinaModel, fundus: np.ndarray, oct: np.ndarray, device, bf16=False, channels_last=False,
+    batch_size: int = 32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    was_training = model.training
+    model.eval()
+    fs, os_ = [], []
+    for i in range(0, len(fundus), batch_size):
+        with autocast(bf16, device):
+            fs.append(model.encode_fundus(to_device(fundus[i : i + batch_size], device)).float())
+            os_.append(model.encode_oct(to_device(oct[i : i + batch_size], device, channels_last)).float())
+    model.train(was_training)
+    return torch.cat(fs).cpu(), torch.cat(os_).cpu()
+
+
+# --- the run ----------------------------------------------------------------------------------
+
+
+class RunLog:
+    """Messages to stderr (Rich) and to RUN/train.log; only the main rank writes."""
+
+    def __init__(self, run_dir: Path, enabled: bool, echo: Callable[[str], None] | None):
+        self.path = run_dir / LOG_FILE
+        self.enabled = enabled
+        self.echo = echo
+
+    def __call__(self, message: str) -> None:
+        if not self.enabled:
+            return
+        if self.echo is not None:
+            self.echo(message)
+        with open(self.path, "a") as handle:
+            handle.write(f"{datetime.now(timezone.utc).isoformat(timespec='seconds')} {message}\n")
+
+
+def _check_run_dir(run_dir: Path, resume: bool) -> None:
+    if resume:
+        if not (run_dir / CONFIG_FILE).is_file():
+            raise FileNotFoundError(f"{run_dir}: nothing to resume (no {CONFIG_FILE})")
+    elif (run_dir / CONFIG_FILE).exists():
+        raise RunExistsError(
+            f"{run_dir}: already holds a run; pass --resume to continue it or choose a new --out"
+        )
+
+
+def train(
+    config: TrainConfig,
+    run_dir: str | Path,
+    resume: bool = False,
+    echo: Callable[[str], None] | None = None,
+    progress_factory: Callable[..., Any] | None = None,
+    stop_after_epochs: int | None = None,
+) -> Path:
+    """Train (or resume) a run in `run_dir`; returns the run dir. See docs/training.md.
+
+    `stop_after_epochs` ends this call early (for tests of --resume); the schedule still assumes
+    `config.epochs`.
+    """
+    run_dir = Path(run_dir)
+    _check_run_dir(run_dir, resume)
+    dist_info = distributed.init_distributed("cuda" if "cuda" in config.device else "cpu")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    distributed.barrier()
+    log = RunLog(run_dir, dist_info.is_main, echo)
+
+    if resume:
+        saved = json.loads((run_dir / CONFIG_FILE).read_text())
+        runtime = {k: getattr(config, k) for k in ("device", "threads")}
+        config = config_from_dict({**saved, **runtime})
+        log(f"resuming {run_dir} ({config.objective}, preset {config.preset})")
+
+    device = resolve_device(config.device, dist_info.local_rank)
+    if device.type == "cpu" and config.threads > 0:
+        torch.set_num_threads(config.threads)
+    bf16, channels_last = use_bf16(config, device), use_channels_last(config, device)
+
+    manifest = Path(config.manifest).resolve()
+    rows = read_manifest(manifest)
+    sha = file_sha256(manifest)
+    if resume and config.manifest_sha256 and sha != config.manifest_sha256:
+        log(f"warning: {manifest} changed since the run started (sha256 differs); resuming anyway")
+    config.manifest, config.manifest_sha256 = str(manifest), sha
+    spec = config.preprocess_spec
+
+    if dist_info.is_main and not resume:
+        (run_dir / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        (run_dir / SPEC_FILE).write_text(json.dumps(spec, indent=2) + "\n")
+
+    log(f"reading and preprocessing {len(rows)} pairs from {manifest}")
+    pairs = _load_with_progress(rows, spec, progress_factory if dist_info.is_main else None)
+    for message in pairs.errors:
+        log(f"skipped: {message}")
+    split = split_patients(pairs.patients, config.val_fraction, config.seed)
+    if dist_info.is_main:
+        save_split(split, run_dir / SPLIT_FILE)
+    train_set, val_set = pairs.subset(set(split["train"])), pairs.subset(set(split["val"]))
+    batch_size = min(config.batch_size, len(train_set.rows))
+    batch_size -= batch_size % dist_info.world_size
+    if batch_size < 2:
+        raise ValueError(f"only {len(train_set.rows)} training pairs: too few for contrastive training")
+    if batch_size != config.batch_size:
+        log(f"batch size {config.batch_size} -> {batch_size} (training pairs / processes)")
+    log(
+        f"train: {len(train_set.rows)} pairs from {len(split['train'])} patients; "
+        f"val: {len(val_set.rows)} pairs from {len(split['val'])} patients (held out)"
+    )
+
+    torch.manual_seed(config.seed)
+    model = build_model(config).to(device)
+    if channels_last:
+        model.oct_encoder.to(memory_format=torch.channels_last_3d)
+    optimizer = make_optimizer(model, config)
+    steps_per_epoch = len(train_set.rows) // batch_size
+    total_steps = steps_per_epoch * config.epochs
+    warmup = round(config.warmup_fraction * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, warmup))
+
+    start_epoch = 0
+    if resume:
+        state = load_checkpoint(run_dir)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        start_epoch = int(state["epoch"])
+        _truncate_metrics(run_dir / METRICS_FILE, start_epoch, dist_info.is_main)
+        log(f"resumed after epoch {start_epoch} of {config.epochs}")
+
+    wrapped: nn.Module = model
+    if dist_info.enabled:
+        wrapped = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    log(
+        f"device {device}, {torch.get_num_threads()} threads, precision {'bf16' if bf16 else 'fp32'}, "
+        f"channels_last_3d {'on' if channels_last else 'off'}, {dist_info.world_size} process(es), "
+        f"{steps_per_epoch} steps/epoch of {batch_size} pairs"
+    )
+
+    end_epoch = config.epochs if stop_after_epochs is None else min(config.epochs, stop_after_epochs)
+    local = batch_size // dist_info.world_size
+    for epoch in range(start_epoch, end_epoch):
+        started = time.perf_counter()
+        model.train()
+        gen = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
+        batches = epoch_batches(len(train_set.rows), batch_size, config.seed, epoch)
+        losses = []
+        factory = progress_factory if dist_info.is_main else None
+        with _progress(factory, f"epoch {epoch + 1}/{config.epochs}", len(batches)) as tick:
+            for batch in batches:
+                fundus_np, oct_np = train_set.fundus[batch], train_set.oct[batch]
+                fundus_t, oct_t = torch.from_numpy(fundus_np), torch.from_numpy(oct_np)
+                if config.augment:  # whole global batch, so augmentation is independent of world size
+                    fundus_t, oct_t = augment_fundus(fundus_t, spec, gen), augment_oct(oct_t, spec, gen)
+                mine = slice(dist_info.rank * local, (dist_info.rank + 1) * local)
+                fundus_t = fundus_t[mine].to(device)
+                oct_t = oct_t[mine].to(device)
+                if channels_last:
+                    oct_t = oct_t.contiguous(memory_format=torch.channels_last_3d)
+                with autocast(bf16, device):
+                    loss = step_loss(wrapped, fundus_t, oct_t)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if config.grad_clip > 0:
+                    nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                model.clamp_temperatures()
+                losses.append(float(loss.detach()))
+                tick(loss=losses[-1])
+        train_seconds = time.perf_counter() - started
+        record = {
+            "epoch": epoch + 1,
+            "train_loss": float(np.mean(losses)) if losses else None,
+            "lr": scheduler.get_last_lr()[0],
+            **model.temperatures(),
+            "train_pairs": len(train_set.rows),
+            "batch_size": batch_size,
+            "train_seconds": round(train_seconds, 3),
+            "pairs_per_second": round(len(batches) * batch_size / max(train_seconds, 1e-9), 2),
+        }
+        if dist_info.is_main:
+            record.update(_validate(model, val_set, device, bf16, channels_last))
+            _append_metrics(run_dir / METRICS_FILE, record)
+            state = {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "epoch": epoch + 1,
+                "objective": config.objective,
+            }
+            save_checkpoint(run_dir, epoch + 1, state, config.keep_epoch_checkpoints)
+            log(_summary(record))
+        distributed.barrier()
+    if dist_info.is_main and end_epoch == config.epochs:
+        log(f"done: {run_dir} ({platform.node() or 'this machine'})")
+    return run_dir
+
+
+def _validate(model, val_set, device, bf16, channels_last) -> dict[str, Any]:
+    if len(val_set.rows) < 2:
+        return {"val_pairs": len(val_set.rows)}
+    f, o = embed_pairs(model, val_set.fundus, val_set.oct, device, bf16, channels_last)
+    with torch.no_grad():
+        val_loss = float(compute_loss(model, f.to(device), o.to(device)))
+    retrieval = both_directions(f.numpy(), o.numpy())
+    return {"val_pairs": len(val_set.rows), "val_loss": val_loss, "val": retrieval}
+
+
+def _summary(record: dict[str, Any]) -> str:
+    text = f"epoch {record['epoch']}: train loss {record['train_loss']:.4f}"
+    if "val" in record:
+        r = record["val"]["fundus_to_oct"]
+        text += (
+            f", val loss {record['val_loss']:.4f}, fundus->OCT top-1 {r['top1']:.3f} "
+            f"(chance {r['top1_chance']:.3f}, pool {r['pool']}), top-5 {r['top5']:.3f}, "
+            f"median rank {r['median_rank']:.0f}"
+        )
+    return text + f", {record['pairs_per_second']:.1f} pairs/s"
+
+
+def _append_metrics(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def _truncate_metrics(path: Path, epochs_done: int, is_main: bool) -> None:
+    """Drop lines of epochs after the checkpoint (an interrupted epoch is trained again)."""
+    if not (is_main and path.is_file()):
+        return
+    lines = [line for line in path.read_text().splitlines() if line]
+    kept = [line for line in lines if json.loads(line)["epoch"] <= epochs_done]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+@contextlib.contextmanager
+def _progress(factory, description: str, total: int):
+    if factory is None:
+        yield lambda **_: None
+        return
+    with factory() as progress:
+        task = progress.add_task(description, total=total, loss=float("nan"))
+        yield lambda **fields: progress.update(task, advance=1, **fields)
+
+
+def _load_with_progress(rows, spec, factory):
+    if factory is None:
+        return load_pairs(rows, spec)
+    with factory() as progress:
+        task = progress.add_task("preprocessing", total=len(rows), loss=float("nan"))
+        return load_pairs(rows, spec, on_progress=lambda: progress.advance(task))
