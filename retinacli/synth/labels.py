@@ -25,7 +25,7 @@ from retinacli.synth.anatomy import (
 CST_NOISE_UM = 6.0
 BCVA_NOISE_LETTERS = 4.0
 BCVA_THRESHOLD_LETTERS = 70  # bcva_label = 1 below this (worse than 20/40)
-TN_THRESHOLD = 1.25
+TN_THRESHOLD = 1.15
 TN_NOISE = 0.25
 
 
@@ -33,10 +33,10 @@ def visit_labels(eye: EyeAnatomy, state: VisitState, rng: np.random.Generator) -
     cst_true = central_subfield_thickness(eye, state)
     vol = fluid_volumes_nl(eye, state)
     letters = (
-        86.0
+        82.0
         + eye.acuity_offset
-        - 0.07 * max(0.0, cst_true - 300.0)
-        - 0.20 * vol["irf"]
+        - 0.08 * max(0.0, cst_true - 290.0)
+        - 0.30 * vol["irf"]
         - 0.025 * vol["srf"]
         - 0.012 * vol["ped"]
         - 0.06 * vol["drusen"]

@@ -135,9 +135,9 @@ def render_oct(
     # Choroidal vessels (blobby texture) and attenuation with depth below BM.
     zc = ((np.arange(h, dtype=np.float32) + 0.5) * np.float32(depth_um / h))[None, :, None]
     below_bm = np.maximum(zc - z_bm.astype(np.float32)[:, None, :], np.float32(0.0))
-    texture = _smooth_noise(rng, (s, h, w), scale=(max(1, h // 40), max(2, w // 24)))
-    choroid = np.where(below_bm > 0, np.float32(0.4) + np.float32(0.6) / (1 + np.exp(-3 * texture)), 1)
-    intensity *= choroid * np.exp(below_bm * np.float32(-1.0 / 220.0))
+    lumens = _smooth_noise(rng, (s, h, w), scale=(max(1, h // 40), max(2, w // 24)))
+    attenuation = np.exp(below_bm * np.float32(-1.0 / 220.0))
+    intensity *= np.where(below_bm > 0, lumens * attenuation, np.float32(1.0))
 
     # Speckle (a few averaged frames, as with eye-tracked averaging), then log compression.
     # Gamma(3) speckle and an exponential noise floor, drawn by table look-up (much faster than
@@ -182,15 +182,17 @@ def _integrate_profiles(knots: list[tuple[np.ndarray, np.ndarray]], h: int, pixe
 
 
 def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int, int], scale: tuple[int, int]):
-    """Blobby zero-mean noise (S, H, W): coarse Gaussian noise, linearly interpolated up."""
+    """Choroidal texture (S, H, W) in [0.4, 1]: dark vessel lumens in brighter stroma.
+
+    Coarse Gaussian noise through a soft threshold, bilinearly resized per B-scan.
+    """
+    from PIL import Image
+
     s, h, w = shape
     coarse = rng.standard_normal((s, max(2, -(-h // scale[0]) + 1), max(2, -(-w // scale[1]) + 1)))
-    return _lerp(_lerp(coarse.astype(np.float32), h, axis=1), w, axis=2)
-
-
-def _lerp(a: np.ndarray, n: int, axis: int) -> np.ndarray:
-    c = a.shape[axis]
-    pos = np.linspace(0.0, c - 1.0, n, dtype=np.float32)
-    lo = np.minimum(pos.astype(np.int64), c - 2)
-    frac = (pos - lo).reshape([-1 if i == axis else 1 for i in range(a.ndim)])
-    return np.take(a, lo, axis=axis) * (1 - frac) + np.take(a, lo + 1, axis=axis) * frac
+    coarse = 0.4 + 0.6 / (1.0 + np.exp(-3.0 * coarse))
+    out = np.empty(shape, dtype=np.float32)
+    for k in range(s):
+        image = Image.fromarray(coarse[k].astype(np.float32), mode="F")
+        out[k] = np.asarray(image.resize((w, h), Image.Resampling.BILINEAR))
+    return out
