@@ -183,3 +183,13 @@ def test_model_id_tracks_encoders_not_heads(home, toy_package):
     shutil.copytree(toy_package, target)
     assert find_package_by_model_id(model_id) == target
     assert find_package_by_model_id("toy@1.0.0+000000000000") is None
+
+
+def test_documented_schema_is_the_shipped_schema():
+    from pathlib import Path
+
+    from retinacli.manifest_schema import load_schema
+
+    repo = Path(__file__).resolve().parents[1]
+    documented = json.loads((repo / "exported" / "retina.schema.json").read_text(encoding="utf-8"))
+    assert documented == load_schema()

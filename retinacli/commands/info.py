@@ -45,7 +45,7 @@ def collect_info() -> dict:
         "default_model": default_model,
         "model_used_by_default": used,
         "model_problem": why,
-        "default_embedding_store": str(default_store_path()),
+        "default_embedding_store": str(default_store_path().absolute()),
         "executable": sys.executable,
     }
 
