@@ -132,6 +132,11 @@ def metadata_row(
 # --- reading + preprocessing (worker side) -------------------------------------------------------
 
 
+def _first_line(exc: BaseException) -> str:
+    """Errors are reported as one line (onnxruntime and numpy messages can span many)."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 @dataclass
 class Prepared:
     """One preprocessed item: the model input and its store metadata (the pixels are gone)."""
@@ -168,7 +173,8 @@ def prepare_items(
         result.errors.append(exc)
         return result
     except Exception as exc:  # a reader bug must not stop the batch
-        result.errors.append(ReadError(source, f"could not be read ({type(exc).__name__}: {exc})"))
+        reason = f"could not be read ({type(exc).__name__}: {_first_line(exc)})"
+        result.errors.append(ReadError(source, reason))
         return result
     good = [x for x in read if not isinstance(x, ReadError) and (modality is None or x.modality == modality)]
     result.errors.extend(x for x in read if isinstance(x, ReadError))
@@ -176,7 +182,7 @@ def prepare_items(
         try:
             array = np.asarray(preprocess(item), dtype=np.float32)
         except Exception as exc:
-            result.errors.append(ReadError(item.path, f"preprocessing failed ({exc})"))
+            result.errors.append(ReadError(item.path, f"preprocessing failed ({_first_line(exc)})"))
             continue
         identity = item_identity(item, source_id, ordinal, len(good))
         row = metadata_row(item, identity, skey, secret, keep_identifiers)
@@ -295,10 +301,10 @@ def run_embedding(
             return
         try:
             vectors = np.asarray(engine.embed(mod, np.stack([p.array for _, p in batch])), dtype=np.float32)
-        except Exception as exc:
+        except Exception as exc:  # e.g. onnxruntime refusing an input: report, retry next run
             vectors = None
-            for _, prepared in batch:
-                report.errors.append(ReadError(prepared.row["path"], f"the model failed on it ({exc})"))
+            reason = f"the model failed on it ({_first_line(exc)})"
+            report.errors.extend(ReadError(prepared.row["path"], reason) for _, prepared in batch)
         for i, (key, prepared) in enumerate(batch):
             state = open_sources[key]
             if vectors is None:

@@ -273,3 +273,20 @@ def test_reading_runs_in_worker_threads_with_a_bounded_window(tmp_path):
     assert threads and all(name.startswith("retina-read") for name in threads)
     assert counts["max_held"] <= 2 * 2 + 1  # the window, plus the one being batched
     assert engine.calls == 6  # 12 per modality in batches of 4
+
+
+def test_a_model_failure_is_reported_and_retried_next_run(tmp_path):
+    class FailsOnce(StandInEngine):
+        def embed(self, modality, batch):
+            if modality == "oct" and not getattr(self, "failed", False):
+                self.failed = True
+                raise RuntimeError("[ONNXRuntimeError] : 2 : INVALID_ARGUMENT\nlong details")
+            return super().embed(modality, batch)
+
+    folder = make_folder(tmp_path / "data", n_pairs=3, bad=0)
+    report = embed(folder, tmp_path / "store", engine=FailsOnce(), batch_size=2)
+    assert report.embedded == 4 and report.failed == 2  # the first OCT batch of 2
+    assert all(e.reason == "the model failed on it ([ONNXRuntimeError] : 2 : INVALID_ARGUMENT)"
+               for e in report.errors)
+    again = embed(folder, tmp_path / "store")
+    assert (again.embedded, again.skipped, again.failed) == (2, 4, 0)
