@@ -13,7 +13,8 @@ SECRET_FILE = "secret.key"
 
 def pseudonym(value: str, key: bytes, prefix: str = "p", length: int = 12) -> str:
     """`prefix` + the first `length` hex digits of HMAC-SHA256(key, value)."""
-    digest = hmac.new(key, value.encode("utf-8"), hashlib.sha256).hexdigest()
+    # surrogateescape: a file name that is not valid UTF-8 hashes as its original bytes
+    digest = hmac.new(key, value.encode("utf-8", "surrogateescape"), hashlib.sha256).hexdigest()
     return f"{prefix}{digest[:length]}"
 
 

@@ -133,7 +133,12 @@ def _parquet_bytes(rows: list[dict[str, Any]]) -> bytes:
 def _as_text(value: Any) -> str | None:
     if value is None or value == "":
         return None
-    return str(value)
+    return printable(str(value))
+
+
+def printable(text: str) -> str:
+    """Valid UTF-8 text: a file name's undecodable bytes (surrogate escapes) become \\xNN."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _now() -> str:
@@ -455,7 +460,7 @@ class StoreWriter(EmbeddingStore):
         writer = csv.writer(buf, lineterminator="\n")
         writer.writerow(["path", "reason"])
         for path, reason in errors:
-            writer.writerow([path, " ".join(str(reason).split())])
+            writer.writerow([printable(str(path)), printable(" ".join(str(reason).split()))])
         target = self.root / ERRORS_FILE
         atomic_write_bytes(target, buf.getvalue().encode("utf-8"))
         return target

@@ -33,8 +33,8 @@ def item_record(item) -> dict:
     }
 
 
-def inspect_paths(paths: list[Path]) -> tuple[list[dict], list[dict], int]:
-    """Read every source under `paths`: (item records, error records, ignored-file count)."""
+def inspect_paths(paths: list[Path]) -> tuple[list[dict], list[dict], list[dict]]:
+    """Read every source under `paths`: (item records, error records, ignored-file records)."""
     from rich.progress import Progress
 
     from retinacli.console import err
@@ -48,7 +48,8 @@ def inspect_paths(paths: list[Path]) -> tuple[list[dict], list[dict], int]:
         for source in found.sources:
             _read_one(source, items, errors)
             progress.advance(task)
-    return items, errors, len(found.ignored)
+    ignored = [{"path": str(path), "reason": why} for path, why in found.ignored]
+    return items, errors, ignored
 
 
 def _read_one(source, items: list[dict], errors: list[dict]) -> None:
@@ -66,7 +67,7 @@ def _read_one(source, items: list[dict], errors: list[dict]) -> None:
         errors.append({"path": str(source.path), "error": f"unexpected read failure ({type(exc).__name__})"})
 
 
-def _print_table(items: list[dict], errors: list[dict], ignored: int) -> None:
+def _print_table(items: list[dict], errors: list[dict], ignored: list[dict]) -> None:
     from rich.table import Table
 
     from retinacli.console import err, out
@@ -97,7 +98,18 @@ def _print_table(items: list[dict], errors: list[dict], ignored: int) -> None:
             table.add_row(record["path"], record["error"])
         err.print(table)
     if ignored:
-        err.print(f"ignored {ignored} non-image file(s)", highlight=False)
+        err.print(f"ignored {len(ignored)} file(s) that are not images retina reads (--json lists them)",
+                  highlight=False)
+
+
+def _pass_undecodable_names_through() -> None:
+    """File names that are not valid UTF-8 (Python holds them as surrogate escapes) are written back
+    as their original bytes, as `ls` shows them, instead of crashing a strict UTF-8 stdout."""
+    import sys
+
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None and (sys.stdout.encoding or "").lower().replace("-", "") == "utf8":
+        reconfigure(errors="surrogateescape")
 
 
 def register(app: typer.Typer) -> None:
@@ -108,7 +120,8 @@ def register(app: typer.Typer) -> None:
             help="Files or folders (walked recursively): DICOM, images, B-scan folders, TIFF, .npy, .vol.",
         ),
         as_json: bool = typer.Option(
-            False, "--json", help="Print one JSON object {items: [...], errors: [...]} to stdout."
+            False, "--json",
+            help="Print one JSON object {items, errors, ignored, ignored_files} to stdout.",
         ),
     ) -> None:
         """Show what the readers see: modality, format, shape, eye, date and device of every item.
@@ -118,9 +131,10 @@ def register(app: typer.Typer) -> None:
         """
         from retinacli.console import err, print_json
 
+        _pass_undecodable_names_through()
         items, errors, ignored = inspect_paths(paths)
         if as_json:
-            print_json({"items": items, "errors": errors, "ignored": ignored})
+            print_json({"items": items, "errors": errors, "ignored": len(ignored), "ignored_files": ignored})
         else:
             _print_table(items, errors, ignored)
         if not items:

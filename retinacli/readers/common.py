@@ -108,6 +108,9 @@ def as_fundus_array(path: object, pixels: np.ndarray) -> np.ndarray:
 
 
 def short(exc: BaseException, limit: int = 160) -> str:
-    """First line of an exception message, trimmed: reasons stay one short line."""
+    """First line of an exception message, trimmed: reasons stay one short line. An OSError gives
+    its strerror only (the path is already the report's first field)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return text if len(text) <= limit else text[: limit - 1] + "…"

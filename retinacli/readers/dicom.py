@@ -255,15 +255,21 @@ def _transfer_syntax_problem(ds) -> str | None:
         return f"unsupported transfer syntax {uid.name} ({uid})"
     if decoder.is_available:
         return None
-    plugins = {
-        "pylibjpeg": "pip install pylibjpeg pylibjpeg-libjpeg",
-        "pyjpegls": "pip install pyjpegls",
-        "gdcm": "pip install python-gdcm",
-    }
-    missing = decoder.missing_dependencies
-    hints = [hint for name, hint in plugins.items() if any(d.startswith(name) for d in missing)]
-    hint = hints[0] if hints else "install a pydicom pixel-data plugin"
-    return f"unsupported transfer syntax {uid.name} ({uid}): {hint}"
+    return f"unsupported transfer syntax {uid.name} ({uid}): {_decoder_hint(uid)}"
+
+
+def _decoder_hint(uid) -> str:
+    """The pip command that installs a decoder for this transfer syntax (pydicom's plugins)."""
+    name = uid.name.lower()
+    if "2000" in name or "htj2k" in name or "high-throughput" in name:
+        return "pip install pylibjpeg pylibjpeg-openjpeg"
+    if "jpeg-ls" in name or "jpeg ls" in name:
+        return "pip install pylibjpeg pylibjpeg-libjpeg"
+    if "jpeg" in name:
+        return "pip install pylibjpeg pylibjpeg-libjpeg"
+    if "rle" in name:
+        return "pip install pylibjpeg pylibjpeg-rle"
+    return "pip install python-gdcm"
 
 
 def load_pixels(path: Path, header=None) -> tuple[Any, np.ndarray]:
@@ -281,6 +287,7 @@ def load_pixels(path: Path, header=None) -> tuple[Any, np.ndarray]:
         raise ReadError(path, f"truncated or unreadable DICOM file ({short(exc)})") from None
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise ReadError(path, "no pixel data (truncated file or not an image)")
+    _check_native_length(path, ds)
     try:
         pixels = ds.pixel_array
     except Exception as exc:
@@ -289,6 +296,32 @@ def load_pixels(path: Path, header=None) -> tuple[Any, np.ndarray]:
             raise ReadError(path, "truncated pixel data") from None
         raise ReadError(path, f"cannot decode pixel data ({short(exc)})") from None
     return ds, _to_display_values(ds, pixels)
+
+
+def _check_native_length(path: Path, ds) -> None:
+    """Uncompressed pixel data longer than the header's frames x rows x columns: the header is wrong
+    (e.g. NumberOfFrames too small), so which frames are meant is unknown. (Shorter data is caught by
+    the decoder as truncated.)"""
+    if ds.file_meta.get("TransferSyntaxUID") is None or ds.file_meta.TransferSyntaxUID.is_compressed:
+        return
+    data = ds.get("PixelData")
+    if not isinstance(data, bytes | bytearray):
+        return
+    try:
+        bits = int(ds.get("BitsAllocated", 8) or 8)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        expected_bits = frame_count(ds) * int(ds.Rows) * int(ds.Columns) * samples * bits
+    except (TypeError, ValueError, AttributeError):
+        return  # the decoder reports a broken header itself
+    expected = (expected_bits + 7) // 8
+    actual = len(data)
+    frames = frame_count(ds)
+    if actual >= expected + max(expected // frames, 2):  # at least one whole frame more
+        raise ReadError(
+            path,
+            f"pixel data does not match the header ({actual} bytes, NumberOfFrames={frames} x "
+            f"{int(ds.Rows)}x{int(ds.Columns)} needs {expected})",
+        )
 
 
 def _to_display_values(ds, pixels: np.ndarray) -> np.ndarray:
@@ -307,8 +340,13 @@ def _to_display_values(ds, pixels: np.ndarray) -> np.ndarray:
         pixels = apply_color_lut(pixels, ds)
         if pixels.dtype == np.uint16 and int(ds.get("BitsAllocated", 8)) == 8:
             pixels = (pixels >> 8).astype(np.uint8)
-    if pixels.dtype.kind == "i" and pixels.min() >= 0:  # signed storage of unsigned values
-        pixels = pixels.astype(np.uint16 if pixels.max() > 255 else np.uint8)
+    if pixels.dtype.kind == "i" and pixels.size:
+        if pixels.min() >= 0:  # signed storage of unsigned values
+            pixels = pixels.astype(np.uint16 if pixels.max() > 255 else np.uint8)
+        else:  # truly signed values: float32 keeps them (items hold uint8 / uint16 / float32)
+            pixels = pixels.astype(np.float32)
+    elif (pixels.dtype.kind == "f" and pixels.dtype != np.float32) or pixels.dtype == np.uint32:
+        pixels = pixels.astype(np.float32)
     return pixels
 
 

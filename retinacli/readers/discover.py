@@ -14,6 +14,7 @@ big export is cheap; pixels are decoded later, one source at a time. Rules (docs
 
 from __future__ import annotations
 
+import errno
 import os
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -80,6 +81,7 @@ class _Scanner:
             self.result.ignored.append((path, "DICOMDIR index"))
             return None
         try:
+            _check_openable(path)
             if suffix in VOL_SUFFIXES:
                 from retinacli.readers.heidelberg import read_vol_header, vol_metas
 
@@ -144,13 +146,16 @@ class _Scanner:
             self.result.errors.append(ReadError(path, "no such file or directory"))
             return
         if path.is_symlink() and not path.exists():
-            self.result.errors.append(ReadError(path, "broken symbolic link"))
+            self.result.errors.append(ReadError(path, _dangling_link_reason(path)))
             return
         if path.is_dir():
             if _inside_output(path):
                 self.result.ignored.append((path, "a retina output folder (store, model package or run)"))
                 return
             self.walk(path)
+            return
+        if not path.is_file():  # a FIFO, socket or device: opening it could block forever
+            self.result.errors.append(ReadError(path, "not a regular file (FIFO, socket or device)"))
             return
         found = self.classify_file(path)
         if isinstance(found, Source):
@@ -201,12 +206,15 @@ class _Scanner:
                     if not _is_output_dir(path):
                         subdirs.append(path)
                     continue
-                if not entry.is_file():
+                if not entry.is_file():  # FIFOs, sockets, devices are never opened
                     if entry.is_symlink():
-                        self.result.errors.append(ReadError(path, "broken symbolic link"))
+                        self.result.errors.append(ReadError(path, _dangling_link_reason(path)))
                     continue
             except OSError as exc:
-                self.result.errors.append(ReadError(path, f"cannot open ({short(exc)})"))
+                if exc.errno == errno.ELOOP:
+                    self.result.errors.append(ReadError(path, "symbolic link loop"))
+                else:
+                    self.result.errors.append(ReadError(path, f"cannot open ({short(exc)})"))
                 continue
             if entry.stat().st_size == 0 and not _image_like(path):
                 self.result.ignored.append((path, "empty file"))
@@ -231,6 +239,29 @@ class _Scanner:
         return sources, subdirs
 
 
+def _check_openable(path: Path) -> None:
+    """Open (non-blocking) and close: a file retina may not read is reported as such, not as a
+    broken image. (Root reads anything; the test suite simulates EACCES, see tests/bad_inputs.py.)"""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except PermissionError:
+        raise ReadError(path, "cannot open (permission denied)") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ReadError(path, "symbolic link loop") from None
+        raise ReadError(path, f"cannot open ({short(exc)})") from None
+    os.close(fd)
+
+
+def _dangling_link_reason(path: Path) -> str:
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "symbolic link loop"
+    return "broken symbolic link"
+
+
 def _series_source(path: Path, members: list[tuple[Path, object]]) -> Source:
     ordered = dicom_reader.series_order(members)
     first = next(ds for p, ds in members if p == ordered[0])
@@ -253,13 +284,19 @@ def _image_sources(directory: Path, images: list[tuple[Path, ImageHeader]], leaf
     for path, header in images:
         if header.grayscale:
             groups[(numbered_pattern(path.name), header.width, header.height)].append(path)
-    stacks = [paths for (pattern, _, _), paths in groups.items() if len(paths) >= 2 and "#" in pattern]
+    stacks = [
+        (pattern, paths) for (pattern, _, _), paths in groups.items() if len(paths) >= 2 and "#" in pattern
+    ]
     if not leaf:
         stacks = []
     sources: list[Source] = []
     in_stack: set[Path] = set()
     if stacks:
-        largest = max(stacks, key=len)
+        pattern, largest = max(stacks, key=lambda found: len(found[1]))
+        # Same-named grayscale images of another size belong to the volume too (an odd-size B-scan):
+        # reading then reports "B-scans differ in size" instead of dropping a slice or calling it a
+        # fundus photo.
+        largest = [p for p, header in images if header.grayscale and numbered_pattern(p.name) == pattern]
         in_stack = set(largest)
         ordered = tuple(sorted(largest, key=lambda p: natural_key(p.name)))
         only_stack = len(largest) == len(images)

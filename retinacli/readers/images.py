@@ -59,9 +59,16 @@ def image_header(path: Path) -> ImageHeader:
     except ReadError:
         raise
     except Image.DecompressionBombError as exc:
-        raise ReadError(path, f"image too large (decompression-bomb guard: {short(exc)})") from None
+        raise ReadError(path, f"image too large (decompression-bomb guard: {_bomb_text(exc)})") from None
+    except Image.UnidentifiedImageError:
+        raise ReadError(path, "not a readable image (unknown format or broken header)") from None
     except Exception as exc:
         raise ReadError(path, f"not a readable image ({short(exc)})") from None
+
+
+def _bomb_text(exc: Exception) -> str:
+    """Pillow's message without its 'could be decompression bomb DOS attack' tail."""
+    return short(exc).split(", could be")[0].rstrip(".")
 
 
 def _check_pixels(path: Path, width: int, height: int) -> None:
@@ -132,7 +139,7 @@ def load_image(path: Path) -> tuple[np.ndarray, str]:
     except ReadError:
         raise
     except Image.DecompressionBombError as exc:
-        raise ReadError(path, f"image too large (decompression-bomb guard: {short(exc)})") from None
+        raise ReadError(path, f"image too large (decompression-bomb guard: {_bomb_text(exc)})") from None
     except OSError as exc:
         if "truncated" in str(exc).lower() or "broken" in str(exc).lower():
             raise ReadError(path, "image truncated (file ends before the image data does)") from None

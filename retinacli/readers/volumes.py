@@ -49,6 +49,8 @@ def read_npy(path: Path) -> OctVolume | FundusImage:
     check_sample_budget(path, shape, "array")
     if dtype.kind not in "uifb":
         raise ReadError(path, f"unsupported array dtype {dtype}")
+    if 0 in shape:
+        raise ReadError(path, f"empty array (shape {shape})")
     try:
         pixels = np.load(path, allow_pickle=False)
     except Exception as exc:
@@ -70,7 +72,17 @@ def read_tiff_stack(path: Path) -> OctVolume:
     header = tiff_header(path)
     check_sample_budget(path, header.page_shape)
     try:
-        pixels = tifffile.imread(path)
+        with tifffile.TiffFile(path) as tif:
+            shapes = [tuple(page.shape) for page in tif.pages]
+            if len(set(shapes)) > 1:
+                odd = next(i for i, shape in enumerate(shapes) if shape != shapes[0])
+                raise ReadError(
+                    path, f"TIFF pages differ in size: page {odd + 1} is {shapes[odd]}, page 1 {shapes[0]}"
+                )
+            check_sample_budget(path, (len(shapes), *shapes[0]))
+            pixels = tif.asarray()
+    except ReadError:
+        raise
     except Exception as exc:
         raise ReadError(path, f"cannot decode TIFF ({short(exc)})") from None
     if pixels.ndim == 4 and pixels.shape[-1] in (3, 4):
