@@ -12,23 +12,21 @@ import datetime as dt
 from pathlib import Path
 
 import numpy as np
-from pydicom.config import disable_value_validation
-from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
-from pydicom.sequence import Sequence
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
 
 from retinacli import __version__
 from retinacli.synth.cohort import OCT_DEVICE, VisitRecord, uid
+from retinacli.synth.dicom_encode import DicomObject, write_part10
 from retinacli.synth.fundus import DEVICES, FIELD_MM
-from retinacli.synth.oct import DEPTH_MM, SCAN_MM
+from retinacli.synth.oct import SCAN_MM
 
 OP_8BIT = "1.2.840.10008.5.1.4.1.1.77.1.5.1"
 OPT = "1.2.840.10008.5.1.4.1.1.77.1.5.4"
 MANUFACTURER = "retina synthetic cohort"
+IMPLEMENTATION = (uid(0, "implementation-class"), f"RETINA_{__version__}"[:16])
 
 
-def _code(value: str, scheme: str, meaning: str) -> Dataset:
-    item = Dataset()
+def _code(value: str, scheme: str, meaning: str) -> DicomObject:
+    item = DicomObject()
     item.CodeValue = value
     item.CodingSchemeDesignator = scheme
     item.CodeMeaning = meaning
@@ -63,21 +61,15 @@ def _uids(record: VisitRecord) -> dict:
     }
 
 
-def _new_file(path: Path, sop_class: str, sop_instance: str) -> FileDataset:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = sop_instance
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    meta.ImplementationVersionName = f"RETINA_{__version__}"[:16]
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+def _new_object(sop_class: str, sop_instance: str) -> DicomObject:
+    ds = DicomObject()
     ds.SpecificCharacterSet = "ISO_IR 100"
     ds.SOPClassUID = sop_class
     ds.SOPInstanceUID = sop_instance
     return ds
 
 
-def _common(ds: Dataset, record: VisitRecord, uids: dict, modality: str, series_uid: str, when: dt.datetime):
+def _common(ds: DicomObject, record: VisitRecord, uids: dict, modality: str, series_uid: str, when):
     ident, state = record.identity, record.state
     study_date, study_time = _dicom_dt(record.acquired)
     date, time = _dicom_dt(when)
@@ -110,23 +102,23 @@ def _common(ds: Dataset, record: VisitRecord, uids: dict, modality: str, series_
     ds.InstanceCreationDate, ds.InstanceCreationTime = date, time
     # Ocular Region Imaged.
     ds.ImageLaterality = "R" if record.eye.eye == "OD" else "L"
-    ds.AnatomicRegionSequence = Sequence([_code(*EYE)])
+    ds.AnatomicRegionSequence = [_code(*EYE)]
     # Burned-in annotation / lossy flags.
     ds.BurnedInAnnotation = "NO"
     ds.LossyImageCompression = "00"
 
 
-def _acquisition_parameters(ds: Dataset, horizontal_fov_deg: float) -> None:
+def _acquisition_parameters(ds: DicomObject, horizontal_fov_deg: float) -> None:
     # Ophthalmic acquisition parameters: type 2 attributes, most unknown for a synthetic eye.
     ds.HorizontalFieldOfView = round(horizontal_fov_deg, 2)
-    ds.RefractiveStateSequence = Sequence()
+    ds.RefractiveStateSequence = []
     ds.EmmetropicMagnification = None
     ds.IntraOcularPressure = None
     ds.PupilDilated = "NO"
 
 
-def fundus_dataset(path: Path, record: VisitRecord, uids: dict) -> FileDataset:
-    ds = _new_file(path, OP_8BIT, uids["fundus_sop"])
+def fundus_dataset(record: VisitRecord, uids: dict) -> DicomObject:
+    ds = _new_object(OP_8BIT, uids["fundus_sop"])
     nir = record.fundus_device == "nir"
     _common(ds, record, uids, "OP", uids["fundus_series"], record.acquired)
     ds.ManufacturerModelName = DEVICES[record.fundus_device]
@@ -136,11 +128,11 @@ def fundus_dataset(path: Path, record: VisitRecord, uids: dict) -> FileDataset:
     ds.PatientEyeMovementCommanded = "NO"
     _acquisition_parameters(ds, FIELD_MM / 0.288)  # ~0.288 mm per degree on an emmetropic retina
     # Ophthalmic Photographic Parameters.
-    ds.AcquisitionDeviceTypeCodeSequence = Sequence([_code(*(SLO if nir else FUNDUS_CAMERA))])
-    ds.IlluminationTypeCodeSequence = Sequence([_code(*(INFRARED if nir else FULL_SPECTRUM))])
-    ds.LightPathFilterTypeStackCodeSequence = Sequence([_code(*(INFRARED_FILTER if nir else NO_FILTER))])
-    ds.ImagePathFilterTypeStackCodeSequence = Sequence()
-    ds.LensesCodeSequence = Sequence()
+    ds.AcquisitionDeviceTypeCodeSequence = [_code(*(SLO if nir else FUNDUS_CAMERA))]
+    ds.IlluminationTypeCodeSequence = [_code(*(INFRARED if nir else FULL_SPECTRUM))]
+    ds.LightPathFilterTypeStackCodeSequence = [_code(*(INFRARED_FILTER if nir else NO_FILTER))]
+    ds.ImagePathFilterTypeStackCodeSequence = []
+    ds.LensesCodeSequence = []
     ds.DetectorType = "CCD"
     # Synchronization (required by OP): acquisition clocks are not synchronised to anything.
     ds.SynchronizationFrameOfReferenceUID = "1.2.840.10008.15.1.1"  # UTC
@@ -159,17 +151,17 @@ def fundus_dataset(path: Path, record: VisitRecord, uids: dict) -> FileDataset:
         ds.SamplesPerPixel = 1
         ds.PhotometricInterpretation = "MONOCHROME2"
         ds.PresentationLUTShape = "IDENTITY"
-        ds.PixelData = np.ascontiguousarray(pixels[..., 0]).tobytes()
+        ds.set_vr("PixelData", "OB", np.ascontiguousarray(pixels[..., 0]).tobytes())
     else:
         ds.SamplesPerPixel = 3
         ds.PhotometricInterpretation = "RGB"
         ds.PlanarConfiguration = 0
-        ds.PixelData = np.ascontiguousarray(pixels).tobytes()
+        ds.set_vr("PixelData", "OB", np.ascontiguousarray(pixels).tobytes())
     return ds
 
 
-def oct_dataset(path: Path, record: VisitRecord, uids: dict) -> FileDataset:
-    ds = _new_file(path, OPT, uids["oct_sop"])
+def oct_dataset(record: VisitRecord, uids: dict) -> DicomObject:
+    ds = _new_object(OPT, uids["oct_sop"])
     acquired = record.acquired + dt.timedelta(minutes=2)
     _common(ds, record, uids, "OPT", uids["oct_series"], acquired)
     geo = record.oct_geo
@@ -194,8 +186,8 @@ def oct_dataset(path: Path, record: VisitRecord, uids: dict) -> FileDataset:
     # Ophthalmic Tomography Acquisition Parameters (type 2, unknown) and device parameters.
     ds.AxialLengthOfTheEye = None
     _acquisition_parameters(ds, SCAN_MM / 0.288)
-    ds.AcquisitionDeviceTypeCodeSequence = Sequence([_code(*OCT_SCANNER)])
-    ds.LightPathFilterTypeStackCodeSequence = Sequence()
+    ds.AcquisitionDeviceTypeCodeSequence = [_code(*OCT_SCANNER)]
+    ds.LightPathFilterTypeStackCodeSequence = []
     ds.DetectorType = "CCD"
     ds.IlluminationWaveLength = 870.0
     ds.IlluminationPower = 1.2
@@ -204,72 +196,72 @@ def oct_dataset(path: Path, record: VisitRecord, uids: dict) -> FileDataset:
     ds.AlongScanSpatialResolution = 14.0
     ds.AcrossScanSpatialResolution = 14.0
     # Acquisition Context (no context items).
-    ds.AcquisitionContextSequence = Sequence()
+    ds.AcquisitionContextSequence = []
     # Localizer: the visit's fundus image.
-    ref = Dataset()
+    ref = DicomObject()
     ref.ReferencedSOPClassUID = OP_8BIT
     ref.ReferencedSOPInstanceUID = uids["fundus_sop"]
-    ref.PurposeOfReferenceCodeSequence = Sequence([_code(*LOCALIZER)])
+    ref.PurposeOfReferenceCodeSequence = [_code(*LOCALIZER)]
     # Also at the top level (a standard extension) for simple readers; the standard place is the
     # shared functional groups below.
-    ds.ReferencedImageSequence = Sequence([ref])
+    ds.ReferencedImageSequence = [ref]
 
     # Multi-frame Dimension: frames are ordered by position in one stack.
-    org = Dataset()
+    org = DicomObject()
     org.DimensionOrganizationUID = uids["dimension_organization"]
-    ds.DimensionOrganizationSequence = Sequence([org])
+    ds.DimensionOrganizationSequence = [org]
     ds.DimensionOrganizationType = "3D"
     index = []
     for pointer in (0x00209056, 0x00209057):  # StackID, InStackPositionNumber
-        item = Dataset()
+        item = DicomObject()
         item.DimensionOrganizationUID = uids["dimension_organization"]
         item.DimensionIndexPointer = pointer
         item.FunctionalGroupPointer = 0x00209111  # FrameContentSequence
         index.append(item)
-    ds.DimensionIndexSequence = Sequence(index)
+    ds.DimensionIndexSequence = index
 
     # Shared functional groups: spacing, orientation, localizer reference.
-    shared = Dataset()
-    measures = Dataset()
+    shared = DicomObject()
+    measures = DicomObject()
     measures.PixelSpacing = [f"{geo.axial_spacing_mm:.6g}", f"{geo.lateral_spacing_mm:.6g}"]
     measures.SliceThickness = f"{geo.slice_spacing_mm:.6g}"
     measures.SpacingBetweenSlices = f"{geo.slice_spacing_mm:.6g}"
-    shared.PixelMeasuresSequence = Sequence([measures])
-    orientation = Dataset()
+    shared.PixelMeasuresSequence = [measures]
+    orientation = DicomObject()
     # Rows run along the scan line (x), columns into the eye (z); frames step along y.
     orientation.ImageOrientationPatient = [1, 0, 0, 0, 0, 1]
-    shared.PlaneOrientationSequence = Sequence([orientation])
-    shared_ref = Dataset()
+    shared.PlaneOrientationSequence = [orientation]
+    shared_ref = DicomObject()
     shared_ref.ReferencedSOPClassUID = OP_8BIT
     shared_ref.ReferencedSOPInstanceUID = uids["fundus_sop"]
-    shared_ref.PurposeOfReferenceCodeSequence = Sequence([_code(*LOCALIZER)])
-    shared.ReferencedImageSequence = Sequence([shared_ref])
-    anatomy = Dataset()
-    anatomy.AnatomicRegionSequence = Sequence([_code(*EYE)])
+    shared_ref.PurposeOfReferenceCodeSequence = [_code(*LOCALIZER)]
+    shared.ReferencedImageSequence = [shared_ref]
+    anatomy = DicomObject()
+    anatomy.AnatomicRegionSequence = [_code(*EYE)]
     anatomy.FrameLaterality = ds.ImageLaterality
-    shared.FrameAnatomySequence = Sequence([anatomy])
-    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    shared.FrameAnatomySequence = [anatomy]
+    ds.SharedFunctionalGroupsSequence = [shared]
 
     per_frame = []
     frame_dt = acquired.strftime("%Y%m%d%H%M%S")
     for k in range(n_frames):
-        item = Dataset()
-        content = Dataset()
+        item = DicomObject()
+        content = DicomObject()
         content.FrameAcquisitionDateTime = frame_dt
         content.FrameReferenceDateTime = frame_dt
         content.FrameAcquisitionDuration = 20.0
         content.StackID = "1"
         content.InStackPositionNumber = k + 1
         content.DimensionIndexValues = [1, k + 1]
-        item.FrameContentSequence = Sequence([content])
-        position = Dataset()
+        item.FrameContentSequence = [content]
+        position = DicomObject()
         position.ImagePositionPatient = [
             f"{geo.xs_image[0]:.6g}",
             f"{-geo.ys[k]:.6g}",
             "0",
         ]
-        item.PlanePositionSequence = Sequence([position])
-        location = Dataset()
+        item.PlanePositionSequence = [position]
+        location = DicomObject()
         location.ReferencedSOPClassUID = OP_8BIT
         location.ReferencedSOPInstanceUID = uids["fundus_sop"]
         v = -geo.ys[k]  # image-axis mm (down) of this B-scan's line on the fundus
@@ -277,10 +269,10 @@ def oct_dataset(path: Path, record: VisitRecord, uids: dict) -> FileDataset:
         r1, c1 = record.fundus_geo.to_pixel(geo.xs_image[-1], v)
         location.ReferenceCoordinates = [round(float(x), 3) for x in (r0, c0, r1, c1)]
         location.OphthalmicImageOrientation = "LINEAR"
-        item.OphthalmicFrameLocationSequence = Sequence([location])
+        item.OphthalmicFrameLocationSequence = [location]
         per_frame.append(item)
-    ds.PerFrameFunctionalGroupsSequence = Sequence(per_frame)
-    ds.PixelData = np.ascontiguousarray(volume).tobytes()
+    ds.PerFrameFunctionalGroupsSequence = per_frame
+    ds.set_vr("PixelData", "OB", np.ascontiguousarray(volume).tobytes())
     return ds
 
 
@@ -288,11 +280,5 @@ def write_visit(oct_path: Path, fundus_path: Path, record: VisitRecord) -> None:
     uids = _uids(record)
     record.uids = uids
     oct_path.parent.mkdir(parents=True, exist_ok=True)
-    # Values are generated here and checked by the dciodvfy test; skipping pydicom's per-element
-    # validation roughly halves the time spent building and writing the datasets.
-    with disable_value_validation():
-        fundus_dataset(fundus_path, record, uids).save_as(fundus_path, enforce_file_format=True)
-        oct_dataset(oct_path, record, uids).save_as(oct_path, enforce_file_format=True)
-
-
-__all__ = ["DEPTH_MM", "OPT", "OP_8BIT", "fundus_dataset", "oct_dataset", "write_visit"]
+    write_part10(fundus_path, fundus_dataset(record, uids), OP_8BIT, uids["fundus_sop"], IMPLEMENTATION)
+    write_part10(oct_path, oct_dataset(record, uids), OPT, uids["oct_sop"], IMPLEMENTATION)
