@@ -24,15 +24,11 @@ TOY_DIM = 4
 
 
 @pytest.fixture(scope="session")
-def tiny_package_run(request, tmp_path_factory) -> Path:
-    """A copy of ``tiny_run`` (or, until that fixture exists, a stand-in run) to probe and export."""
+def tiny_package_run(tiny_run, tmp_path_factory) -> Path:
+    """A copy of ``tiny_run`` to probe and export (probing writes heads.json: the shared run stays as is)."""
     pytest.importorskip("torch")
-    try:
-        source = request.getfixturevalue("tiny_run")
-    except pytest.FixtureLookupError:
-        source = _standin_run(tmp_path_factory.mktemp("standin"))
     run = tmp_path_factory.mktemp("tiny_package_run") / "run"
-    shutil.copytree(source, run)  # probing writes heads.json: keep the shared run untouched
+    shutil.copytree(tiny_run, run)
     return run
 
 
@@ -55,50 +51,6 @@ def tiny_package(tiny_package_run, tiny_loaded_run, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny_package") / "tiny"
     export_run(run, out, name="tiny", version="0.1.0", loaded=tiny_loaded_run)
     return out
-
-
-def _standin_run(root: Path) -> Path:
-    """A labelled .npy cohort and an untrained tiny-preset run over it (contract 4 layout)."""
-    import csv
-
-    import torch
-
-    from training.config import resolve_config
-    from training.model import build_model
-
-    rng = np.random.default_rng(0)
-    cohort = root / "cohort"
-    cohort.mkdir()
-    rows = []
-    for patient in range(6):
-        for eye in ("OD", "OS"):
-            thickness = int(rng.integers(6, 20))
-            volume = rng.integers(0, 60, size=(8, 32, 32), dtype=np.uint8)
-            volume[:, 8 : 8 + thickness] += 150  # a bright band whose width drives the CST label
-            photo = rng.integers(0, 255, size=(40, 40, 3), dtype=np.uint8)
-            stem = f"p{patient}_{eye}"
-            np.save(cohort / f"{stem}_oct.npy", volume)
-            np.save(cohort / f"{stem}_fundus.npy", photo)
-            rows.append({
-                "patient_id": f"P{patient:03d}", "eye": eye, "visit": 0,
-                "oct_path": f"{stem}_oct.npy", "fundus_path": f"{stem}_fundus.npy",
-                "cst_um": 200 + 20 * thickness, "bcva_letters": 90 - 2 * thickness,
-                "bcva_label": int(thickness > 12), "tn_label": int((patient + (eye == "OS")) % 2),
-            })
-    manifest = cohort / "manifest.csv"
-    with open(manifest, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    config = resolve_config("tiny", overrides={"manifest": str(manifest), "seed": 0})
-    run = root / "run"
-    (run / "checkpoints").mkdir(parents=True)
-    torch.manual_seed(0)
-    model = build_model(config)
-    (run / "config.json").write_text(json.dumps(config.to_dict()))
-    (run / "preprocess.json").write_text(json.dumps(config.preprocess_spec))
-    torch.save({"model": model.state_dict()}, run / "checkpoints" / "last.pt")
-    return run
 
 
 # --- a torch-free toy package -----------------------------------------------------------------------

@@ -17,9 +17,10 @@ from typer.testing import CliRunner  # noqa: E402
 from retinacli.cli import app  # noqa: E402
 from retinacli.engine import Engine  # noqa: E402
 from retinacli.manifest_schema import manifest_errors  # noqa: E402
+from training.data import load_pairs, read_manifest  # noqa: E402
 from training.export import ExportError, canonical_sha256, export_run  # noqa: E402
 from training.heads import load_heads  # noqa: E402
-from training.probe import preprocess_rows, read_cohort_manifest, resolve_manifest_path  # noqa: E402
+from training.probe import resolve_manifest_path  # noqa: E402
 
 
 def _manifest(package):
@@ -63,11 +64,11 @@ def test_onnxruntime_embeddings_match_torch_on_preprocessed_items(tiny_package, 
     run = tiny_loaded_run
     tiny_package_run = run.run_dir
     manifest = resolve_manifest_path(run.config, tiny_package_run, None)
-    rows = read_cohort_manifest(manifest)[:5]
+    rows = read_manifest(manifest)[:5]  # paths made absolute
     engine = Engine.load(tiny_package, threads=1)
     tolerance = _manifest(tiny_package)["parity"]["tolerance_abs"]
     for modality, reader, column in (("oct", read_oct, "oct_path"), ("fundus", read_fundus, "fundus_path")):
-        batch = np.stack([engine.preprocess(reader(manifest.parent / r[column])) for r in rows])
+        batch = np.stack([engine.preprocess(reader(r[column])) for r in rows])
         with torch.no_grad():
             encode = run.model.encode_oct if modality == "oct" else run.model.encode_fundus
             expected = encode(torch.from_numpy(batch)).numpy()
@@ -78,9 +79,9 @@ def test_onnxruntime_embeddings_match_torch_on_preprocessed_items(tiny_package, 
         )
         assert cosine.min() > 0.99999
         np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
-        # the probe/export loader produces the same arrays as Engine.preprocess
-        data = preprocess_rows(manifest, rows, run.spec, (modality,))
-        np.testing.assert_array_equal(data.arrays[modality], batch)
+        # the training loader (used by probe and export) produces the same arrays as Engine.preprocess
+        data = load_pairs(rows, run.spec)
+        np.testing.assert_array_equal(data.oct if modality == "oct" else data.fundus, batch)
 
 
 def test_onnx_heads_equal_the_numpy_heads(tiny_package, tiny_package_run):

@@ -220,15 +220,16 @@ def head_parity(head, embeddings: np.ndarray, path: Path) -> dict[str, Any]:
 
 def parity_inputs(run, n_items: int, manifest: str | Path | None) -> tuple[dict[str, np.ndarray], str]:
     """Real preprocessed items from the run's cohort (falls back to seeded noise, and says so)."""
-    from training.probe import preprocess_rows, read_cohort_manifest, resolve_manifest_path
+    from training.data import load_pairs, read_manifest
+    from training.probe import resolve_manifest_path
 
     try:
         manifest_path = resolve_manifest_path(run.config, Path(run.run_dir), manifest)
-        rows = read_cohort_manifest(manifest_path)
-        data = preprocess_rows(manifest_path, rows, run.spec, ("fundus", "oct"), limit=n_items)
-        if len(data.rows) >= 1:
-            return data.arrays, f"{len(data.rows)} items of {manifest_path.name}"
-        reason = "no readable items"
+        rows = read_manifest(manifest_path)
+        # a few spare rows in case some do not read
+        data = load_pairs(rows[: n_items + 4], run.spec)
+        arrays = {"fundus": data.fundus[:n_items], "oct": data.oct[:n_items]}
+        return arrays, f"{len(arrays['oct'])} items of {manifest_path.name}"
     except (FileNotFoundError, ValueError) as exc:
         reason = str(exc)
     rng = np.random.default_rng(0)

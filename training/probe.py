@@ -7,10 +7,9 @@ written to ``RUN/heads.json`` where ``retina export`` picks them up.
 
 from __future__ import annotations
 
-import csv
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,22 +18,10 @@ import numpy as np
 from training.heads import TASKS, LinearHead, fit_linear_head, save_heads
 
 LABEL_COLUMNS = {"cst": "cst_um", "bcva": "bcva_label", "tn": "tn_label"}
-PATH_COLUMNS = {"oct": "oct_path", "fundus": "fundus_path"}
+MODALITIES = ("oct", "fundus")
 
 
-# --- cohort manifest ---------------------------------------------------------------------------
-
-
-def read_cohort_manifest(path: str | Path) -> list[dict[str, str]]:
-    """Rows of a cohort manifest CSV (contract 1); raises ValueError naming missing columns."""
-    path = Path(path)
-    with open(path, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        columns = set(reader.fieldnames or [])
-        missing = {"patient_id", "oct_path", "fundus_path"} - columns
-        if missing:
-            raise ValueError(f"{path}: cohort manifest lacks column(s) {', '.join(sorted(missing))}")
-        return list(reader)
+# --- cohort manifest (read with training.data: the same loader training uses) --------------------
 
 
 def label_array(rows: list[dict[str, str]], task: str) -> np.ndarray:
@@ -65,68 +52,6 @@ def resolve_manifest_path(config: dict[str, Any], run_dir: Path, explicit: str |
         if candidate.is_file():
             return candidate
     raise FileNotFoundError(f"{recorded}: the run's cohort manifest is not there any more; pass --manifest")
-
-
-# --- reading + preprocessing -----------------------------------------------------------------------
-
-
-@dataclass
-class CohortArrays:
-    """Preprocessed arrays for the manifest rows that read cleanly (row indices in ``rows``)."""
-
-    rows: list[int]
-    arrays: dict[str, np.ndarray]  # modality -> (N, ...) float32
-    errors: list[str] = field(default_factory=list)
-
-
-def preprocess_rows(
-    manifest_path: Path,
-    rows: list[dict[str, str]],
-    spec: dict[str, Any],
-    modalities: Iterable[str] = ("oct", "fundus"),
-    limit: int | None = None,
-    on_item: Callable[[], None] | None = None,
-) -> CohortArrays:
-    """Read each row's files with ``retinacli.readers`` and apply ``retinacli.preprocess`` (the one
-    preprocessing). A row with an unreadable file is skipped and its error kept."""
-    from retinacli.errors import ReadError
-    from retinacli.preprocess import preprocess
-    from retinacli.readers import read_fundus, read_oct
-
-    readers = {"oct": read_oct, "fundus": read_fundus}
-    modalities = tuple(modalities)
-    base = Path(manifest_path).parent
-    kept: list[int] = []
-    stacks: dict[str, list[np.ndarray]] = {m: [] for m in modalities}
-    errors: list[str] = []
-    for i, row in enumerate(rows):
-        if limit is not None and len(kept) >= limit:
-            break
-        try:
-            arrays = {}
-            for modality in modalities:
-                rel = (row.get(PATH_COLUMNS[modality]) or "").strip()
-                if not rel:
-                    raise ReadError(f"row {i + 1}", f"no {PATH_COLUMNS[modality]}")
-                item = readers[modality](base / rel)
-                try:
-                    arrays[modality] = preprocess(modality, item.pixels, spec)
-                except ValueError as exc:
-                    raise ReadError(base / rel, str(exc)) from None
-        except ReadError as exc:
-            errors.append(str(exc))
-            continue
-        finally:
-            if on_item is not None:
-                on_item()
-        kept.append(i)
-        for modality, array in arrays.items():
-            stacks[modality].append(array)
-    return CohortArrays(
-        rows=kept,
-        arrays={m: np.stack(v) if v else np.zeros((0,), np.float32) for m, v in stacks.items()},
-        errors=errors,
-    )
 
 
 def embed_arrays(model, modality: str, arrays: np.ndarray, batch_size: int = 8) -> np.ndarray:
@@ -202,14 +127,17 @@ def probe_run(
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise ValueError(f"unknown task(s) {', '.join(unknown)} (known: {', '.join(TASKS)})")
-    if modality not in PATH_COLUMNS:
+    if modality not in MODALITIES:
         raise ValueError(f"unknown modality {modality!r} (use oct or fundus)")
+    from training.data import load_pairs, read_manifest
+
     run = loaded if loaded is not None else load_run(run_dir)
     manifest_path = resolve_manifest_path(run.config, Path(run_dir), manifest)
-    rows = read_cohort_manifest(manifest_path)
-    labels = {t: label_array(rows, t) for t in tasks}
+    rows = read_manifest(manifest_path)
     # Only rows with at least one label are worth reading.
-    wanted = [i for i in range(len(rows)) if any(np.isfinite(labels[t][i]) for t in tasks)]
+    wanted = [r for r in rows if any(np.isfinite(label_array([r], t)[0]) for t in tasks)]
+    if not wanted:
+        raise ValueError(f"{manifest_path}: no row has a label for {', '.join(tasks)}")
     done = [0]
 
     def tick() -> None:
@@ -217,14 +145,15 @@ def probe_run(
         if progress is not None:
             progress(done[0], len(wanted))
 
-    data = preprocess_rows(manifest_path, [rows[i] for i in wanted], run.spec, (modality,), on_item=tick)
-    kept = [wanted[i] for i in data.rows]
-    embeddings = embed_arrays(run.model, modality, data.arrays[modality], batch_size)
-    groups = np.array([rows[i].get("patient_id", str(i)) for i in kept])
+    data = load_pairs(wanted, run.spec, on_progress=tick)  # the training loader: readers + preprocess
+    arrays = data.oct if modality == "oct" else data.fundus
+    embeddings = embed_arrays(run.model, modality, arrays, batch_size)
+    groups = np.array([r["patient_id"] for r in data.rows])
+    labels = {t: label_array(data.rows, t) for t in tasks}
     heads: list[LinearHead] = []
     skipped: dict[str, str] = {}
     for task in tasks:
-        y = labels[task][kept]
+        y = labels[task]
         if not np.isfinite(y).any():
             skipped[task] = "no labels in the manifest"
             continue
@@ -239,4 +168,4 @@ def probe_run(
 
         extra = {"manifest": str(manifest_path), "spec_hash": spec_hash(run.spec), "seed": seed}
         heads_path = save_heads(run_dir, heads, extra=extra)
-    return ProbeResult(heads, skipped, len(rows), len(kept), data.errors, manifest_path, heads_path)
+    return ProbeResult(heads, skipped, len(rows), len(data.rows), data.errors, manifest_path, heads_path)
