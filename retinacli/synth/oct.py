@@ -132,12 +132,14 @@ def render_oct(
     knots.append((z_bm + eye.choroid_um, _const("sclera", z_bm) * shadow))
     intensity = _integrate_profiles(knots, h, depth_um / h)
 
-    # Choroidal vessels (blobby texture) and attenuation with depth below BM.
-    zc = ((np.arange(h, dtype=np.float32) + 0.5) * np.float32(depth_um / h))[None, :, None]
+    # Choroidal vessels (blobby texture) and attenuation with depth below BM, computed only on the
+    # rows that lie below Bruch's membrane somewhere in the volume.
+    top = int(np.clip(np.floor(z_bm.min() / (depth_um / h)), 0, h - 1))
+    zc = ((np.arange(top, h, dtype=np.float32) + 0.5) * np.float32(depth_um / h))[None, :, None]
     below_bm = np.maximum(zc - z_bm.astype(np.float32)[:, None, :], np.float32(0.0))
-    lumens = _smooth_noise(rng, (s, h, w), scale=(max(1, h // 40), max(2, w // 24)))
+    lumens = _smooth_noise(rng, (s, h - top, w), scale=(max(1, h // 40), max(2, w // 24)))
     attenuation = np.exp(below_bm * np.float32(-1.0 / 220.0))
-    intensity *= np.where(below_bm > 0, lumens * attenuation, np.float32(1.0))
+    intensity[:, top:, :] *= np.where(below_bm > 0, lumens * attenuation, np.float32(1.0))
 
     # Speckle (a few averaged frames, as with eye-tracked averaging), then log compression.
     # Gamma(3) speckle and an exponential noise floor, drawn by table look-up (much faster than
@@ -177,8 +179,8 @@ def _integrate_profiles(knots: list[tuple[np.ndarray, np.ndarray]], h: int, pixe
     index = np.concatenate([(row * n_cols + cols)[visible], ((row + 1) * n_cols + cols)[visible]])
     weight = np.concatenate([(step * (1.0 - frac))[visible], (step * frac)[visible]])
     steps = np.bincount(index, weights=weight, minlength=(h + 1) * n_cols)[: (h + 1) * n_cols]
-    profile = np.cumsum(steps.reshape(h + 1, *depth.shape[1:]), axis=0)[:h]  # (H, S, W)
-    return np.ascontiguousarray(profile.transpose(1, 0, 2), dtype=np.float32)
+    steps = steps.astype(np.float32).reshape(h + 1, depth.shape[1], depth.shape[2]).transpose(1, 0, 2)
+    return np.cumsum(steps, axis=1, dtype=np.float32)[:, :h, :]  # (S, H, W)
 
 
 def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int, int], scale: tuple[int, int]):
