@@ -110,14 +110,19 @@ def _identity(seed: int, number: int) -> Identity:
 
 
 def _patient_plan(seed: int, number: int, visits: int, nir_fraction: float):
-    rng = rng_for(seed, "patient", number)
+    """Eyes, visit dates and times, fundus device. Each from its own stream, so a patient's eyes and
+    device do not change with ``visits``, and visit k's date does not depend on later visits."""
+    rng = rng_for(seed, "patient-eyes", number)
     eyes = ["OD", "OS"] if rng.random() < 0.6 else [str(rng.choice(["OD", "OS"]))]
-    first = dt.date(2016, 1, 4) + dt.timedelta(days=int(rng.integers(0, 6 * 365)))
-    dates = [first]
+    device = "nir" if rng_for(seed, "patient-device", number).random() < nir_fraction else "colour"
+    schedule = rng_for(seed, "patient-dates", number)
+    dates = [dt.date(2016, 1, 4) + dt.timedelta(days=int(schedule.integers(0, 6 * 365)))]
     for _ in range(visits - 1):
-        dates.append(dates[-1] + dt.timedelta(days=int(rng.integers(28, 120))))
-    device = "nir" if rng.random() < nir_fraction else "colour"
-    times = [dt.time(*(int(v) for v in rng.integers((8, 0, 0), (17, 60, 60)))) for _ in dates]
+        dates.append(dates[-1] + dt.timedelta(days=int(schedule.integers(28, 120))))
+    times = []
+    for visit in range(visits):
+        clock = rng_for(seed, "visit-time", number, visit)
+        times.append(dt.time(*(int(v) for v in clock.integers((8, 0, 0), (17, 60, 60)))))
     return eyes, dates, times, device
 
 
