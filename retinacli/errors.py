@@ -25,8 +25,8 @@ class ReadError(RetinaError):
 
     def __init__(self, path: object, reason: str):
         self.path = str(path)
-        self.reason = reason
-        super().__init__(f"{self.path}: {reason}")
+        self.reason = " ".join(str(reason).split())  # one line, whatever the file put in the message
+        super().__init__(f"{self.path}: {self.reason}")
 
 
 class UsageError(RetinaError):

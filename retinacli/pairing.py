@@ -237,13 +237,23 @@ def read_labels(path: Path) -> Labels:
         with open(path, newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle)
             fields = [f.strip() for f in reader.fieldnames or []]
-            rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+            # Cells past the header's columns (restkey None -> a list) are not ours: dropped.
+            rows = [
+                {(k or "").strip(): (v or "").strip() for k, v in row.items() if isinstance(k, str)}
+                for row in reader
+            ]
     except OSError as exc:
         raise UsageError(f"{path}: cannot read labels CSV ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{path}: labels CSV is not UTF-8 text (byte {exc.start}); save it as UTF-8") \
+            from None
+    except csv.Error as exc:
+        raise UsageError(f"{path}: malformed labels CSV ({' '.join(str(exc).split())})") from None
     missing = [c for c in ("patient_id", "eye") if c not in fields]
     if missing or not ({"date", "visit"} & set(fields)):
+        found = ", ".join(" ".join(f.split())[:40] for f in fields[:20]) or "no header"
         raise UsageError(
-            f"{path}: labels CSV needs columns patient_id, eye and date (or visit); found {', '.join(fields)}"
+            f"{path}: labels CSV needs columns patient_id, eye and date (or visit); found {found}"
         )
     if not set(LABEL_COLUMNS) & set(fields):
         raise UsageError(f"{path}: labels CSV has none of the label columns {', '.join(LABEL_COLUMNS)}")

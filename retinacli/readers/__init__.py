@@ -21,7 +21,7 @@ from pathlib import Path
 
 from retinacli.errors import ReadError
 from retinacli.items import FundusImage, Item, OctVolume
-from retinacli.readers.common import Source, natural_key
+from retinacli.readers.common import Source, natural_key, normalise_pixels
 from retinacli.readers.discover import Discovery, scan
 
 __all__ = [
@@ -79,6 +79,7 @@ def read_source(source: Source, modality: str | None = None) -> list[Item]:
         raise ReadError(path, f"unknown source kind {kind!r}")
     for item in items:
         item.path = str(path)
+        item.pixels = normalise_pixels(path, item.pixels)
     return [item for item in items if modality is None or item.modality == modality]
 
 

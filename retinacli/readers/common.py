@@ -114,3 +114,39 @@ def short(exc: BaseException, limit: int = 160) -> str:
         return exc.strerror
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def normalise_pixels(path: object, pixels: np.ndarray) -> np.ndarray:
+    """Every item leaves the readers as uint8, uint16 or float32 with no empty axis.
+
+    bool -> 0/255 uint8; other integers -> the smallest of uint8 / uint16 that holds their values,
+    else float32 (negative values included); float16/64 -> float32.
+    """
+    if pixels.size == 0 or min(pixels.shape) == 0:
+        raise ReadError(path, f"empty image (shape {tuple(int(s) for s in pixels.shape)})")
+    dtype = pixels.dtype
+    if dtype in (np.uint8, np.uint16, np.float32):
+        return pixels
+    if dtype == np.bool_:
+        return pixels.astype(np.uint8) * np.uint8(255)
+    if dtype.kind in "iu":
+        low, high = int(pixels.min()), int(pixels.max())
+        if low >= 0 and high <= 0xFF:
+            return pixels.astype(np.uint8)
+        if low >= 0 and high <= 0xFFFF:
+            return pixels.astype(np.uint16)
+        return pixels.astype(np.float32)
+    if dtype.kind == "f":
+        return pixels.astype(np.float32)
+    raise ReadError(path, f"unsupported pixel type {dtype}")
+
+
+def header_int(path: object, ds, keyword: str, default: int) -> int:
+    """An integer header value (Rows, Columns, SamplesPerPixel, ...) or a ReadError naming it."""
+    value = ds.get(keyword, default)
+    if value in (None, ""):
+        return default
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ReadError(path, f"invalid {keyword} in header ({str(value)[:40]!r})") from None

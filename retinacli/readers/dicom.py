@@ -7,6 +7,8 @@ pair or an angiography sequence of photographs, not a volume: it reads as a fund
 
 from __future__ import annotations
 
+import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +19,17 @@ from retinacli.items import FundusImage, ImageMeta, OctVolume
 from retinacli.readers.common import (
     as_fundus_array,
     check_sample_budget,
+    header_int,
     natural_key,
     normalise_laterality,
     short,
     to_grayscale,
 )
+
+# pydicom warns (UserWarning) about every odd value it meets in a broken file; the reader reports
+# what matters as one ReadError, so these lines would only be noise on stderr. Installed once, at
+# import (not per call: warnings.catch_warnings is not thread-safe).
+warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\.|$)")
 
 OPT_SOP = "1.2.840.10008.5.1.4.1.1.77.1.5.4"  # Ophthalmic Tomography Image Storage
 FUNDUS_SOPS = {
@@ -70,12 +78,46 @@ def read_header(path: Path):
     except ReadError:
         raise
     except (EOFError, OSError) as exc:
-        raise ReadError(path, f"truncated or unreadable DICOM header ({short(exc)})") from None
+        raise ReadError(path, f"truncated or unreadable DICOM header ({safe_reason(exc)})") from None
     except Exception as exc:  # pydicom raises many types on garbage input
-        raise ReadError(path, f"not a DICOM file ({short(exc)})") from None
+        raise ReadError(path, f"not a DICOM file ({safe_reason(exc)})") from None
     if "SOPClassUID" not in ds and "Rows" not in ds:
         raise ReadError(path, "not a DICOM file")
+    parse_all_values(path, ds)
     return ds
+
+
+def parse_all_values(path: Path, ds) -> None:
+    """pydicom converts values lazily, on first access; a broken value (bad VR, odd length) would then
+    raise anywhere later. Converting every element here turns it into one ReadError up front, naming
+    the tag only (the value could be a patient's name)."""
+    file_meta = getattr(ds, "file_meta", None)
+    for owner in (file_meta, ds):
+        if owner is not None:
+            _parse_dataset(path, owner)
+
+
+def _parse_dataset(path: Path, ds, depth: int = 0) -> None:
+    if depth > 8:
+        raise ReadError(path, "broken DICOM header (sequences nested too deeply)")
+    for tag in list(ds.keys()):
+        try:
+            element = ds[tag]
+            value = element.value
+        except Exception:
+            raise ReadError(path, f"broken DICOM header (invalid value in tag {tag})") from None
+        if element.VR == "SQ":
+            for item in value or ():
+                _parse_dataset(path, item, depth + 1)
+
+
+_QUOTED = re.compile(r"b?'[^']*'|b?\"[^\"]*\"")
+
+
+def safe_reason(exc: BaseException) -> str:
+    """An exception's one-line text with quoted values taken out: a parser's message may quote
+    header bytes, and those can be identifiers."""
+    return _QUOTED.sub("'…'", short(exc))
 
 
 def frame_count(ds) -> int:
@@ -109,9 +151,14 @@ def classify(ds) -> tuple[str | None, str]:
     return None, f"unsupported DICOM image class ({_sop_name(sop) or sop})"
 
 
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
 def _sop_name(sop: str) -> str:
     from pydicom.uid import UID
 
+    if not _UID.match(sop) or len(sop) > 64:
+        return "invalid SOP Class UID"
     try:
         name = UID(sop).name
     except Exception:
@@ -234,11 +281,14 @@ def header_meta(ds) -> ImageMeta:
 
 
 def check_size(path: Path, ds) -> None:
-    rows = int(ds.get("Rows", 0) or 0)
-    cols = int(ds.get("Columns", 0) or 0)
+    rows = header_int(path, ds, "Rows", 0)
+    cols = header_int(path, ds, "Columns", 0)
     if rows <= 0 or cols <= 0:
         raise ReadError(path, f"invalid image size in header (Rows={rows}, Columns={cols})")
-    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    samples = header_int(path, ds, "SamplesPerPixel", 1)
+    bits = header_int(path, ds, "BitsAllocated", 8)
+    if samples not in (1, 3, 4) or bits not in (1, 8, 16, 32, 64):
+        raise ReadError(path, f"unsupported pixel layout (SamplesPerPixel={samples}, BitsAllocated={bits})")
     check_sample_budget(path, (frame_count(ds), rows, cols, samples))
 
 
@@ -249,6 +299,8 @@ def _transfer_syntax_problem(ds) -> str | None:
     uid = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     if uid is None:
         return None
+    if not _UID.match(str(uid)) or len(str(uid)) > 64:
+        return "invalid transfer syntax UID in the file meta header"
     try:
         decoder = get_decoder(uid)
     except NotImplementedError:
@@ -284,7 +336,8 @@ def load_pixels(path: Path, header=None) -> tuple[Any, np.ndarray]:
     try:
         ds = pydicom.dcmread(path, force=True)
     except Exception as exc:
-        raise ReadError(path, f"truncated or unreadable DICOM file ({short(exc)})") from None
+        raise ReadError(path, f"truncated or unreadable DICOM file ({safe_reason(exc)})") from None
+    parse_all_values(path, ds)
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise ReadError(path, "no pixel data (truncated file or not an image)")
     _check_native_length(path, ds)
@@ -294,8 +347,13 @@ def load_pixels(path: Path, header=None) -> tuple[Any, np.ndarray]:
         text = str(exc)
         if "less than expected" in text or "truncated" in text.lower() or isinstance(exc, EOFError):
             raise ReadError(path, "truncated pixel data") from None
-        raise ReadError(path, f"cannot decode pixel data ({short(exc)})") from None
-    return ds, _to_display_values(ds, pixels)
+        raise ReadError(path, f"cannot decode pixel data ({safe_reason(exc)})") from None
+    try:
+        return ds, _to_display_values(ds, pixels)
+    except ReadError:
+        raise
+    except Exception as exc:  # e.g. PALETTE COLOR without its lookup tables
+        raise ReadError(path, f"cannot convert pixel data to display values ({safe_reason(exc)})") from None
 
 
 def _check_native_length(path: Path, ds) -> None:

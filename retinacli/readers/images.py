@@ -87,8 +87,20 @@ def _palette_is_gray(im) -> bool:
     return all(r == g == b for r, g, b in triples)
 
 
-def tiff_header(path: Path) -> ImageHeader:
+def quiet_tifffile():
+    """tifffile, with its warnings about broken files kept off stderr (the ReadError reports them)."""
+    import logging
+
     import tifffile
+
+    logger = logging.getLogger("tifffile")
+    if not logger.handlers:
+        logger.addHandler(logging.NullHandler())
+    return tifffile
+
+
+def tiff_header(path: Path) -> ImageHeader:
+    tifffile = quiet_tifffile()
 
     try:
         with tifffile.TiffFile(path) as tif:
@@ -150,7 +162,7 @@ def load_image(path: Path) -> tuple[np.ndarray, str]:
 
 
 def load_tiff_page(path: Path) -> np.ndarray:
-    import tifffile
+    tifffile = quiet_tifffile()
 
     header = tiff_header(path)
     check_sample_budget(path, header.page_shape)

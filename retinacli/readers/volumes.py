@@ -10,7 +10,7 @@ import numpy as np
 from retinacli.errors import ReadError
 from retinacli.items import FundusImage, ImageMeta, OctVolume
 from retinacli.readers.common import as_fundus_array, check_sample_budget, short, to_grayscale
-from retinacli.readers.images import load_image, tiff_header
+from retinacli.readers.images import load_image, quiet_tifffile, tiff_header
 
 
 def npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
@@ -67,7 +67,7 @@ def read_npy(path: Path) -> OctVolume | FundusImage:
 
 
 def read_tiff_stack(path: Path) -> OctVolume:
-    import tifffile
+    tifffile = quiet_tifffile()
 
     header = tiff_header(path)
     check_sample_budget(path, header.page_shape)
