@@ -82,7 +82,8 @@ def segment_cst(oct_path: Path) -> float:
     """Mean ILM-BM thickness (µm) in the central 1 mm circle, from the pixels and DICOM spacing.
 
     ILM: first crossing (sub-pixel) of half-way between vitreous and bright retina.
-    BM: centre of the brightest band below the ILM (the RPE, parabolic peak) plus half the RPE.
+    BM: centre of the brightest band well below the ILM (the RPE; lateral running median, parabolic
+    peak) plus half the RPE thickness.
     """
     import pydicom
 
@@ -100,8 +101,14 @@ def segment_cst(oct_path: Path) -> float:
     at = np.take_along_axis(lateral, first[:, None, :], 1)[:, 0]
     ilm = first - 0.5 + (threshold - before) / np.maximum(at - before, 1e-6)
     smooth = moving_average(lateral, 3, 1)
-    below_ilm = np.where(np.arange(h)[None, :, None] > first[:, None, :], smooth, -1.0)
+    # The RPE lies at least ~150 µm below the ILM; searching from there skips the bright RNFL and
+    # vessel walls, which win where a vessel shadows the RPE.
+    floor = first + round(0.15 / axial_mm)
+    below_ilm = np.where(np.arange(h)[None, :, None] > floor[:, None, :], smooth, -1.0)
     peak = np.argmax(below_ilm, axis=1)
+    # Like any layer segmentation, keep the surface continuous: a lateral running median.
+    windows = np.lib.stride_tricks.sliding_window_view(np.pad(peak, ((0, 0), (4, 4)), mode="edge"), 9, axis=1)
+    peak = np.median(windows, axis=2).astype(int)
     up, centre, down = (
         np.take_along_axis(smooth, np.clip(peak + d, 0, h - 1)[:, None, :], 1)[:, 0] for d in (-1, 0, 1)
     )

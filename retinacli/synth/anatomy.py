@@ -91,6 +91,9 @@ class EyeAnatomy:
     has_ped: bool
     srf_prone: bool
     acuity_offset: float  # letters, eye-specific (lens, amblyopia, ...)
+    axial_length_mm: float
+    melanin: float  # 0 (blond fundus) .. 1 (heavily pigmented)
+    tessellation: float  # contrast of the choroidal pattern on the fundus
 
     @property
     def sign(self) -> int:
@@ -123,16 +126,27 @@ class VisitState:
 
 
 def sample_eye(seed: int, patient_index: int, eye: str) -> EyeAnatomy:
+    """One eye's fixed anatomy.
+
+    Two shared latents tie the fundus to the OCT, as in real eyes: axial length (long, myopic eyes
+    have a thinner choroid, a more tessellated fundus, the disc farther from the fovea, a steeper
+    bowl and a slightly thinner retina) and melanin (a darker fundus and a darker choroid on OCT).
+    """
     rng = rng_for(seed, "eye", patient_index, eye)
     disease = str(rng.choice(DISEASES, p=DISEASE_WEIGHTS))
     severity = float(rng.uniform(0.35, 1.0)) if disease != "healthy" else 0.0
-    disc_x = float(rng.uniform(3.9, 4.7))
+    axial_length = float(np.clip(rng.normal(23.6, 1.1), 21.5, 27.5))
+    myopia = axial_length - 23.6
+    melanin = float(rng.uniform(0.0, 1.0))
+    disc_x = float(4.25 + 0.25 * myopia + rng.uniform(-0.2, 0.2))
     disc_y = float(rng.uniform(0.1, 0.8))
     disc_radius = float(rng.uniform(0.7, 1.0))
-    tint = np.array(
-        [rng.uniform(0.72, 0.95), rng.uniform(0.30, 0.50), rng.uniform(0.10, 0.24)], dtype=np.float64
-    )
-    tint *= rng.uniform(0.75, 1.1)  # overall pigmentation
+    light = np.array([0.95, 0.50, 0.22])  # blond fundus: orange-red
+    dark = np.array([0.62, 0.24, 0.10])  # heavily pigmented: dark red-brown
+    tint = (light * (1 - melanin) + dark * melanin) * rng.uniform(0.93, 1.07, size=3)
+    choroid = float(np.clip(300.0 - 55.0 * myopia + rng.normal(0.0, 25.0), 120.0, 420.0))
+    # Thin choroid -> choroidal vessels show through the RPE (tessellated fundus).
+    tessellation = 0.03 + 0.12 * (300.0 - choroid) / 180.0 + 0.04 * (1 - melanin)
     return EyeAnatomy(
         patient_index=patient_index,
         eye=eye,
@@ -141,13 +155,13 @@ def sample_eye(seed: int, patient_index: int, eye: str) -> EyeAnatomy:
         disc_radius=disc_radius,
         disc_elongation=float(rng.uniform(1.0, 1.2)),
         cup_ratio=float(rng.uniform(0.2, 0.6)),
-        peri_um=float(rng.normal(292.0, 12.0)),
+        peri_um=float(296.0 - 7.0 * myopia + rng.normal(0.0, 10.0)),
         rim_gain=float(rng.uniform(0.12, 0.22)),
         pit_depth_um=float(rng.normal(95.0, 12.0)),
         pit_width_mm=float(rng.uniform(0.38, 0.55)),
         layer_gain=rng.uniform(0.85, 1.15, size=len(INNER_LAYER_UM)),
-        choroid_um=float(rng.uniform(180.0, 330.0)),
-        bowl_um_per_mm2=float(rng.uniform(8.0, 30.0)),
+        choroid_um=choroid,
+        bowl_um_per_mm2=float(np.clip(16.0 + 5.0 * myopia + rng.normal(0.0, 3.0), 5.0, 35.0)),
         tilt_um_per_mm=(float(rng.normal(0, 18.0)), float(rng.normal(0, 10.0))),
         tint=tint,
         pigment=float(rng.uniform(0.15, 0.45)),
@@ -161,6 +175,9 @@ def sample_eye(seed: int, patient_index: int, eye: str) -> EyeAnatomy:
         has_ped=bool(disease == "nv_amd" and rng.random() < 0.55),
         srf_prone=bool(rng.random() < {"nv_amd": 0.8, "dme": 0.3}.get(disease, 0.0)),
         acuity_offset=float(rng.normal(0.0, 4.0)),
+        axial_length_mm=axial_length,
+        melanin=melanin,
+        tessellation=float(np.clip(tessellation, 0.02, 0.2)),
     )
 
 
@@ -389,7 +406,7 @@ def normal_thickness(eye: EyeAnatomy, X: np.ndarray, Y: np.ndarray) -> np.ndarra
     r = np.hypot(X, Y)
     rim = eye.rim_gain * np.exp(-(((r - 1.1) / 0.75) ** 2))
     slope = -6.0 * np.clip(r - 1.5, 0.0, None)  # thinning towards the periphery
-    nasal = 10.0 * np.clip(X / 3.0, -1.0, 1.0)  # thicker towards the disc
+    nasal = 18.0 * np.clip(X / 3.0, -1.0, 1.0)  # thicker towards the disc
     pit = eye.pit_depth_um * np.exp(-((r / eye.pit_width_mm) ** 2))
     return eye.peri_um * (1.0 + rim) + slope + nasal - pit
 

@@ -163,7 +163,7 @@ def _blend(img: np.ndarray, colour, alpha: np.ndarray) -> np.ndarray:
 
 
 def _colour_background(eye: EyeAnatomy, m: dict) -> np.ndarray:
-    base = eye.tint * (1.0 + 0.07 * m["texture"])[..., None]
+    base = eye.tint * (1.0 + eye.tessellation * m["texture"])[..., None]
     img = (base * (1.0 - eye.pigment * m["macula"])[..., None]).astype(np.float32)  # darker macula
     _blend(img, (0.55, 0.30, 0.12), 0.3 * m["halo"])
     _blend(img, (0.96, 0.74, 0.52), 0.9 * m["disc"])
@@ -184,8 +184,8 @@ def _colour_lesions(img: np.ndarray, lesions: dict) -> None:
 def _nir_background(eye: EyeAnatomy, m: dict) -> np.ndarray:
     # Near-infrared reflectance: grey background whose level tracks pigmentation, dark vessels,
     # a darker disc and cup.
-    level = 0.30 + 0.35 * float(eye.tint.mean())
-    img = level * (1.0 + 0.06 * m["texture"]) * (1.0 - 0.25 * eye.pigment * m["macula"])
+    level = 0.62 - 0.25 * eye.melanin
+    img = level * (1.0 + 0.8 * eye.tessellation * m["texture"]) * (1.0 - 0.25 * eye.pigment * m["macula"])
     img = img * (1.0 - 0.25 * m["disc"]) * (1.0 - 0.25 * m["cup"])
     img = img * (1.0 - 0.55 * np.maximum(m["veins"], 0.85 * m["arteries"]))
     return img[..., None]

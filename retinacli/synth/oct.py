@@ -128,7 +128,8 @@ def render_oct(
             ]
         else:
             knots.append((tops[name], r * shadow))
-    knots.append((z_bm, _const("choroid", z_bm) * shadow))
+    melanin_absorption = 1.25 - 0.6 * eye.melanin  # pigmented eyes: darker choroid
+    knots.append((z_bm, _const("choroid", z_bm) * shadow * melanin_absorption))
     knots.append((z_bm + eye.choroid_um, _const("sclera", z_bm) * shadow))
     intensity = _integrate_profiles(knots, h, depth_um / h)
 
