@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from retinacli.synth.anatomy import LAYERS, EyeAnatomy, VisitState, layer_thicknesses
+from retinacli.synth.anatomy import LAYERS, EyeAnatomy, VisitState, layer_thicknesses, splat
 
 SCAN_MM = 6.0
 DEPTH_MM = 1.92  # Spectralis-like: 496 rows x 3.87 µm
@@ -106,12 +106,19 @@ def render_oct(
 
     # Piecewise-constant reflectivity profile per A-scan: (knot depth, reflectivity below it).
     v = np.clip(vessel_map, 0.0, 1.0)
+    # Fundus-visible lesions that also show on OCT (same maps as the fundus renderer uses).
+    exudate = np.clip(splat(geo.xs_eye, geo.ys, state.exudates, "smooth") * 1.5, 0.0, 1.0)
+    hemorrhage = np.clip(splat(geo.xs_eye, geo.ys, state.hemorrhages, "smooth") * 1.3, 0.0, 1.0)
     shadow = np.ones_like(z_bm)
     knots: list[tuple[np.ndarray, np.ndarray]] = [(np.zeros_like(z_bm), _const("vitreous", z_bm))]
     for name in LAYERS:
         r = _const(name, z_bm)
         if name == "sub_rpe":  # serous PED is dark, drusen material moderately reflective
             r = np.where(t["_ped"] > t["_drusen"], PED_REFLECTIVITY, r)
+        if name == "rnfl" and hemorrhage.any():  # blood: bright inner retina, shadow below
+            r = np.maximum(r, 0.9 * hemorrhage)
+        if name == "opl" and exudate.any():  # hard exudates: hyperreflective foci, faint shadow
+            r = np.maximum(r, 1.2 * exudate)
         if name == "gcl":  # a retinal vessel: bright lumen in the GCL, shadow on everything below
             mid = (tops[name] + bottoms[name]) / 2.0
             half = np.minimum(10.0 + 22.0 * v, t[name] / 2.0) * (v > 0.1)
@@ -128,6 +135,10 @@ def render_oct(
             ]
         else:
             knots.append((tops[name], r * shadow))
+        if name == "rnfl":
+            shadow = shadow * (1.0 - 0.6 * hemorrhage)
+        elif name == "opl":
+            shadow = shadow * (1.0 - 0.4 * exudate)
     melanin_absorption = 1.25 - 0.6 * eye.melanin  # pigmented eyes: darker choroid
     knots.append((z_bm, _const("choroid", z_bm) * shadow * melanin_absorption))
     knots.append((z_bm + eye.choroid_um, _const("sclera", z_bm) * shadow))
