@@ -43,7 +43,7 @@ def moving_average(a: np.ndarray, k: int, axis: int) -> np.ndarray:
 
 
 def line_profiles(oct_path: Path, fundus_path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """High-passed OCT shadow signal and fundus darkness along every B-scan line, concatenated."""
+    """OCT shadow depth and fundus darkness (high-passed) along every B-scan line, concatenated."""
     import pydicom
 
     oct_ds, fundus = pydicom.dcmread(oct_path), pydicom.dcmread(fundus_path)
@@ -59,8 +59,10 @@ def line_profiles(oct_path: Path, fundus_path: Path) -> tuple[np.ndarray, np.nda
         cols = np.clip(np.round(c0 - 1 + t * (c1 - c0)).astype(int), 0, gray.shape[1] - 1)
         along_fundus = gray[rows, cols]
         below = volume[k, h // 2 :, :].mean(axis=0)  # outer retina + choroid: shadowed under vessels
-        oct_signal.append(below - moving_average(below, 15, 0))
-        fundus_signal.append(along_fundus - moving_average(along_fundus, 15, 0))
+        # Keep only "darker than the surroundings": vessels on the fundus, shadows on the OCT
+        # (bright lesions such as exudates are not what this test is about).
+        oct_signal.append(np.minimum(below - moving_average(below, 15, 0), 0.0))
+        fundus_signal.append(np.minimum(along_fundus - moving_average(along_fundus, 15, 0), 0.0))
     return np.concatenate(oct_signal), np.concatenate(fundus_signal)
 
 
@@ -74,7 +76,7 @@ def test_vessel_shadows_line_up_with_fundus_vessels(medium_cohort: Path) -> None
         a, b = line_profiles(medium_cohort / r["oct_path"], medium_cohort / other["fundus_path"])
         mismatched.append(np.corrcoef(a, b)[0, 1])
     matched, mismatched = np.array(matched), np.array(mismatched)
-    assert matched.min() > 0.25 and matched.mean() > 0.4, matched
+    assert matched.min() > 0.3 and matched.mean() > 0.5, matched
     assert np.abs(mismatched).mean() < 0.08, mismatched
 
 
