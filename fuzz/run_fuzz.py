@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import signal
 import sys
 import tempfile
 import time
@@ -30,6 +31,14 @@ import fuzz_targets  # noqa: E402
 WEIGHTS = {"dicom": 0.35, "image": 0.25, "npy": 0.1, "labels": 0.1, "manifest": 0.1, "package": 0.1}
 
 
+class HangError(Exception):
+    """A case ran past --hang-seconds."""
+
+
+def _hang(signum, frame):
+    raise HangError("the case did not finish in time (a hang)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", type=int, default=10_000, help="total number of cases (default 10000)")
@@ -38,7 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--first", type=int, default=0, help="case number to start at (to reproduce one)")
     parser.add_argument("--skip-known", action="append", default=[], metavar="TARGET",
                         help="run TARGET but do not count its failures (a known bug owned elsewhere)")
+    parser.add_argument("--hang-seconds", type=int, default=60,
+                        help="a case running longer than this counts as a hang (default 60)")
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGALRM, _hang)
     warnings.simplefilter("ignore")  # pydicom / Pillow warnings are not failures; exceptions are
 
     targets = args.only or list(WEIGHTS)
@@ -59,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             for case in range(args.first, args.first + plan[target]):
                 rnd = random.Random(f"{target}:{args.seed + case}")
+                signal.alarm(args.hang_seconds)  # a hang is a failure too (reported as HangError)
                 try:
                     outcomes[target][fuzz_targets.run_case(target, seeds, rnd, workdir)] += 1
                 except Exception as exc:  # the property failed: record where
@@ -69,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
                               f"{' '.join(str(exc).split())[:200]}", flush=True)
                     failures.setdefault(key, []).append(case)
                     outcomes[target]["FAILED"] += 1
+                finally:
+                    signal.alarm(0)
             counts = ", ".join(f"{k} {v}" for k, v in sorted(outcomes[target].items()))
             print(f"{target:9s} {plan[target]:6d} cases in {time.perf_counter() - t0:6.1f} s: {counts}",
                   flush=True)

@@ -60,6 +60,10 @@ def register(app: typer.Typer) -> None:
             )
         except RetinaError as exc:
             fail(str(exc), exc.exit_code)
+        except OSError as exc:  # disk full, read-only or vanished store: committed shards stay valid
+            where = f" ({exc.filename})" if exc.filename else ""
+            fail(f"cannot write the embedding store: {exc.strerror or exc}{where}; the shards committed "
+                 "so far are kept, and a re-run continues from them", EXIT_NOTHING_DONE)
         for error in report.errors[:MAX_ERRORS_SHOWN]:
             err.print(f"[yellow]failed:[/] {error}", markup=True, highlight=False)
         if len(report.errors) > MAX_ERRORS_SHOWN:

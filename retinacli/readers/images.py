@@ -99,14 +99,20 @@ def quiet_tifffile():
     return tifffile
 
 
+def index_pages(tif) -> int:
+    """Number of pages. Called before anything iterates the pages: tifffile (2026.3) loops forever
+    iterating a file whose IFD chain is circular unless the page offsets were indexed first."""
+    return len(tif.pages)
+
+
 def tiff_header(path: Path) -> ImageHeader:
     tifffile = quiet_tifffile()
 
     try:
         with tifffile.TiffFile(path) as tif:
+            pages = index_pages(tif)  # first, before tif.series
             series = tif.series[0]
             shape = tuple(int(s) for s in series.shape)
-            pages = len(tif.pages)
             page = tif.pages[0]
             samples = int(getattr(page, "samplesperpixel", 1))
             height, width = int(page.imagelength), int(page.imagewidth)
@@ -167,7 +173,9 @@ def load_tiff_page(path: Path) -> np.ndarray:
     header = tiff_header(path)
     check_sample_budget(path, header.page_shape)
     try:
-        pixels = tifffile.imread(path, key=0)
+        with tifffile.TiffFile(path) as tif:
+            index_pages(tif)
+            pixels = tif.pages[0].asarray()
     except Exception as exc:
         raise ReadError(path, f"cannot decode TIFF ({short(exc)})") from None
     if pixels.ndim == 3 and pixels.shape[0] in (3, 4) and pixels.shape[-1] not in (3, 4):

@@ -10,7 +10,7 @@ import numpy as np
 from retinacli.errors import ReadError
 from retinacli.items import FundusImage, ImageMeta, OctVolume
 from retinacli.readers.common import as_fundus_array, check_sample_budget, short, to_grayscale
-from retinacli.readers.images import load_image, quiet_tifffile, tiff_header
+from retinacli.readers.images import index_pages, load_image, quiet_tifffile, tiff_header
 
 
 def npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
@@ -73,7 +73,7 @@ def read_tiff_stack(path: Path) -> OctVolume:
     check_sample_budget(path, header.page_shape)
     try:
         with tifffile.TiffFile(path) as tif:
-            shapes = [tuple(page.shape) for page in tif.pages]
+            shapes = [tuple(tif.pages[i].shape) for i in range(index_pages(tif))]
             if len(set(shapes)) > 1:
                 odd = next(i for i, shape in enumerate(shapes) if shape != shapes[0])
                 raise ReadError(
