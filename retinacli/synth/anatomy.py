@@ -305,7 +305,7 @@ def sample_visits(seed: int, eye: EyeAnatomy, dates: list[dt.date]) -> list[Visi
             cysts = _sample_bumps(vr, n_cysts, lx, ly, 0.55, (0.08, 0.32), (30.0, 60.0 + 160.0 * activity))
             cyst_in_onl = vr.random(len(cysts)) < np.clip(1.2 - np.hypot(cysts.x, cysts.y), 0.2, 0.9)
             if eye.srf_prone and activity > 0.15:
-                h = 40.0 + 220.0 * activity * vr.uniform(0.6, 1.1)
+                h = 40.0 + 180.0 * activity * vr.uniform(0.6, 1.1)
                 r = 0.6 + 1.0 * activity * vr.uniform(0.7, 1.2)
                 ry = r * vr.uniform(0.7, 1.0)
                 srf = Bumps(np.array([lx]), np.array([ly]), np.array([r]), np.array([ry]), np.array([h]))
@@ -316,7 +316,7 @@ def sample_visits(seed: int, eye: EyeAnatomy, dates: list[dt.date]) -> list[Visi
                 hemorrhages = _sample_bumps(vr, int(vr.poisson(3 * activity)), lx, ly, 0.8, (0.1, 0.35),
                                             (1.0, 1.0))
         if eye.has_ped:  # persists across visits, flattens a little with treatment
-            h = (80.0 + 150.0 * eye.severity) * (0.55 + 0.45 * activity)
+            h = (80.0 + 120.0 * eye.severity) * (0.55 + 0.45 * activity)
             r = 0.5 + 0.6 * eye.severity
             ped = Bumps(np.array([eye.lesion_x * 0.5]), np.array([eye.lesion_y * 0.5]), np.array([r]),
                         np.array([r * 0.85]), np.array([h]))
