@@ -162,3 +162,16 @@ def test_export_cli_then_verify(tiny_package_run, tmp_path, fast_encoder_export,
     assert verify.exit_code == 0 and json.loads(verify.stdout)["ok"] is True
     again = runner.invoke(app, ["export", str(tiny_package_run), "--out", str(out)])
     assert again.exit_code == 1 and "already exists" in again.stderr
+
+
+def test_heads_fitted_on_another_checkpoint_are_refused(tiny_package_run, tiny_loaded_run, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoints").symlink_to(tiny_package_run / "checkpoints")
+    payload = json.loads((tiny_package_run / "heads.json").read_text())
+    assert all(len(h["checkpoint_sha256"]) == 64 for h in payload["heads"])  # recorded by probe
+    payload["heads"][0]["checkpoint_sha256"] = "0" * 64  # as if the run was trained further since
+    (run / "heads.json").write_text(json.dumps(payload))
+    with pytest.raises(ExportError, match=r"fitted on another checkpoint .*re-run 'retina probe"):
+        export_run(run, tmp_path / "pkg", loaded=tiny_loaded_run)
+    assert not (tmp_path / "pkg").exists()

@@ -96,3 +96,15 @@ def test_heads_round_trip_through_heads_json(tmp_path):
     payload = json.loads((tmp_path / "heads.json").read_text())
     assert payload["schema_version"] == 1
     assert LinearHead.from_dict(payload["heads"][0]).task == "cst"
+
+
+def test_save_heads_records_the_checkpoint_they_were_fitted_on(tmp_path):
+    import hashlib
+
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.pt").write_bytes(b"weights v1")
+    rng = np.random.default_rng(4)
+    x = _unit_rows(rng, 30, 4)
+    save_heads(tmp_path, [fit_linear_head("cst", x, 250 + 50 * x[:, 0])])
+    (head,) = load_heads(tmp_path)
+    assert head.checkpoint_sha256 == hashlib.sha256(b"weights v1").hexdigest()

@@ -354,6 +354,18 @@ def export_run(
                 f"{run_dir / 'heads.json'}: head '{head.task}' expects {head.embed_dim}-d embeddings, "
                 f"the model has {model.embed_dim}; re-run 'retina probe {run_dir}'"
             )
+    checkpoint = run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
+    stale = [h.task for h in heads if h.checkpoint_sha256 is not None]
+    if stale and checkpoint.is_file():
+        from training.heads import file_sha256
+
+        current = file_sha256(checkpoint)
+        stale = [h.task for h in heads if h.checkpoint_sha256 not in (None, current)]
+        if stale:
+            raise ExportError(
+                f"{run_dir / 'heads.json'}: head(s) {', '.join(stale)} were fitted on another checkpoint "
+                f"than {checkpoint}; re-run 'retina probe {run_dir}'"
+            )
     if not heads:
         say(f"no task heads in {run_dir} (run 'retina probe {run_dir}' first); exporting encoders only")
 

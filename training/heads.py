@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 HEADS_FILE = "heads.json"
+CHECKPOINT_FILE = "checkpoints/last.pt"  # contract 4: what load_run loads by default
 HEADS_SCHEMA_VERSION = 1
 
 TASKS: dict[str, dict[str, Any]] = {
@@ -66,6 +67,7 @@ class LinearHead:
     metrics: dict[str, Any] = field(default_factory=dict)
     n_train: int = 0
     input_modality: str = "oct"  # which encoder's embeddings the head was fitted on
+    checkpoint_sha256: str | None = None  # the run checkpoint whose embeddings it was fitted on
 
     @property
     def embed_dim(self) -> int:
@@ -102,6 +104,7 @@ class LinearHead:
             metrics=dict(d.get("metrics") or {}),
             n_train=int(d.get("n_train", 0)),
             input_modality=d.get("input_modality", "oct"),
+            checkpoint_sha256=d.get("checkpoint_sha256"),
         )
 
 
@@ -283,6 +286,16 @@ def _fit_logistic(x, y, groups, seed):
     return weight, bias, threshold, metrics
 
 
+def file_sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 # --- persistence --------------------------------------------------------------------------------
 
 
@@ -300,9 +313,18 @@ def _json_safe(value: Any) -> Any:
 def save_heads(
     run_dir: str | Path, heads: list[LinearHead] | dict[str, LinearHead], extra: dict | None = None
 ) -> Path:
-    """Write ``RUN/heads.json`` atomically (replaces heads for the same tasks, keeps the others)."""
+    """Write ``RUN/heads.json`` atomically (replaces heads for the same tasks, keeps the others).
+
+    New heads without a ``checkpoint_sha256`` get the one of ``RUN/checkpoints/last.pt`` (what
+    ``load_run`` loads), so ``retina export`` can refuse heads fitted on an older checkpoint.
+    """
     run_dir = Path(run_dir)
     new = list(heads.values()) if isinstance(heads, dict) else list(heads)
+    checkpoint = run_dir / CHECKPOINT_FILE
+    if checkpoint.is_file() and any(h.checkpoint_sha256 is None for h in new):
+        digest = file_sha256(checkpoint)
+        for head in new:
+            head.checkpoint_sha256 = head.checkpoint_sha256 or digest
     current = {h.task: h for h in load_heads(run_dir)} if (run_dir / HEADS_FILE).exists() else {}
     current.update({h.task: h for h in new})
     payload = {
