@@ -324,3 +324,29 @@ def verify_package(package_dir: Path, read: bool = True) -> tuple[dict[str, Any]
         if child.suffix.lower() in _SUSPECT_SUFFIXES:
             raise ModelPackageError(f"{child}: not listed in {MANIFEST_FILE} (unlisted model file)")
     return manifest, blobs
+
+
+def install_package(source: Path, force: bool = False) -> Path:
+    """Verify a package and copy it into the model store as ``$RETINA_HOME/models/<name>-<version>``."""
+    import shutil
+    import tempfile
+
+    manifest, _ = verify_package(Path(source), read=False)
+    target = models_dir() / f"{manifest['name']}-{manifest['version']}"
+    if Path(source).resolve() == target.resolve():
+        return target
+    if target.exists() and not force:
+        raise ModelPackageError(f"{target}: already installed (use --force to replace it)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        for name in [MANIFEST_FILE, *(f["path"] for f in manifest["files"])]:
+            shutil.copy2(Path(source) / name, staging / name)
+        verify_package(staging, read=False)  # the copy is what will be used: check it too
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target

@@ -133,3 +133,18 @@ def test_models_list_does_not_import_torch(env):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert len(json.loads(result.stdout)["packages"]) == 3
+
+
+def test_install_copies_a_verified_package_into_the_store(env):
+    code, stdout, _ = run("models", "install", "exported/mine", "--json")
+    assert code == 0
+    target = env / "home" / "models" / "mine-0.1.0"
+    assert json.loads(stdout) == {"installed": str(target)}
+    assert (target / "retina.json").is_file() and (target / "oct_encoder.onnx").is_file()
+    code, _, stderr = run("models", "install", "exported/mine")
+    assert code == 3 and "already installed" in stderr
+    onnx_file = env / "work" / "exported" / "mine" / "head_cst.onnx"
+    onnx_file.write_bytes(onnx_file.read_bytes() + b"\0")
+    code, _, stderr = run("models", "install", "exported/mine", "--force")
+    assert code == 3 and "head_cst.onnx: size" in stderr
+    assert (target / "head_cst.onnx").is_file()  # the installed copy is untouched

@@ -179,6 +179,27 @@ def register(app: typer.Typer) -> None:
         out.print(f"[green]ok[/] {engine.model_id}: {len(files)} files verified (sha256), "
                   f"{len(files)} graphs load in onnxruntime ({path})")
 
+    @models.command("install")
+    def install(
+        source: str = typer.Argument(..., help="Package folder (or name) to copy into the model store.",
+                                     show_default=False),
+        force: bool = typer.Option(False, "--force", help="Replace an installed copy of this version."),
+        as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    ) -> None:
+        """Verify a package and copy it to $RETINA_HOME/models/<name>-<version> (usable from any folder)."""
+        from retinacli.console import fail, out, print_json
+        from retinacli.errors import ModelPackageError
+        from retinacli.package import install_package, resolve_package
+
+        try:
+            target = install_package(resolve_package(source), force=force)
+        except ModelPackageError as exc:
+            fail(str(exc), EXIT_MODEL_INVALID)
+        if as_json:
+            print_json({"installed": str(target)})
+        else:
+            out.print(f"installed {target}")
+
     @models.command("default")
     def default(
         name: str = typer.Argument(None, help="Package name or folder to use when no --model is given.",
