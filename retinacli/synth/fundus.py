@@ -128,15 +128,20 @@ def _disc_maps(eye: EyeAnatomy, X: np.ndarray, Y: np.ndarray):
 
 
 def _texture(eye: EyeAnatomy, X: np.ndarray, Y: np.ndarray) -> np.ndarray:
-    """Per-eye choroidal pattern: a fixed sum of oriented waves, evaluated in the eye frame."""
-    tr = np.random.default_rng(eye.texture_seed)
-    out = np.zeros_like(X)
-    for _ in range(10):
-        freq = tr.uniform(0.5, 2.2)
-        angle = tr.uniform(0, np.pi)
-        phase = tr.uniform(0, 2 * np.pi)
-        out += np.sin(freq * (np.cos(angle) * X + np.sin(angle) * Y) * 2 * np.pi + phase)
-    return out / np.sqrt(10 / 2)
+    """Per-eye choroidal pattern (zero mean, ~unit SD), defined in the eye frame so every image
+    size shows the same pattern: a smooth isotropic random field (a sum of random plane waves),
+    ridged into a network of choroidal vessels with darker spaces between them."""
+    rng = np.random.default_rng(eye.texture_seed)
+    n_waves = 24
+    field = np.zeros(X.shape, dtype=np.float32)
+    for _ in range(n_waves):
+        freq = rng.uniform(0.6, 1.6) * 2 * np.pi  # cycles per mm
+        angle = rng.uniform(0, np.pi)
+        phase = rng.uniform(0, 2 * np.pi)
+        field += np.cos(freq * (np.cos(angle) * X + np.sin(angle) * Y) + phase).astype(np.float32)
+    field /= np.sqrt(n_waves / 2)
+    ridges = 1.0 - 2.0 * np.abs(np.clip(field, -1.5, 1.5)) / 1.5
+    return (ridges - 0.1) / 0.55
 
 
 def _lesion_maps(state: VisitState, xs: np.ndarray, ys: np.ndarray) -> dict:
