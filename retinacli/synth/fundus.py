@@ -72,7 +72,7 @@ def fundus_canvas(eye: EyeAnatomy, size: int) -> FundusCanvas:
         "disc": disc,
         "cup": cup,
         "halo": halo,
-        "texture": _texture(eye, X, Y),
+        "texture": _texture(eye, xs, ys),
         "macula": np.exp(-(r_fovea**2) / (2 * 0.7**2)),
         "reflex": np.exp(-(r_fovea**2) / (2 * 0.06**2)),
     }
@@ -127,19 +127,24 @@ def _disc_maps(eye: EyeAnatomy, X: np.ndarray, Y: np.ndarray):
     return disc, cup, halo
 
 
-def _texture(eye: EyeAnatomy, X: np.ndarray, Y: np.ndarray) -> np.ndarray:
-    """Per-eye choroidal pattern (zero mean, ~unit SD), defined in the eye frame so every image
-    size shows the same pattern: a smooth isotropic random field (a sum of random plane waves),
-    ridged into a network of choroidal vessels with darker spaces between them."""
+def _texture(eye: EyeAnatomy, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+    """Per-eye choroidal pattern (zero mean, ~unit SD) on the grid (len(ys), len(xs)), defined in
+    the eye frame so every image size shows the same pattern: a smooth isotropic random field (a
+    sum of random plane waves), ridged into a network of choroidal vessels with darker spaces.
+
+    Plane waves separate over a regular grid, cos(a x + b y + p) = cos(a x) cos(b y + p) -
+    sin(a x) sin(b y + p), so the whole field is one matrix product.
+    """
     rng = np.random.default_rng(eye.texture_seed)
     n_waves = 24
-    field = np.zeros(X.shape, dtype=np.float32)
-    for _ in range(n_waves):
-        freq = rng.uniform(0.6, 1.6) * 2 * np.pi  # cycles per mm
-        angle = rng.uniform(0, np.pi)
-        phase = rng.uniform(0, 2 * np.pi)
-        field += np.cos(freq * (np.cos(angle) * X + np.sin(angle) * Y) + phase).astype(np.float32)
-    field /= np.sqrt(n_waves / 2)
+    freq = rng.uniform(0.6, 1.6, n_waves) * 2 * np.pi  # cycles per mm
+    angle = rng.uniform(0, np.pi, n_waves)
+    phase = rng.uniform(0, 2 * np.pi, n_waves)
+    ax, by = freq * np.cos(angle), freq * np.sin(angle)
+    along_x = np.concatenate([np.cos(np.outer(ax, xs)), np.sin(np.outer(ax, xs))])  # (2K, n)
+    wy = np.outer(ys, by) + phase  # (m, K)
+    along_y = np.concatenate([np.cos(wy), -np.sin(wy)], axis=1)  # (m, 2K)
+    field = (along_y @ along_x) / np.sqrt(n_waves / 2)
     ridges = 1.0 - 2.0 * np.abs(np.clip(field, -1.5, 1.5)) / 1.5
     return (ridges - 0.1) / 0.55
 

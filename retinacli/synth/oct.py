@@ -156,15 +156,22 @@ def render_oct(
     # Speckle (a few averaged frames, as with eye-tracked averaging), then log compression.
     # Gamma(3) speckle and an exponential noise floor, drawn by table look-up (much faster than
     # sampling the distributions directly; 256 quantiles are plenty for 8-bit output).
-    speckle = _SPECKLE_TABLE[rng.integers(0, 256, size=intensity.shape, dtype=np.uint8)]
-    signal = intensity * speckle
-    signal[:, :, 1:-1] = 0.25 * signal[:, :, :-2] + 0.5 * signal[:, :, 1:-1] + 0.25 * signal[:, :, 2:]
-    signal += _NOISE_TABLE[rng.integers(0, 256, size=intensity.shape, dtype=np.uint8)]
+    signal = intensity  # updated in place from here on: fewer full-volume temporaries
+    signal *= _SPECKLE_TABLE[rng.integers(0, 256, size=signal.shape, dtype=np.uint8)]
+    smoothed = signal[:, :, 1:-1] * np.float32(0.5)  # lateral speckle correlation
+    smoothed += signal[:, :, :-2] * np.float32(0.25)
+    smoothed += signal[:, :, 2:] * np.float32(0.25)
+    signal[:, :, 1:-1] = smoothed
+    signal += _NOISE_TABLE[rng.integers(0, 256, size=signal.shape, dtype=np.uint8)]
     signal *= rng.uniform(0.85, 1.15, size=(s, 1, 1)).astype(np.float32)  # per-B-scan gain
-    img = np.log10(signal + np.float32(1e-6))
-    img = np.clip((img * np.float32(10.0) + np.float32(17.0)) * np.float32(255.0 / 22.0), 0.0, 255.0)
+    signal += np.float32(1e-6)
+    img = np.log10(signal, out=signal)  # 10 log10 -> dB; -17 dB .. +5 dB maps to 0 .. 255
+    img *= np.float32(10.0 * 255.0 / 22.0)
+    img += np.float32(17.0 * 255.0 / 22.0)
+    np.clip(img, 0.0, 255.0, out=img)
+    np.rint(img, out=img)
     truth = {"ilm_um": tops[LAYERS[0]], "bm_um": z_bm, "thickness": t}
-    return np.round(img).astype(np.uint8), geo, truth
+    return img.astype(np.uint8), geo, truth
 
 
 def _const(region: str, like: np.ndarray) -> np.ndarray:
