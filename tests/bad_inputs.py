@@ -19,6 +19,7 @@ not stop reads, so the files are chmod 000 *and* the open is refused by the simu
 
 from __future__ import annotations
 
+import base64
 import os
 import struct
 import zlib
@@ -73,6 +74,17 @@ builtins.open = io.open = _guarded_open
 os.open = _guarded_os_open
 _hide_jpeg2000_decoders()
 """
+
+
+# A 350-byte mutated TIFF from fuzz/run_fuzz.py: iterating its pages looped forever in tifffile 2026.3
+# unless the page offsets are indexed first (retinacli.readers.images.index_pages).
+LOOPING_TIFF_B64 = (
+    "SUkqAAgAAAAPAAABBAABAAAACgAAAAEBBAABAAAADAAAAAIBAwADAAAAwgAAAAMBAwABAAAA6t1W3R9HxUBtE9LjWKWmer0B",
+    "AAAABgEDAAEAAAACAAAADgECABcAAADIAAAAEQEEAAEAAAAQAQAAFQEDAAEAAAADAAAAFgEEAAEAAAAMAAAAFwEEAAEAAABo",
+    "AQAAGgEFAAEAAADuAAAAGwEFAAEAAAD2AAAAHAEDAAEAAAABAAAAKAEDAAEAAAABAAAAMQECAAwAAAD+AAAAAAAAAAgACAAI",
+    "AHsic2hhcGUiOiBbMTIsIDEwLCAzXX0AAAAAAAAAAAAAAAAAAAAAAQAAAAEAAAABAAAAAQAAAHRpZmZmaWxlLnB5AAAAAAAA",
+    "AKSNu28v5mR45glf8zKNu28v5mR45glf8zKNu28v5mR45glf8zKNu28v5mR45glf8zKNu28v5mR45glf8zI=",
+)
 
 
 @dataclass
@@ -288,6 +300,10 @@ def build_corpus(root: Path) -> list[Case]:
         tw.write(np.zeros((16, 16), np.uint8))
         tw.write(np.zeros((20, 16), np.uint8))
     add("multi-page TIFF whose pages differ in size", "pages_differ.tif", "error", reason="TIFF pages differ")
+
+    (root / "looping_pages.tif").write_bytes(base64.b64decode("".join(LOOPING_TIFF_B64)))
+    add("TIFF whose broken page chain made tifffile loop forever (found by fuzzing)", "looping_pages.tif",
+        "error", reason="TIFF pages differ in size")
 
     # --- .npy / .vol -------------------------------------------------------------------------------
     nan_volume = np.full((4, 16, 16), 0.5, np.float32)
