@@ -345,7 +345,9 @@ def write_manifest(rows: list[dict[str, object]], path: Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as handle:
+    # surrogateescape: a file name that is not valid UTF-8 is written as its own bytes, so the path
+    # in the manifest still names the file
+    with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as handle:
         writer = csv.DictWriter(handle, fieldnames=MANIFEST_COLUMNS + EXTRA_COLUMNS)
         writer.writeheader()
         writer.writerows(rows)

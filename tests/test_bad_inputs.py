@@ -206,3 +206,18 @@ def test_non_utf8_names_in_table_output(corpus):
     assert_clean(result)
     assert result.returncode == EXIT_OK
     assert "fundus_" in result.stdout
+
+
+def test_pair_keeps_a_non_utf8_file_name_as_its_bytes(tmp_path):
+    from test_readers_support import ramp_volume, write_op, write_opt
+
+    export = tmp_path / "export"
+    export.mkdir()
+    odd = export / os.fsdecode(b"oct_\xff.dcm")
+    write_opt(odd, ramp_volume(3, 16, 16), when="20240102103000")
+    write_op(export / "photo.dcm", np.zeros((16, 16, 3), np.uint8), when="20240102102900")
+    result = retina("pair", export, "--out", tmp_path / "manifest.csv")
+    assert_clean(result)
+    assert result.returncode == EXIT_OK
+    manifest = (tmp_path / "manifest.csv").read_bytes()
+    assert b"oct_\xff.dcm" in manifest  # the file's own name, so the row still names the file

@@ -38,8 +38,11 @@ def register(app: typer.Typer) -> None:
         Reports what stayed unpaired and why. Patient IDs are pseudonymised unless asked otherwise.
         Exit 0 when at least one pair was written, 1 when none.
         """
+        from retinacli.commands.inspect import _pass_undecodable_names_through
         from retinacli.console import err, fail, print_json
         from retinacli.console import out as stdout
+
+        _pass_undecodable_names_through()
         from retinacli.errors import RetinaError
         from retinacli.pairing import pair_folders
 
