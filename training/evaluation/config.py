@@ -27,9 +27,11 @@ class EvalConfig:
     modalities: tuple[str, ...] = MODALITIES
     seed: int = 0
     finetune_epochs: int = 2
+    finetune_modalities: tuple[str, ...] = ("oct",)  # the paper's downstream encoder; fundus on request
+    finetune_scope: str = "auto"  # auto | full | top (see training/evaluation/finetune.py)
     finetune_batch_size: int = 8
-    finetune_lr: float = 1e-3  # head
-    finetune_encoder_lr: float = 1e-4  # encoder: ten times lower, so few epochs adapt rather than overwrite
+    finetune_lr: float = 1e-2  # the linear layer (SGD, momentum 0.9)
+    finetune_encoder_lr: float = 1e-3  # the encoder: ten times lower, so few epochs adapt, not overwrite
     retrieval_k: tuple[int, ...] = (1, 5, 10)
     fit_final: bool = False
     figures: bool = True
@@ -42,7 +44,7 @@ class EvalConfig:
         d["manifest"] = str(self.manifest)
         d["runs"] = [str(r) for r in self.runs]
         d.pop("out_dir")  # two runs into different folders must give the same results.json
-        for key in ("modes", "tasks", "modalities", "retrieval_k"):
+        for key in ("modes", "tasks", "modalities", "finetune_modalities", "retrieval_k"):
             d[key] = list(d[key])
         d.pop("extra")
         return d

@@ -1,7 +1,7 @@
 """Task metrics: CST regression (MAE, RMSE, R² in µm) and binary tasks (AUROC, AUPRC, balanced accuracy).
 
-Binary decision thresholds are always chosen on training data (`youden_threshold` on the training
-fold's own predictions) and only applied to the held-out fold, so no test label leaks into them.
+Binary decision thresholds are always chosen on training data (`training.heads.youden_threshold` on
+training-fold predictions) and only applied to the held-out fold, so no test label leaks into them.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from sklearn.metrics import (
     mean_absolute_error,
     r2_score,
     roc_auc_score,
-    roc_curve,
 )
 
 # The headline metric of each task in results.md (name, higher_is_better).
@@ -63,16 +62,6 @@ def task_metrics(kind: str, y_true: np.ndarray, prediction: np.ndarray, threshol
     if kind == "regression":
         return regression_metrics(y_true, prediction)
     return binary_metrics(y_true, prediction, 0.5 if threshold is None else threshold)
-
-
-def youden_threshold(y_true: np.ndarray, probability: np.ndarray) -> float:
-    """Probability threshold maximising sensitivity + specificity - 1 (ties -> the lowest J-optimal cut)."""
-    y_true = np.asarray(y_true).astype(int)
-    if len(np.unique(y_true)) < 2:
-        return 0.5
-    fpr, tpr, thresholds = roc_curve(y_true, np.asarray(probability, float))
-    best = int(np.argmax(tpr - fpr))
-    return float(min(max(thresholds[best], 0.0), 1.0))
 
 
 def summarise(folds: Sequence[Mapping[str, float | None]]) -> dict[str, dict[str, float | int | None]]:

@@ -31,8 +31,12 @@ def cross_validate_probe(
     seed: int,
     modalities: tuple[str, ...] = ("oct", "fundus"),
     groups: np.ndarray | None = None,
+    heads_out: dict | None = None,
 ) -> dict[str, dict]:
-    """Per-fold and summary metrics for each modality (and the OCT→fundus swap when both exist)."""
+    """Per-fold and summary metrics for each modality (and the OCT→fundus swap when both exist).
+
+    `heads_out`, when given, receives the fitted head of every (modality, fold).
+    """
     from training.heads import fit_linear_head
 
     keys = list(modalities) + ([SWAP_KEY] if {"oct", "fundus"} <= set(modalities) else [])
@@ -48,7 +52,9 @@ def cross_validate_probe(
                 groups=None if groups is None else groups[train],
                 input_modality=modality,
             )
-            threshold = getattr(head, "threshold", None)
+            if heads_out is not None:  # fine-tuning starts from these (same fold, same rows)
+                heads_out[(modality, k)] = head
+            threshold = head.threshold
             prediction = head_predict(head, embeddings[modality][test])
             per_fold[modality].append(
                 {"fold": k, **task_metrics(kind, labels[test], prediction, threshold)}

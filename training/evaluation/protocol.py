@@ -18,7 +18,13 @@ from retinacli.errors import UsageError
 from training.evaluation.cohort import Cohort, label_summary, load_cohort
 from training.evaluation.config import TASK_KINDS, EvalConfig
 from training.evaluation.features import ArrayCache, embed
-from training.evaluation.finetune import FinetuneSettings, finetune_fold
+from training.evaluation.finetune import (
+    FinetuneSettings,
+    finetune_fold,
+    frozen_features,
+    resolve_scope,
+    split_encoder,
+)
 from training.evaluation.folds import FoldError, assign_folds, patient_folds, write_folds_csv
 from training.evaluation.metrics import summarise, task_metrics
 from training.evaluation.probe import cross_validate_probe
@@ -103,6 +109,7 @@ def run_evaluation(cfg: EvalConfig, reporter: Reporter | None = None) -> dict:
         task_folds = make_task_folds(cohort, cfg)
     write_folds_csv(out_dir / "folds.csv", {t: tf.patients for t, tf in task_folds.items()})
     embeddings: dict[str, dict[str, np.ndarray]] = {}
+    probe_heads: dict = {}  # (source, task) -> (modality, fold) -> head, reused by fine-tuning
     _timed(timings, "load_and_embed", lambda: _embed_all(sources, cache, cfg, embeddings, reporter))
 
     results: dict = {
@@ -123,13 +130,15 @@ def run_evaluation(cfg: EvalConfig, reporter: Reporter | None = None) -> dict:
         _timed(
             timings,
             "probe",
-            lambda: _run_probe(sources, embeddings, task_folds, cohort, cfg, results, reporter),
+            lambda: _run_probe(sources, embeddings, task_folds, cohort, cfg, results, reporter, probe_heads),
         )
     if "finetune" in cfg.modes:
         _timed(
             timings,
             "finetune",
-            lambda: _run_finetune(sources, cache, embeddings, task_folds, cohort, cfg, results, reporter),
+            lambda: _run_finetune(
+                sources, cache, embeddings, task_folds, cohort, cfg, results, reporter, probe_heads
+            ),
         )
     _timed(timings, "retrieval", lambda: _run_retrieval(sources, embeddings, cohort, cfg, results))
 
@@ -181,21 +190,30 @@ def _fold_sizes(tf: TaskFolds, cohort: Cohort) -> dict:
     }
 
 
-def _run_probe(sources, embeddings, task_folds, cohort, cfg, results, reporter) -> None:
+def _run_probe(sources, embeddings, task_folds, cohort, cfg, results, reporter, probe_heads) -> None:
     reporter.stage("linear probe", len(sources) * len(task_folds))
     for source in sources:
         by_input: dict[str, dict] = {}
         for task, tf in task_folds.items():
             emb = {m: embeddings[source.key][m][tf.rows] for m in cfg.modalities}
-            cv = cross_validate_probe(task, tf.kind, emb, tf.labels, tf.fold, cfg.seed, tuple(cfg.modalities),
-                                      groups=cohort.patient_ids[tf.rows])
+            cv = cross_validate_probe(
+                task,
+                tf.kind,
+                emb,
+                tf.labels,
+                tf.fold,
+                cfg.seed,
+                tuple(cfg.modalities),
+                groups=cohort.patient_ids[tf.rows],
+                heads_out=probe_heads.setdefault((source.key, task), {}),
+            )
             for input_key, entry in cv.items():
                 by_input.setdefault(input_key, {})[task] = entry
             reporter.advance()
         results["cv"][source.key]["probe"] = by_input
 
 
-def _run_finetune(sources, cache, embeddings, task_folds, cohort, cfg, results, reporter) -> None:
+def _run_finetune(sources, cache, embeddings, task_folds, cohort, cfg, results, reporter, probe_heads):
     from training.heads import fit_linear_head
 
     settings = FinetuneSettings(
@@ -204,22 +222,28 @@ def _run_finetune(sources, cache, embeddings, task_folds, cohort, cfg, results, 
         head_lr=cfg.finetune_lr,
         encoder_lr=cfg.finetune_encoder_lr,
         device=cfg.device,
+        scope=resolve_scope(cfg.finetune_scope, cfg.device),
     )
+    results["finetune_scope"] = settings.scope
     n_folds = {t: int(tf.fold.max()) + 1 for t, tf in task_folds.items()}
-    reporter.stage("fine-tuning", len(sources) * len(cfg.modalities) * sum(n_folds.values()))
+    modalities = [m for m in cfg.modalities if m in cfg.finetune_modalities]
+    reporter.stage("fine-tuning", len(sources) * len(modalities) * sum(n_folds.values()))
     for source in sources:
         arrays = cache.get(source.spec)
         by_input: dict[str, dict] = {}
-        for modality in cfg.modalities:
+        for modality in modalities:
             encoder = source.model.oct_encoder if modality == "oct" else source.model.fundus_encoder
+            frozen, encoder = split_encoder(encoder, settings.scope)
             x_all = arrays.of(modality)
+            if frozen is not None:  # the frozen stages see every row once, then every fold reuses them
+                x_all = frozen_features(frozen, x_all, settings.batch_size, cfg.device)
             for task, tf in task_folds.items():
                 per_fold = []
                 groups = cohort.patient_ids[tf.rows]
                 for k in range(n_folds[task]):
                     train, test = tf.fold != k, tf.fold == k
                     emb = embeddings[source.key][modality][tf.rows]
-                    head = fit_linear_head(
+                    head = probe_heads.get((source.key, task), {}).get((modality, k)) or fit_linear_head(
                         task, emb[train], tf.labels[train], seed=cfg.seed, groups=groups[train]
                     )
                     prediction, threshold = finetune_fold(
@@ -230,6 +254,7 @@ def _run_finetune(sources, cache, embeddings, task_folds, cohort, cfg, results, 
                         x_all[tf.rows[test]],
                         head.weight,
                         head.bias,
+                        emb[train],
                         settings,
                         seed=cfg.seed * 1000 + k,
                     )
