@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from retinacli.backends import Variant, choose_variant, make_runner
 from retinacli.errors import ModelPackageError, UsageError
 from retinacli.package import model_id_for, resolve_package, verify_package
 from retinacli.preprocess import preprocess as _preprocess
@@ -93,6 +94,8 @@ class Engine:
         blobs: dict[str, bytes],
         providers: list[str],
         threads: int,
+        backend: str = "auto",
+        precision: str = "auto",
     ):
         self.path = Path(path)
         self.manifest = manifest
@@ -100,6 +103,13 @@ class Engine:
         self.threads = threads
         self._blobs = blobs
         self._sessions: dict[str, Any] = {}
+        self._runners: dict[str, Any] = {}
+        self.backend_request, self.precision_request = backend, precision
+        gpu = any(p != "CPUExecutionProvider" for p in providers)
+        # Chosen now (cheap, no session built) so that bad requests fail before any work starts.
+        self.variants: dict[str, Variant] = {
+            m: choose_variant(manifest, m, backend, precision, gpu=gpu) for m in MODALITIES
+        }
         self._lock = threading.Lock()  # sessions are created lazily, possibly from worker threads
         self.name: str = manifest["name"]
         self.version: str = manifest["version"]
@@ -117,11 +127,16 @@ class Engine:
         name_or_path: str | os.PathLike | None = None,
         providers: str | list[str] | None = None,
         threads: int | None = None,
+        backend: str = "auto",
+        precision: str = "auto",
     ) -> Engine:
         """Resolve, verify (schema + sha256 of every file) and open a package.
 
         ``providers``: None/"cpu", "cuda", "auto" or a list of onnxruntime provider names.
         ``threads``: intra-op threads per session (default: physical cores).
+        ``backend`` (onnxruntime, openvino, auto) and ``precision`` (fp32, int8, auto) choose how
+        the encoders run; ``auto`` is the fastest installed variant that passed the package's
+        accuracy gate (retinacli.backends).
         """
         path = resolve_package(name_or_path)
         manifest, blobs = verify_package(path)
@@ -131,7 +146,8 @@ class Engine:
             raise ModelPackageError(f"{path / 'retina.json'}: preprocessing: {exc}") from None
         if threads is not None and int(threads) < 1:
             raise UsageError(f"threads must be >= 1, got {threads}")
-        return cls(path, manifest, blobs, choose_providers(providers), int(threads or physical_cores()))
+        return cls(path, manifest, blobs, choose_providers(providers), int(threads or physical_cores()),
+                   backend, precision)
 
     def _session(self, file_name: str):
         with self._lock:
@@ -154,6 +170,25 @@ class Engine:
                 raise ModelPackageError(f"{where}: onnxruntime cannot load it ({first})") from None
             self._sessions[file_name] = session
         return session
+
+    def variant(self, modality: str) -> Variant:
+        """How ``modality``'s encoder runs (backend, precision, file)."""
+        return self.variants[self._check_modality(modality)]
+
+    def _runner(self, modality: str):
+        with self._lock:
+            runner = self._runners.get(modality)
+            if runner is None:
+                variant, spec = self.variants[modality], self.manifest["inputs"][modality]
+                try:
+                    runner = make_runner(variant, self._blobs[variant.file], spec["input_name"],
+                                         spec["output_name"], self.threads, self.providers)
+                except Exception as exc:  # the runtimes raise their own exception types
+                    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                    where = self.path / variant.file
+                    raise ModelPackageError(f"{where}: {variant.backend} cannot load it ({first})") from None
+                self._runners[modality] = runner
+        return runner
 
     def check_graphs(self) -> None:
         """Open every graph and check its input/output names and embedding size against the manifest."""
@@ -189,7 +224,7 @@ class Engine:
 
     def embed(self, modality: str, batch: np.ndarray) -> np.ndarray:
         """Preprocessed batch (B, *input_shape) -> embeddings (B, D) float32, L2-normalised."""
-        spec = self.manifest["inputs"][self._check_modality(modality)]
+        self._check_modality(modality)
         x = np.ascontiguousarray(batch, dtype=np.float32)
         expected = self.input_shape(modality)
         if x.ndim == len(expected):
@@ -198,8 +233,7 @@ class Engine:
             raise UsageError(f"{modality} batch must be (B, {', '.join(map(str, expected))}), got {x.shape}")
         if x.shape[0] == 0:
             return np.zeros((0, self.embed_dim), dtype=np.float32)
-        (out,) = self._session(spec["file"]).run([spec["output_name"]], {spec["input_name"]: x})
-        return np.asarray(out, dtype=np.float32)
+        return np.asarray(self._runner(modality).run(x), dtype=np.float32)
 
     def head(self, task: str) -> dict[str, Any]:
         if task not in self.manifest["heads"]:
@@ -250,6 +284,7 @@ class Engine:
             "embed_dim": self.embed_dim,
             "tasks": list(self.tasks),
             "providers": self.providers,
+            "encoders": {m: v.label for m, v in self.variants.items()},
             "threads": self.threads,
             "spec_hash": self.spec_hash,
         }

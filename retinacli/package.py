@@ -281,6 +281,9 @@ def validated_manifest(package_dir: Path) -> dict[str, Any]:
     listed = {f["path"] for f in manifest["files"]}
     referenced = [("inputs." + m, spec["file"]) for m, spec in manifest["inputs"].items()]
     referenced += [("heads." + t, h["file"]) for t, h in manifest["heads"].items()]
+    for precision, quantized in (manifest.get("quantized") or {}).items():
+        for m, entry in (quantized.get("encoders") or {}).items():
+            referenced.append((f"quantized.{precision}.encoders.{m}", entry["file"]))
     for field_name, file_name in referenced:
         if file_name not in listed:
             raise ModelPackageError(

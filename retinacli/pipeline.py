@@ -299,6 +299,8 @@ def run_embedding(
         batch, batches[mod] = batches[mod], []
         if not batch:
             return
+        variant = getattr(engine, "variant", None)
+        variant_label = variant(mod).label if variant is not None else None
         try:
             vectors = np.asarray(engine.embed(mod, np.stack([p.array for _, p in batch])), dtype=np.float32)
         except Exception as exc:  # e.g. onnxruntime refusing an input: report, retry next run
@@ -310,6 +312,7 @@ def run_embedding(
             if vectors is None:
                 state.failed = True
             else:
+                prepared.row["engine"] = variant_label
                 state.rows.append(prepared.row)
                 state.vectors.append(vectors[i])
             state.outstanding -= 1
@@ -360,16 +363,21 @@ def run_embedding(
 # --- model <-> store -------------------------------------------------------------------------------
 
 
-def load_engine(model: str | None) -> tuple[Any, Path]:
-    """The engine for `--model` (or the default package) and the package folder it came from."""
+def load_engine(model: str | None, backend: str = "auto", precision: str = "auto") -> tuple[Any, Path]:
+    """The engine for `--model` (or the default package) and the package folder it came from.
+
+    `backend` / `precision`: how the encoders run (see retinacli.backends); every variant of one
+    package makes vectors of the same model_id, so they share a store (docs/performance.md)."""
     from retinacli.engine import Engine
     from retinacli.package import resolve_package
 
     package = resolve_package(model)
-    return Engine.load(package), package
+    return Engine.load(package, backend=backend, precision=precision), package
 
 
-def engine_for_store(store: Any, model: str | None) -> tuple[Any, Path]:
+def engine_for_store(
+    store: Any, model: str | None, backend: str = "auto", precision: str = "auto"
+) -> tuple[Any, Path]:
     """The engine that made `store`'s vectors: `--model` when given (it must match), else the known
     package whose model_id is the store's."""
     from retinacli.errors import ModelPackageError
@@ -383,6 +391,6 @@ def engine_for_store(store: Any, model: str | None) -> tuple[Any, Path]:
                 "has that id (see 'retina models list'); pass --model PATH to that package"
             )
         model = str(package)
-    engine, package = load_engine(model)
+    engine, package = load_engine(model, backend, precision)
     store.require_model(engine.model_id)
     return engine, package

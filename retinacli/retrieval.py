@@ -61,13 +61,22 @@ def search(
     laterality: str | None = None,
     top_k: int = 10,
     exclude_ids: set[str] | None = None,
+    method: str = "exact",
+    log: Any = None,
 ) -> list[Hit]:
     """The `top_k` rows most similar to `query` among rows of modality `target` (all when None) and
-    the given laterality, best first (ties broken by store order)."""
+    the given laterality, best first (ties broken by store order).
+
+    `method="ann"` searches the store's approximate index (retinacli.ann; needs a target modality)
+    and falls back to exact search when the filters leave fewer than `top_k` of its candidates."""
     query = normalise(query)
     if query.shape[0] != store.embed_dim:
         raise ValueError(f"query has {query.shape[0]} dimensions, the store {store.embed_dim}")
     top_k = max(1, int(top_k))
+    if method == "ann" and target is not None:
+        hits = _ann_search(store, query, target, laterality, top_k, exclude_ids or set(), log)
+        if hits is not None:
+            return hits
     best_scores = np.zeros(0, dtype=np.float32)
     best_rows: list[dict[str, Any]] = []
     columns = [*RESULT_COLUMNS, "patient", "study"]
@@ -94,3 +103,27 @@ def search(
             best_rows = [merged_rows[i] for i in order]
     ranked = zip(best_scores, best_rows, strict=True)
     return [Hit(rank + 1, float(score), row) for rank, (score, row) in enumerate(ranked)]
+
+
+def _ann_search(store: EmbeddingStore, query: np.ndarray, target: str, laterality: str | None, top_k: int,
+                exclude_ids: set[str], log: Any) -> list[Hit] | None:
+    """Top-k from the ANN index, filtered; None when the filters leave too few candidates."""
+    from retinacli.ann import rows_by_global_id, search_index, store_index
+
+    index = store_index(store, target, log=log)
+    wanted = (top_k + len(exclude_ids)) * (4 if laterality else 1)
+    scores, ids = search_index(index, query[None], min(wanted, index.ntotal))
+    found = [(float(s), int(i)) for s, i in zip(scores[0], ids[0], strict=True) if i >= 0]
+    columns = [*RESULT_COLUMNS, "patient", "study"]
+    rows = rows_by_global_id(store, [i for _, i in found], columns)
+    hits: list[Hit] = []
+    for score, gid in found:
+        row = rows[gid]
+        if laterality is not None and (row["laterality"] or "").upper() != laterality.upper():
+            continue
+        if row["id"] in exclude_ids:
+            continue
+        hits.append(Hit(len(hits) + 1, score, row))
+        if len(hits) == top_k:
+            return hits
+    return None if len(found) < index.ntotal else hits

@@ -59,6 +59,7 @@ METADATA_COLUMNS: dict[str, str] = {
     "references": "ids of referenced items (an OCT's localizer fundus), space-separated",
     "patient_identifier": "the raw patient id; only with --keep-identifiers",
     "model_id": "the model that made the vector (name@version+hash)",
+    "engine": "how the vector was computed: backend/precision, e.g. onnxruntime/fp32 or openvino/int8",
     "embedded_at": "UTC time the shard was committed",
 }
 

@@ -41,6 +41,13 @@ EXPORTERS = ("dynamo", "torchscript")
 MANIFEST_FILE = "retina.json"
 SCHEMA_VERSION = 1
 ENCODER_FILES = {"fundus": "fundus_encoder.onnx", "oct": "oct_encoder.onnx"}
+INT8_FILES = {"fundus": "fundus_encoder.int8.onnx", "oct": "oct_encoder.int8.onnx"}
+QUANTIZE_CHOICES = ("int8",)
+DEFAULT_CALIBRATION_ITEMS = 32
+DEFAULT_GATE_ITEMS = 64
+# The accuracy gate an int8 encoder must pass to be chosen automatically (docs/performance.md).
+GATE_MIN_COSINE = 0.995
+GATE_MIN_TOP5_AGREEMENT = 0.98
 HEAD_OUTPUTS = {"regression": "value", "binary": "probability"}
 
 
@@ -241,6 +248,166 @@ def parity_inputs(run, n_items: int, manifest: str | Path | None) -> tuple[dict[
     return arrays, f"seeded noise ({reason})"
 
 
+# --- int8 quantisation and its accuracy gate ---------------------------------------------------------
+
+
+def quantize_encoder(fp32_path: Path, int8_path: Path, modality: str, calibration: np.ndarray) -> None:
+    """Static int8 quantisation (QDQ, per-channel weights, MinMax calibration on real items).
+
+    QDQ keeps the graph a plain ONNX graph that both onnxruntime and OpenVINO run as int8.
+    """
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Items(CalibrationDataReader):
+        def __init__(self):
+            self._items = iter(calibration[i : i + 1] for i in range(len(calibration)))
+
+        def get_next(self):
+            item = next(self._items, None)
+            return None if item is None else {modality: np.ascontiguousarray(item, dtype=np.float32)}
+
+    with tempfile.TemporaryDirectory(prefix="retina-quantize-") as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        # Symbolic shape inference cannot follow the dynamo graph's Expand; onnx's is enough.
+        quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+        quantize_static(
+            str(prepared),
+            str(int8_path),
+            Items(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+        )
+
+
+def top_k_agreement(
+    queries: np.ndarray, gallery_ref: np.ndarray, gallery_new: np.ndarray, k: int = 5
+) -> float:
+    """Mean share of each query's top-k gallery items that stay in the top-k when the gallery
+    embeddings are replaced (1.0 when the gallery has at most k items)."""
+    k = min(k, len(gallery_ref))
+    if k == 0 or len(queries) == 0:
+        return 1.0
+    ref = np.argsort(-(queries @ gallery_ref.T), axis=1, kind="stable")[:, :k]
+    new = np.argsort(-(queries @ gallery_new.T), axis=1, kind="stable")[:, :k]
+    return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(ref, new, strict=True)]))
+
+
+def int8_gate(reference: np.ndarray, quantized: np.ndarray, other: np.ndarray) -> dict[str, Any]:
+    """Gate numbers of one int8 encoder against the fp32 torch embeddings of the same items.
+
+    ``other``: the fp32 embeddings of the paired items of the other modality. Top-5 agreement is
+    measured both ways (other-modality queries against the int8 gallery, int8 queries against the
+    other modality) and the lower value is kept.
+    """
+    cos = _cosines(quantized, reference)
+    ref64, new64, other64 = (a.astype(np.float64) for a in (reference, quantized, other))
+    agreement = min(top_k_agreement(other64, ref64, new64), _query_agreement(ref64, new64, other64))
+    passed = float(cos.min()) >= GATE_MIN_COSINE and agreement >= GATE_MIN_TOP5_AGREEMENT
+    return {
+        "min_cosine": float(cos.min()),
+        "mean_cosine": float(cos.mean()),
+        "top5_agreement": agreement,
+        "passed": bool(passed),
+    }
+
+
+def _query_agreement(ref: np.ndarray, new: np.ndarray, gallery: np.ndarray, k: int = 5) -> float:
+    """Top-k agreement when the queries (not the gallery) are the int8 embeddings."""
+    k = min(k, len(gallery))
+    if k == 0 or len(ref) == 0:
+        return 1.0
+    a = np.argsort(-(ref @ gallery.T), axis=1, kind="stable")[:, :k]
+    b = np.argsort(-(new @ gallery.T), axis=1, kind="stable")[:, :k]
+    return float(np.mean([len(set(x) & set(y)) / k for x, y in zip(a, b, strict=True)]))
+
+
+def _torch_embeddings(model, modality: str, arrays: np.ndarray, batch: int = 8) -> np.ndarray:
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(arrays), batch):
+            x = torch.from_numpy(np.ascontiguousarray(arrays[start : start + batch]))
+            out.append((model.encode_oct(x) if modality == "oct" else model.encode_fundus(x)).float().numpy())
+    return np.concatenate(out)
+
+
+def _int8_backends() -> dict[str, Callable[[Path, str], Callable[[np.ndarray], np.ndarray]]]:
+    """The backends the gate is measured on: onnxruntime always, OpenVINO when installed
+    (its int8 kernels round differently, so it is gated on its own numbers)."""
+    from retinacli.backends import OnnxRuntimeRunner, OpenVinoRunner, backend_installed
+
+    def ort(path: Path, modality: str):
+        return OnnxRuntimeRunner(path.read_bytes(), modality, "embedding", 0, ["CPUExecutionProvider"]).run
+
+    def openvino(path: Path, modality: str):
+        import os
+
+        return OpenVinoRunner(path.read_bytes(), modality, "embedding", os.cpu_count() or 1).run
+
+    backends = {"onnxruntime": ort}
+    if backend_installed("openvino"):
+        backends["openvino"] = openvino
+    return backends
+
+
+def _run_batched(run: Callable[[np.ndarray], np.ndarray], arrays: np.ndarray, batch: int = 8) -> np.ndarray:
+    chunks = [np.ascontiguousarray(arrays[i : i + batch]) for i in range(0, len(arrays), batch)]
+    return np.concatenate([run(chunk) for chunk in chunks])
+
+
+def quantize_package(
+    model,
+    staging: Path,
+    arrays: dict[str, np.ndarray],
+    source: str,
+    calibration_items: int,
+    say: Callable[[str], None],
+) -> dict[str, Any]:
+    """Write ``<modality>_encoder.int8.onnx`` for both encoders and measure the gate on each backend.
+
+    The first ``calibration_items`` items calibrate; the gate is measured on the others (on all
+    items, and recorded as overlapping, when fewer than 8 would remain).
+    """
+    n = min(len(arrays["oct"]), len(arrays["fundus"]))
+    n_cal = max(1, min(calibration_items, n // 2 if n >= 2 else n))
+    held_out = n - n_cal >= 8
+    gate_slice = slice(n_cal, n) if held_out else slice(0, n)
+    reference = {m: _torch_embeddings(model, m, arrays[m][gate_slice]) for m in ("fundus", "oct")}
+    encoders: dict[str, Any] = {}
+    for modality in ("fundus", "oct"):
+        say(f"quantising the {modality} encoder to int8 ({n_cal} calibration items)")
+        path = staging / INT8_FILES[modality]
+        quantize_encoder(staging / ENCODER_FILES[modality], path, modality, arrays[modality][:n_cal])
+        other = reference["oct" if modality == "fundus" else "fundus"]
+        gates = {}
+        for backend, make in _int8_backends().items():
+            got = _run_batched(make(path, modality), arrays[modality][gate_slice])
+            gates[backend] = int8_gate(reference[modality], got, other)
+            g = gates[backend]
+            say(f"  {backend} int8 {modality}: min cosine {g['min_cosine']:.5f}, top-5 agreement "
+                f"{g['top5_agreement']:.3f} -> {'passed' if g['passed'] else 'FAILED'} the gate")
+        encoders[modality] = {"file": INT8_FILES[modality], "gate": gates}
+    return {
+        "int8": {
+            "method": "onnxruntime.quantization.quantize_static: QDQ, per-channel int8 weights, "
+            "int8 activations, MinMax calibration",
+            "calibration": {"items": n_cal, "source": source},
+            "gate": {
+                "min_cosine": GATE_MIN_COSINE,
+                "min_top5_agreement": GATE_MIN_TOP5_AGREEMENT,
+                "reference": "fp32 torch embeddings of the same items",
+                "items": gate_slice.stop - gate_slice.start,
+                "overlaps_calibration": not held_out,
+            },
+            "encoders": encoders,
+        }
+    }
+
+
 # --- the package -----------------------------------------------------------------------------------
 
 
@@ -321,10 +488,13 @@ def export_run(
     overwrite: bool = False,
     log: Callable[[str], None] | None = None,
     loaded: Any = None,
+    quantize: str | None = None,
+    calibration_items: int = DEFAULT_CALIBRATION_ITEMS,
 ) -> ExportResult:
     """Export a training run (and its heads from ``retina probe``) to a model package at ``out_dir``.
 
     ``loaded``: an already loaded run (``training.model.load_run``) to reuse.
+    ``quantize="int8"``: also write calibrated int8 encoders and record their accuracy gate.
     """
     import torch
 
@@ -338,6 +508,8 @@ def export_run(
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if exporter not in EXPORTERS:
         raise ExportError(f"unknown exporter {exporter!r} (use {' or '.join(EXPORTERS)})")
+    if quantize is not None and quantize not in QUANTIZE_CHOICES:
+        raise ExportError(f"unknown quantisation {quantize!r} (use {' or '.join(QUANTIZE_CHOICES)})")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise ExportError(f"{out_dir}: already exists and is not empty (use --force to replace it)")
     name = name or package_name_for(run_dir)
@@ -369,7 +541,10 @@ def export_run(
     if not heads:
         say(f"no task heads in {run_dir} (run 'retina probe {run_dir}' first); exporting encoders only")
 
-    arrays, inputs_source = parity_inputs(run, parity_items, manifest)
+    wanted = parity_items + (calibration_items + DEFAULT_GATE_ITEMS if quantize else 0)
+    all_arrays, cohort_source = parity_inputs(run, wanted, manifest)
+    arrays = {m: a[:parity_items] for m, a in all_arrays.items()}
+    inputs_source = cohort_source if not quantize else f"the first {len(arrays['oct'])} of {cohort_source}"
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
@@ -394,6 +569,9 @@ def export_run(
             parity["heads"][head.task] = head_parity(head, emb, path)
             head_entries[head.task] = _head_entry(head)
         _check_parity(parity, tolerance)
+        quantized = None
+        if quantize == "int8":
+            quantized = quantize_package(model, staging, all_arrays, cohort_source, calibration_items, say)
 
         files = sorted(p for p in staging.iterdir() if p.is_file())
         unexpected = [p.name for p in files if p.suffix != ".onnx"]
@@ -430,6 +608,7 @@ def export_run(
             },
             "files": [{"path": p.name, "sha256": _sha256(p), "bytes": p.stat().st_size} for p in files],
             "parity": parity,
+            **({"quantized": quantized} if quantized else {}),
             "packages": {
                 "retina": _version("retina"),
                 "torch": torch.__version__,
@@ -437,6 +616,7 @@ def export_run(
                 "onnx": _version("onnx"),
                 "onnxscript": _version("onnxscript") if exporter == "dynamo" else None,
                 "onnxruntime": _version("onnxruntime"),
+                **({"openvino": _version("openvino")} if quantized and _version("openvino") else {}),
                 "numpy": np.__version__,
             },
             "export": {

@@ -42,6 +42,16 @@ def register(app: typer.Typer) -> None:
             False, "--keep-identifiers",
             help="Also store the raw patient ID (default: only keyed-hash pseudonyms are stored).",
         ),
+        engine_name: str = typer.Option(
+            "auto", "--engine",
+            help="Inference backend: onnxruntime, openvino (extra 'retina[openvino]') or auto "
+            "(the fastest installed; see docs/performance.md).",
+        ),
+        precision: str = typer.Option(
+            "auto", "--precision",
+            help="fp32, int8 (needs a package exported with --quantize int8) or auto "
+            "(int8 where it passed the package's accuracy gate on the chosen backend).",
+        ),
         json_output: bool = typer.Option(
             False, "--json", help="Print a JSON summary (embedded, skipped, failed, store, model)."
         ),
@@ -56,7 +66,7 @@ def register(app: typer.Typer) -> None:
         try:
             report, store_root, engine, errors_file, total_rows = _run(
                 paths, model, out, None if modality == "auto" else modality, batch_size, workers, shard_size,
-                keep_identifiers,
+                keep_identifiers, engine_name, precision,
             )
         except RetinaError as exc:
             fail(str(exc), exc.exit_code)
@@ -80,6 +90,7 @@ def register(app: typer.Typer) -> None:
             "store": str(store_root),
             "rows": total_rows,
             "model": engine.model_id,
+            "engine": {m: v.label for m, v in getattr(engine, "variants", {}).items()},
             "seconds": round(report.seconds, 3),
             "items_per_second": round(report.throughput, 2),
             "errors": [{"path": e.path, "error": e.reason} for e in report.errors],
@@ -95,7 +106,8 @@ def register(app: typer.Typer) -> None:
         raise typer.Exit(EXIT_OK if report.embedded + report.skipped > 0 else EXIT_NOTHING_DONE)
 
 
-def _run(paths, model, out, modality, batch_size, workers, shard_size, keep_identifiers):
+def _run(paths, model, out, modality, batch_size, workers, shard_size, keep_identifiers,
+         backend="auto", precision="auto"):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from retinacli.console import err
@@ -103,9 +115,11 @@ def _run(paths, model, out, modality, batch_size, workers, shard_size, keep_iden
     from retinacli.store import StoreWriter, store_path_and_origin
 
     store_root, store_origin = store_path_and_origin(out, "--out")
-    engine, package = load_engine(model)
+    engine, package = load_engine(model, backend, precision)
     workers = workers or default_workers()
     err.print(f"model: {engine.model_id} ({package}{'' if model else ', default'})", highlight=False)
+    chosen = ", ".join(f"{m} {v.label}" for m, v in engine.variants.items())
+    err.print(f"engine: {chosen}", highlight=False)
     err.print(f"store: {store_root} ({store_origin})", highlight=False)
     err.print(f"modality: {modality or 'auto'}, batch size {batch_size}, workers {workers}", highlight=False)
     with StoreWriter.open_for_model(

@@ -43,6 +43,14 @@ def register(app: typer.Typer) -> None:
             None, "--manifest", help="Cohort manifest for parity samples. Default: the run's manifest."
         ),
         changelog: str = typer.Option(None, "--changelog", help="One line describing this version."),
+        quantize: str = typer.Option(
+            None, "--quantize",
+            help="Also write int8 encoders (static QDQ, per-channel, calibrated on the run's cohort) "
+            "and record their accuracy gate; 'retina embed' uses them when they pass it.",
+        ),
+        calibration_items: int = typer.Option(
+            32, "--calibration-items", min=1, help="Cohort items used to calibrate --quantize int8."
+        ),
         force: bool = typer.Option(False, "--force", help="Replace an existing package folder."),
         as_json: bool = typer.Option(False, "--json", help="Print the package manifest as JSON."),
     ) -> None:
@@ -54,6 +62,8 @@ def register(app: typer.Typer) -> None:
         from retinacli.errors import RetinaError
         from training.export import export_run, package_name_for
 
+        if quantize is not None and quantize != "int8":
+            fail(f"--quantize must be int8, not {quantize!r}", EXIT_USAGE)
         if not (run_dir / "config.json").is_file():
             fail(f"{run_dir}: not a training run (no config.json)", EXIT_USAGE)
         name = name or package_name_for(run_dir)
@@ -71,6 +81,8 @@ def register(app: typer.Typer) -> None:
                 manifest=manifest,
                 changelog=changelog,
                 overwrite=force,
+                quantize=quantize,
+                calibration_items=calibration_items,
                 log=lambda message: err.print(f"  {message}", highlight=False),
             )
         except (RetinaError, ValueError, FileNotFoundError) as exc:
@@ -88,6 +100,14 @@ def register(app: typer.Typer) -> None:
                 f"min cosine {p['min_cosine']:.8f}",
                 highlight=False,
             )
+        for modality, entry in (m.get("quantized", {}).get("int8", {}).get("encoders") or {}).items():
+            for backend, g in entry["gate"].items():
+                verdict = "passed" if g["passed"] else "failed (not used automatically)"
+                stdout.print(
+                    f"  {modality} int8 on {backend}: min cosine {g['min_cosine']:.5f}, top-5 agreement "
+                    f"{g['top5_agreement']:.3f}: gate {verdict}",
+                    highlight=False,
+                )
         for task, p in parity["heads"].items():
             stdout.print(f"  head {task}: max |Δ| {p['max_abs_diff']:.2e}", highlight=False)
         if not m["heads"]:

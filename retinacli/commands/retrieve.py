@@ -33,9 +33,14 @@ def register(app: typer.Typer) -> None:
         laterality: str | None = typer.Option(
             None, "--laterality", help="Only results of this eye: OD or OS."
         ),
+        search_method: str = typer.Option(
+            "auto", "--search",
+            help="exact (scan every vector), ann (approximate index, extra 'retina[faiss]', built on first "
+            "use in STORE/ann) or auto (ann from 200,000 stored vectors when faiss is installed).",
+        ),
         json_output: bool = typer.Option(False, "--json", help="Print the query and results as JSON."),
     ) -> None:
-        """Search the store by exact cosine similarity (fundus query -> OCT results and the reverse)."""
+        """Search the store by cosine similarity (fundus query -> OCT results and the reverse)."""
         from retinacli.console import err, fail, print_json
         from retinacli.errors import EXIT_OK, EXIT_USAGE, RetinaError
 
@@ -46,7 +51,7 @@ def register(app: typer.Typer) -> None:
             if laterality not in ("OD", "OS"):
                 fail(f"--laterality must be OD or OS, not {laterality!r}", EXIT_USAGE)
         try:
-            payload = _retrieve(query, index, top, model, target, laterality)
+            payload = _retrieve(query, index, top, model, target, laterality, search_method)
         except RetinaError as exc:
             fail(str(exc), exc.exit_code)
         if not payload["results"]:
@@ -59,7 +64,8 @@ def register(app: typer.Typer) -> None:
 
 
 def _retrieve(query: str, index: Path | None, top: int, model: str | None, target: str | None,
-              laterality: str | None) -> dict[str, Any]:
+              laterality: str | None, search_method: str = "exact") -> dict[str, Any]:
+    from retinacli.ann import resolve_method
     from retinacli.console import err
     from retinacli.errors import EXIT_USAGE, RetinaError
     from retinacli.retrieval import OTHER_MODALITY, search
@@ -68,6 +74,7 @@ def _retrieve(query: str, index: Path | None, top: int, model: str | None, targe
     store_root, origin = store_path_and_origin(index)
     err.print(f"store: {store_root} ({origin})", highlight=False)
     store = EmbeddingStore.open(store_root)
+    method = resolve_method(store, search_method)
     err.print(f"model: {store.model_id} (the store's)", highlight=False)
     query_path = Path(query).expanduser()
     if query_path.exists():
@@ -85,14 +92,16 @@ def _retrieve(query: str, index: Path | None, top: int, model: str | None, targe
         vector, row = found
         info = {k: row.get(k) for k in ("id", "path", "modality", "laterality", "date")}
     target = target or OTHER_MODALITY[info["modality"]]
-    err.print(f"searching {target} items, top {top}"
+    err.print(f"searching {target} items, top {top}, {method} search"
               + (f", laterality {laterality}" if laterality else ""), highlight=False)
-    hits = search(store, vector, target=target, laterality=laterality, top_k=top)
+    hits = search(store, vector, target=target, laterality=laterality, top_k=top, method=method,
+                  log=lambda message: err.print(message, highlight=False))
     return {
         "query": info,
         "model": store.model_id,
         "store": str(store_root),
         "target": target,
+        "search": method,
         "results": [hit.to_dict() for hit in hits],
     }
 
