@@ -1,0 +1,269 @@
+"""`retina demo`: the whole chain on a synthetic cohort, in one folder a user can keep working in.
+
+synth -> train CLIP and CLOOB (demo preset) -> probe heads -> export ONNX packages -> held-out
+retrieval through the exported packages -> embed / retrieve / predict with the torch-free CLI.
+
+The demo folder is laid out so the CLI's card commands work there as typed, with no flags:
+    manifest.csv  dicom/  png/     the synthetic cohort (`retina train` picks up ./manifest.csv)
+    train.toml                     the training settings the demo used (`retina train` reads it)
+    exported/                      model packages (`retina embed` finds the newest one here)
+    oct_dir/                       held-out OCT volumes (`retina embed ./oct_dir`)
+    fundus.png                     one held-out fundus photo (`retina retrieve fundus.png --top 5`)
+    .retina/store/                 the embedding store the demo filled from ./oct_dir
+    runs/clip, runs/cloob          training runs (config, checkpoints, metrics, heads)
+    demo_summary.json              every number the summary prints
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+MARKER = ".retina-demo"
+OBJECTIVES = ("clip", "cloob")
+TASK_METRIC = {"cst": ("mae", "MAE µm"), "bcva": ("auroc", "AUROC"), "tn": ("auroc", "AUROC")}
+
+
+class DemoFolderError(ValueError):
+    """The demo folder holds something that is not a previous demo: never overwrite user data."""
+
+
+@dataclass
+class DemoSettings:
+    workdir: Path
+    patients: int = 24
+    visits: int = 3
+    seed: int = 0
+    preset: str = "demo"
+    epochs: int | None = None
+    oct_shape: tuple[int, int, int] = (25, 224, 256)
+    fundus_size: int = 384
+
+
+@dataclass
+class DemoSummary:
+    workdir: str
+    cohort: dict[str, Any]
+    objectives: dict[str, dict[str, Any]] = field(default_factory=dict)
+    card: dict[str, Any] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "workdir": self.workdir,
+            "cohort": self.cohort,
+            "objectives": self.objectives,
+            "card": self.card,
+            "seconds": self.seconds,
+        }
+
+
+def prepare_workdir(workdir: Path) -> None:
+    """Create the folder, or clear a previous demo in it; refuse a non-empty folder that is not one."""
+    if workdir.exists() and any(workdir.iterdir()):
+        if not (workdir / MARKER).exists():
+            raise DemoFolderError(
+                f"{workdir}: folder is not empty and was not made by `retina demo`; choose another --workdir"
+            )
+        for child in workdir.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+    workdir.mkdir(parents=True, exist_ok=True)
+
+
+def mark_workdir(workdir: Path) -> None:
+    (workdir / MARKER).write_text("made by `retina demo`; the next demo run may clear this folder\n")
+
+
+def write_train_config(workdir: Path, settings: DemoSettings) -> Path:
+    """`train.toml`: the settings the demo trained with, so a plain `retina train` here repeats them."""
+    lines = [
+        "# Written by `retina demo`: `retina train` in this folder reads it (flags still override).",
+        f'preset = "{settings.preset}"',
+        f"seed = {settings.seed}",
+    ]
+    if settings.epochs is not None:
+        lines.append(f"epochs = {settings.epochs}")
+    path = workdir / "train.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _held_out_rows(rows: list[dict[str, str]], run_dir: Path) -> list[dict[str, str]]:
+    val = set(json.loads((run_dir / "split.json").read_text())["val"])
+    return [r for r in rows if r["patient_id"] in val]
+
+
+def engine_retrieval(package_dir: Path, rows: list[dict[str, str]]) -> dict[str, Any]:
+    """Fundus->OCT and OCT->fundus retrieval on held-out pairs, through the exported ONNX package."""
+    from retinacli.engine import Engine
+    from retinacli.readers import read_fundus, read_oct
+    from training.retrieval_metrics import both_directions
+
+    engine = Engine.load(str(package_dir))
+    fundus = np.stack([engine.preprocess(read_fundus(r["fundus_path"])) for r in rows])
+    oct_ = np.stack([engine.preprocess(read_oct(r["oct_path"])) for r in rows])
+    return both_directions(engine.embed("fundus", fundus), engine.embed("oct", oct_))
+
+
+def _head_metrics(package_dir: Path) -> dict[str, Any]:
+    manifest = json.loads((package_dir / "retina.json").read_text())
+    out = {}
+    for task, head in (manifest.get("heads") or {}).items():
+        key, _ = TASK_METRIC[task]
+        cv = (head.get("metrics") or {}).get("cv") or {}
+        out[task] = {key: cv.get(key), "r2": cv.get("r2")} if key == "mae" else {key: cv.get(key)}
+    return out
+
+
+def card_name(row: dict[str, str]) -> str:
+    """File name of a held-out OCT in oct_dir: the patient folder + the cohort's file name."""
+    source = Path(row["oct_path"])
+    return f"{source.parent.name}_{source.name}"
+
+
+def lay_out_card_files(workdir: Path, held_out: list[dict[str, str]]) -> dict[str, Any]:
+    """oct_dir/ with the held-out OCT volumes and fundus.png from one held-out visit."""
+    oct_dir = workdir / "oct_dir"
+    oct_dir.mkdir(exist_ok=True)
+    for row in held_out:
+        source = Path(row["oct_path"])
+        target = oct_dir / card_name(row)
+        try:
+            os.link(source, target)  # same file system: no copy needed
+        except OSError:
+            shutil.copy2(source, target)
+    query = held_out[0]
+    png = Path(query["fundus_path"].replace("/dicom/", "/png/")).with_suffix(".png")
+    shutil.copy2(png, workdir / "fundus.png")
+    return {
+        "oct_dir_volumes": len(held_out),
+        "fundus_png_from": {"patient_id": query["patient_id"], "eye": query["eye"], "visit": query["visit"]},
+    }
+
+
+def run_cli(workdir: Path, *args: str) -> dict[str, Any]:
+    """Run a `retina` command in the demo folder as a user would, with --json, and parse its output."""
+    command = [sys.executable, "-m", "retinacli.cli", *args, "--json"]
+    result = subprocess.run(command, cwd=workdir, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"`retina {' '.join(args)}` failed: {result.stderr.strip().splitlines()[-1:]}")
+    return json.loads(result.stdout)
+
+
+def same_eye_top5_rate(workdir: Path, package_dir: Path, held_out: list[dict[str, str]]) -> dict[str, Any]:
+    """For every held-out fundus: is an OCT of the same eye among the store's top 5? (the card's claim)"""
+    from retinacli.engine import Engine
+    from retinacli.readers import read_fundus
+    from retinacli.store import EmbeddingStore
+
+    store = EmbeddingStore.open(workdir / ".retina" / "store")
+    meta = store.metadata(columns=["modality", "path"])
+    is_oct = np.array([m["modality"] == "oct" for m in meta])
+    vectors = store.vectors()
+    eye_of = {card_name(r): (r["patient_id"], r["eye"]) for r in held_out}
+    candidate_eyes = [eye_of.get(Path(m["path"]).name) for m in meta if m["modality"] == "oct"]
+    engine = Engine.load(str(package_dir))
+    fundus = np.stack([engine.preprocess(read_fundus(r["fundus_path"])) for r in held_out])
+    queries = engine.embed("fundus", fundus)
+    scores = queries @ vectors[is_oct].T
+    top5 = np.argsort(-scores, axis=1)[:, :5]
+    hits = [
+        any(candidate_eyes[j] == (r["patient_id"], r["eye"]) for j in top5[i]) for i, r in enumerate(held_out)
+    ]
+    eyes = {(r["patient_id"], r["eye"]) for r in held_out}
+    per_eye = [sum(1 for e in candidate_eyes if e == eye) for eye in eyes]
+    chance = float(1 - np.mean([np.prod([(len(candidate_eyes) - k - i) / (len(candidate_eyes) - i)
+                                         for i in range(5)]) for k in per_eye]))
+    return {"queries": len(held_out), "rate": float(np.mean(hits)), "chance": chance}
+
+
+def run_demo(
+    settings: DemoSettings,
+    echo: Callable[[str], None] = print,
+    progress_factory: Callable[..., Any] | None = None,
+) -> DemoSummary:
+    from retinacli.synth import generate_cohort
+    from training.config import resolve_config
+    from training.data import read_manifest
+    from training.export import export_run
+    from training.loop import train
+    from training.probe import probe_run
+
+    workdir = settings.workdir.resolve()
+    seconds: dict[str, float] = {}
+    started = time.perf_counter()
+
+    def lap(name: str, since: float) -> float:
+        now = time.perf_counter()
+        seconds[name] = round(now - since, 1)
+        return now
+
+    prepare_workdir(workdir)
+    echo(f"[1/5] synthetic cohort: {settings.patients} patients, {settings.visits} visits -> {workdir}")
+    manifest = generate_cohort(
+        workdir, patients=settings.patients, visits=settings.visits, seed=settings.seed,
+        oct_shape=settings.oct_shape, fundus_size=settings.fundus_size, formats=("dicom", "png"),
+    )
+    mark_workdir(workdir)
+    write_train_config(workdir, settings)
+    rows = read_manifest(manifest)
+    t = lap("synth", started)
+    summary = DemoSummary(
+        workdir=str(workdir),
+        cohort={"pairs": len(rows), "patients": len({r["patient_id"] for r in rows}),
+                "manifest": str(manifest)},
+    )
+
+    packages: dict[str, Path] = {}
+    for objective in OBJECTIVES:
+        echo(f"[2/5] training {objective.upper()} ({settings.preset} preset)")
+        overrides = {"objective": objective, "manifest": str(manifest), "seed": settings.seed,
+                     "epochs": settings.epochs}
+        config = resolve_config(settings.preset, overrides=overrides)
+        run_dir = train(config, workdir / "runs" / objective, echo=echo, progress_factory=progress_factory)
+        t = lap(f"train_{objective}", t)
+        echo(f"[3/5] fitting task heads and exporting {objective.upper()}")
+        probe_run(run_dir)
+        result = export_run(run_dir, workdir / "exported" / f"retina-demo-{objective}",
+                            name=f"retina-demo-{objective}", overwrite=True)
+        packages[objective] = result.package_dir
+        t = lap(f"probe_export_{objective}", t)
+
+    echo("[4/5] held-out retrieval through the exported ONNX packages")
+    held_out = _held_out_rows(rows, workdir / "runs" / OBJECTIVES[0])
+    for objective, package_dir in packages.items():
+        retrieval = engine_retrieval(package_dir, held_out)
+        summary.objectives[objective] = {
+            "package": str(package_dir),
+            "retrieval": retrieval,
+            "heads_cv": _head_metrics(package_dir),
+        }
+    t = lap("held_out_retrieval", t)
+
+    echo("[5/5] card commands in the demo folder: embed ./oct_dir, retrieve fundus.png, predict")
+    summary.card.update(lay_out_card_files(workdir, held_out))
+    # The newest package in ./exported is the default: the last objective exported (CLOOB).
+    default_package = packages[OBJECTIVES[-1]]
+    summary.card["embed"] = run_cli(workdir, "embed", "./oct_dir")
+    summary.card["retrieve"] = run_cli(workdir, "retrieve", "fundus.png", "--top", "5")
+    predictions = run_cli(workdir, "predict", "--task", "bcva")
+    summary.card["predict_records"] = len(predictions["predictions"])
+    summary.card["same_eye_top5"] = same_eye_top5_rate(workdir, default_package, held_out)
+    lap("card_commands", t)
+    seconds["total"] = round(time.perf_counter() - started, 1)
+    summary.seconds = seconds
+    (workdir / "demo_summary.json").write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
+    return summary
