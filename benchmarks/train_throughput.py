@@ -33,8 +33,9 @@ SETTINGS = {
 def cpu_model() -> str:
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
+        lines = [line for line in out.splitlines() if line.startswith("Model name")]
+        return lines[0].split(":", 1)[1].strip()
+    except (OSError, subprocess.CalledProcessError, IndexError):
         return platform.processor() or "unknown"
 
 
