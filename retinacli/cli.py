@@ -59,6 +59,12 @@ for _name in COMMAND_MODULES:
 
 
 def main() -> None:
+    import sys
+
+    # File names that are not valid UTF-8 (common on old exports) must print, not crash a batch.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="surrogateescape")
     app()
 
 
