@@ -83,3 +83,28 @@ def test_store_ann_search_matches_exact_and_follows_new_shards(tmp_path):
     store = EmbeddingStore.open(root)
     top = search(store, newcomer[0], target="oct", top_k=1, method="ann")
     assert top[0].row["id"] == "i005001" and top[0].score == pytest.approx(1.0, abs=1e-5)
+
+
+def test_retrieve_cli_search_option(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from retinacli.cli import app
+
+    root = tmp_path / "store"
+    write_store(root, clustered_unit_vectors(2000, 20, seed=3))
+    runner = CliRunner()
+    outputs = {}
+    for method in ("exact", "ann", "auto"):
+        args = ["retrieve", "i000010", "--index", str(root), "--search", method, "--json"]
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        payload = json.loads(result.stdout[result.stdout.index("{"):])
+        assert payload["target"] == "oct"  # the query i000010 is a fundus row
+        outputs[method] = payload
+    assert outputs["auto"]["search"] == "exact"  # 2,000 vectors: below the ANN threshold
+    assert outputs["ann"]["search"] == "ann" and (root / "ann" / "oct.faiss").is_file()
+    assert outputs["ann"]["results"][0]["id"] == outputs["exact"]["results"][0]["id"]
+    bad = runner.invoke(app, ["retrieve", "i000010", "--index", str(root), "--search", "fuzzy"])
+    assert bad.exit_code != 0 and "unknown search method 'fuzzy'" in bad.output

@@ -26,7 +26,7 @@ def standins(monkeypatch, tmp_path):
     """Route the commands to the stand-in engine/readers; run in an empty working directory."""
     engines = {"standin": StandInEngine(), "other": StandInEngine(model_id="other@1.0.0+111111111111")}
 
-    def load_engine(model):
+    def load_engine(model, backend="auto", precision="auto"):
         name = model or "standin"
         return engines[Path(name).name], Path("/packages") / Path(name).name
 
@@ -176,7 +176,7 @@ from test_store import StandInEngine, standin_discover, standin_read
 from retinacli import pipeline, store
 from retinacli.cli import app
 engine = StandInEngine()
-pipeline.load_engine = lambda model: (engine, "standin")
+pipeline.load_engine = lambda model, *choice: (engine, "standin")
 pipeline.discover_with_readers = standin_discover
 pipeline.read_with_readers = standin_read
 if os.environ.get("KILL_AFTER_FIRST_SHARD"):

@@ -82,10 +82,10 @@ def cli(monkeypatch, tmp_path, tiny_package):
     monkeypatch.delenv("RETINA_STORE", raising=False)
     load = pipeline.load_engine
 
-    def load_once(model):
-        key = str(Path(model).resolve()) if model else "default"
+    def load_once(model, *choice):
+        key = (str(Path(model).resolve()) if model else "default", *choice)
         if key not in _ENGINES:
-            _ENGINES[key] = load(model)
+            _ENGINES[key] = load(model, *choice)
         return _ENGINES[key]
 
     monkeypatch.setattr(pipeline, "load_engine", load_once)

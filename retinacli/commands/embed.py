@@ -118,8 +118,9 @@ def _run(paths, model, out, modality, batch_size, workers, shard_size, keep_iden
     engine, package = load_engine(model, backend, precision)
     workers = workers or default_workers()
     err.print(f"model: {engine.model_id} ({package}{'' if model else ', default'})", highlight=False)
-    chosen = ", ".join(f"{m} {v.label}" for m, v in engine.variants.items())
-    err.print(f"engine: {chosen}", highlight=False)
+    chosen = ", ".join(f"{m} {v.label}" for m, v in getattr(engine, "variants", {}).items())
+    if chosen:
+        err.print(f"engine: {chosen}", highlight=False)
     err.print(f"store: {store_root} ({store_origin})", highlight=False)
     err.print(f"modality: {modality or 'auto'}, batch size {batch_size}, workers {workers}", highlight=False)
     with StoreWriter.open_for_model(
