@@ -43,7 +43,8 @@ class EvalConfig:
         d = asdict(self)
         d["manifest"] = str(self.manifest)
         d["runs"] = [str(r) for r in self.runs]
-        d.pop("out_dir")  # two runs into different folders must give the same results.json
+        for key in ("out_dir", "figures", "fit_final"):  # outputs, not inputs: same numbers either way
+            d.pop(key)
         for key in ("modes", "tasks", "modalities", "finetune_modalities", "retrieval_k"):
             d[key] = list(d[key])
         d.pop("extra")
