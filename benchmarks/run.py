@@ -543,7 +543,7 @@ def main(argv: list[str] | None = None) -> int:
         model = torch_model_for(args.package, args.run)
         shapes = {m: tuple(manifest["inputs"][m]["shape"][1:]) for m in ("oct", "fundus")}
         res["encoders_package"] = time_encoders(
-            "package", args.package, model, shapes, 16, rounds, args.threads,
+            "package", args.package, model, shapes, 16, max(3, rounds - 2), args.threads,
             cohort_arrays(args.run, manifest["preprocessing"], 16), log)
     if "e2e" in only:
         res["end_to_end"] = end_to_end(args.package, args.work, 48 if args.quick else 200, 16,
