@@ -84,7 +84,7 @@ PRESET_VALUES: dict[str, dict[str, Any]] = {
         warmup_fraction=0.0, augment=True,
     ),
     "demo": dict(
-        oct_slices=8, oct_size=48, fundus_size=64, embed_dim=64, epochs=12, batch_size=16, lr=2e-3,
+        oct_slices=8, oct_size=32, fundus_size=48, embed_dim=64, epochs=6, batch_size=8, lr=3e-4,
         weight_decay=0.05, warmup_fraction=0.1,
     ),
     "paper": dict(

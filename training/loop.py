@@ -32,6 +32,7 @@ from training.objective import compute_loss
 from training.retrieval_metrics import both_directions
 
 LOG_FILE = "train.log"
+COLLAPSE_STD = 1e-3  # val embeddings with a smaller mean per-dimension spread are reported as collapsed
 
 
 class RunExistsError(ValueError):
@@ -328,7 +329,14 @@ def _validate(model, val_set, device, bf16, channels_last) -> dict[str, Any]:
     with torch.no_grad():
         val_loss = float(compute_loss(model, f.to(device), o.to(device)))
     retrieval = both_directions(f.numpy(), o.numpy())
-    return {"val_pairs": len(val_set.rows), "val_loss": val_loss, "val": retrieval}
+    # Mean per-dimension spread of the unit embeddings: ~0 means the encoder collapsed to a constant.
+    spread = {"fundus": float(f.std(dim=0).mean()), "oct": float(o.std(dim=0).mean())}
+    return {
+        "val_pairs": len(val_set.rows),
+        "val_loss": val_loss,
+        "val": retrieval,
+        "val_embedding_std": spread,
+    }
 
 
 def _summary(record: dict[str, Any]) -> str:
@@ -340,7 +348,11 @@ def _summary(record: dict[str, Any]) -> str:
             f"(chance {r['top1_chance']:.3f}, pool {r['pool']}), top-5 {r['top5']:.3f}, "
             f"median rank {r['median_rank']:.0f}"
         )
-    return text + f", {record['pairs_per_second']:.1f} pairs/s"
+    text += f", {record['pairs_per_second']:.1f} pairs/s"
+    collapsed = [k for k, v in record.get("val_embedding_std", {}).items() if v < COLLAPSE_STD]
+    if collapsed:
+        text += f"\nwarning: {' and '.join(collapsed)} embeddings collapsed to a constant; try a lower --lr"
+    return text
 
 
 def _append_metrics(path: Path, record: dict[str, Any]) -> None:
