@@ -109,7 +109,7 @@ def register(app: typer.Typer) -> None:
             1e-2, "--finetune-lr", help="Fine-tuning learning rate of the linear layer (SGD, momentum 0.9)."
         ),
         finetune_encoder_lr: float = typer.Option(
-            1e-3, "--finetune-encoder-lr",
+            1e-4, "--finetune-encoder-lr",
             help="Fine-tuning learning rate of the encoder (lower: adapt, not erase).",
         ),
         fit_final: bool = typer.Option(

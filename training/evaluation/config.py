@@ -31,7 +31,7 @@ class EvalConfig:
     finetune_scope: str = "auto"  # auto | full | top (see training/evaluation/finetune.py)
     finetune_batch_size: int = 8
     finetune_lr: float = 1e-2  # the linear layer (SGD, momentum 0.9)
-    finetune_encoder_lr: float = 1e-3  # the encoder: ten times lower, so few epochs adapt, not overwrite
+    finetune_encoder_lr: float = 1e-4  # the encoder: 100x lower, so few epochs adapt, not overwrite
     retrieval_k: tuple[int, ...] = (1, 5, 10)
     fit_final: bool = False
     figures: bool = True

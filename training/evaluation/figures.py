@@ -68,7 +68,8 @@ def plot_tsne_tasks(path: Path, label: str, emb: dict, cohort, cfg) -> Path:
             ax = axes[r][c]
             y = cohort.labels(task)
             known = np.isfinite(y)
-            ax.scatter(xy[~known, 0], xy[~known, 1], s=12, c="lightgrey", label="no label")
+            if (~known).any():
+                ax.scatter(xy[~known, 0], xy[~known, 1], s=12, c="lightgrey", label="no label")
             if TASK_KINDS[task] == "regression":
                 points = ax.scatter(xy[known, 0], xy[known, 1], s=16, c=y[known], cmap="viridis")
                 fig.colorbar(points, ax=ax, shrink=0.8, label=TASK_LABEL_COLUMNS[task])

@@ -13,6 +13,7 @@ FINAL_MODALITY = "oct"
 
 
 def fit_final_heads(sources, embeddings, cohort, cfg, results) -> list[str]:
+    from training.evaluation.report import clean_json
     from training.heads import fit_linear_head, save_heads
 
     written = []
@@ -32,7 +33,7 @@ def fit_final_heads(sources, embeddings, cohort, cfg, results) -> list[str]:
                 input_modality=FINAL_MODALITY,
             )
             cv = results["cv"].get(source.key, {}).get("probe", {}).get(FINAL_MODALITY, {}).get(task)
-            head.metrics["evaluation"] = {
+            head.metrics["evaluation"] = clean_json({
                 "protocol": f"{cfg.folds}-fold patient-grouped CV, linear probe on frozen "
                 f"{FINAL_MODALITY} embeddings",
                 "seed": cfg.seed,
@@ -40,7 +41,7 @@ def fit_final_heads(sources, embeddings, cohort, cfg, results) -> list[str]:
                 "n_patients": len(np.unique(cohort.patient_ids[rows])),
                 "summary": cv["summary"] if cv else None,
                 "folds": cv["folds"] if cv else None,
-            }
+            })  # the same rounded numbers as results.json
             heads.append(head)
         save_heads(source.run_dir, heads)
         written.append(str(source.run_dir / "heads.json"))

@@ -2,7 +2,7 @@
 
 Recipe (LP-FT, Kumar et al. 2022): the linear layer starts from the linear-probe head fitted on the same
 training fold (so a few epochs refine a sensible solution instead of a random one), then SGD with
-momentum 0.9 trains encoder and layer together, the encoder at a 10× lower learning rate. SGD rather
+momentum 0.9 trains encoder and layer together, the encoder at a 100× lower learning rate. SGD rather
 than Adam: Adam's first steps move every one of the encoder's millions of weights by ~lr whatever its
 gradient, which wrecked the probe solution within one epoch in our tests; SGD's steps follow the
 gradient's size. The layer works on embeddings standardised with the training fold's statistics (and,
@@ -38,7 +38,7 @@ class FinetuneSettings:
     scope: str = "full"  # resolved: "full" or "top"
     batch_size: int = 8
     head_lr: float = 1e-2
-    encoder_lr: float = 1e-3
+    encoder_lr: float = 1e-4
     weight_decay: float = 1e-4
     device: str = "cpu"
 

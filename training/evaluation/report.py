@@ -19,21 +19,21 @@ MODE_NAMES = {"probe": "linear probe", "finetune": "fine-tune"}
 INPUT_NAMES = {"oct": "OCT", "fundus": "fundus", SWAP_KEY: "OCT head → fundus"}
 
 
-def _clean(value: Any) -> Any:
+def clean_json(value: Any) -> Any:
     """JSON-safe copy: NaN/inf -> null, floats rounded to 10 significant digits (stable text)."""
     if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
+        return {str(k): clean_json(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_clean(v) for v in value]
+        return [clean_json(v) for v in value]
     if isinstance(value, float):
         return None if not math.isfinite(value) else float(f"{value:.10g}")
     if hasattr(value, "item") and callable(value.item):  # numpy scalars
-        return _clean(value.item())
+        return clean_json(value.item())
     return value
 
 
 def write_json(path: Path, payload: dict) -> None:
-    path.write_text(json.dumps(_clean(payload), indent=2, sort_keys=True) + "\n")
+    path.write_text(json.dumps(clean_json(payload), indent=2, sort_keys=True) + "\n")
 
 
 def format_cell(summary: dict | None, metric: str) -> str:
