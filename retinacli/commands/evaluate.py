@@ -44,6 +44,8 @@ class _RichReporter:
         if self.task is not None:
             self.progress.update(self.task, completed=self.progress.tasks[self.task].total)
         self.task = self.progress.add_task(name, total=max(total, 1))
+        if not self.progress.console.is_terminal:  # logs and pipes get one line per stage instead of a bar
+            self.progress.console.print(f"{name}: {total} step(s)", highlight=False)
 
     def advance(self, n: int = 1) -> None:
         if self.task is not None:
@@ -62,7 +64,7 @@ def register(app: typer.Typer) -> None:
             "--runs B'.",
         ),
         more_runs: list[Path] | None = typer.Argument(
-            None, metavar="[RUN]...", show_default=False,
+            None, metavar="RUN", show_default=False,
             help="More run folders (lets '--runs RUN_CLIP RUN_CLOOB' take several).",
         ),
         baseline: str | None = typer.Option(
@@ -124,7 +126,11 @@ def register(app: typer.Typer) -> None:
             False, "--json", help="Print results.json to stdout instead of the results table."
         ),
     ) -> None:
-        """Cross-validated linear probe / fine-tune / retrieval evaluation of trained encoders."""
+        """Cross-validated linear probe / fine-tune / retrieval evaluation of trained encoders.
+
+        Writes results.json, results.md, folds.csv and figures (docs/evaluation.md). Exit codes: 0 done;
+        1 the evaluation failed; 2 bad options or inputs (one line on stderr, before any training).
+        """
         import time
 
         from retinacli.console import err, fail
