@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +38,12 @@ def tsne_2d(x: np.ndarray, seed: int) -> np.ndarray:
     perplexity = float(min(30.0, max(2.0, (n - 1) / 3)))
     # Exact gradients are faster than Barnes-Hut for the few hundred points of a cohort, and deterministic.
     method = "exact" if n <= 1000 else "barnes_hut"
-    tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed, method=method)
+    # 500 iterations settle a few hundred points; scikit-learn < 1.5 calls the option n_iter.
+    iterations = "max_iter" if "max_iter" in inspect.signature(TSNE).parameters else "n_iter"
+    tsne = TSNE(
+        n_components=2, perplexity=perplexity, init="pca", random_state=seed, method=method,
+        **{iterations: 500},
+    )
     return tsne.fit_transform(np.asarray(x, np.float64))
 
 
