@@ -234,22 +234,40 @@ def make_volumes(folder: Path, n_volumes: int, oct_shape: tuple[int, int, int], 
     return folder
 
 
+def _vm_hwm_kib(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        return None
+    return None
+
+
 def peak_rss_mb(package: Path, inputs: Path, store: Path, extra: list[str]) -> tuple[float, dict[str, Any]]:
-    """Peak resident memory (MiB) of one `retina embed` process (wait4 on that very child)."""
+    """Peak resident memory (MiB) of one `retina embed` process.
+
+    Read from the child's own VmHWM (polled every 50 ms; it only grows), not from wait4's
+    ru_maxrss: Linux carries the forking parent's RSS over exec into ru_maxrss, so a child of
+    this (large) benchmark process would report the benchmark's memory.
+    """
     if store.exists():
         shutil.rmtree(store)
     cmd = [sys.executable, "-m", "retinacli.cli", "embed", str(inputs), "--model", str(package), "--out",
            str(store), "--modality", "oct", "--json", *extra]
+    peak = 0
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, cwd=REPO)
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
+        while proc.poll() is None:
+            peak = max(peak, _vm_hwm_kib(proc.pid) or 0)
+            time.sleep(0.05)
         out.seek(0)
         err.seek(0)
         text = out.read()
         if proc.returncode != 0:
             raise RuntimeError(f"retina embed failed ({proc.returncode}): {err.read().strip()[-300:]}")
-    return round(usage.ru_maxrss / 1024, 1), json.loads(text[text.index("{"):])
+    return round(peak / 1024, 1), json.loads(text[text.index("{"):])
 
 
 def model_only(
@@ -420,6 +438,9 @@ def markdown(res: dict[str, Any]) -> str:
                  + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v) + ".")
     lines += ["", "The machine is shared: absolute times move with the load, so the headline numbers are "
               "ratios from interleaved rounds of the same run.", ""]
+    if res.get("section_runs"):
+        lines += ["Sections come from these runs (`--only` reruns replace single sections): "
+                  + "; ".join(f"{k}: {v}" for k, v in sorted(res["section_runs"].items())) + ".", ""]
     for key, title in (("encoders_reference", "Encoders at the issue's reference sizes (random weights)"),
                        ("encoders_package", "Encoders at the package's input sizes")):
         if key not in res:
@@ -464,7 +485,7 @@ def markdown(res: dict[str, Any]) -> str:
         mem = res["memory"]
         sizes = [k for k in mem if k.isdigit()]
         lines += ["### Peak memory while streaming", "",
-                  "Peak RSS of one `retina embed --modality oct` process (wait4 ru_maxrss) over tiny "
+                  "Peak RSS of one `retina embed --modality oct` process (its VmHWM) over tiny "
                   f"synthetic DICOM volumes ({'x'.join(map(str, mem['volume_shape']))}; the model input size "
                   "is the package's):", ""]
         lines += [f"- {mem[k]['volumes']} volumes: {mem[k]['peak_rss_mib']} MiB (load {mem[k]['load']})"
@@ -556,6 +577,9 @@ def main(argv: list[str] | None = None) -> int:
     res["seconds"] = time.perf_counter() - started
     json_path = args.json or args.out.with_suffix(".json")
     previous = json.loads(json_path.read_text()) if json_path.is_file() else {}
+    # --only reruns some sections: say which run each section of the merged file comes from
+    res["section_runs"] = {**previous.get("section_runs", {}),
+                           **{name: f"{res['started']}, load at start {res['load_start']}" for name in only}}
     json_path.write_text(json.dumps({**previous, **res}, indent=2) + "\n")
     write_markdown(args.out, markdown({**previous, **res}))
     log(f"wrote {args.out} and {json_path}")
