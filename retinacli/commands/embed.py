@@ -121,6 +121,12 @@ def _run(paths, model, out, modality, batch_size, workers, shard_size, keep_iden
     chosen = ", ".join(f"{m} {v.label}" for m, v in getattr(engine, "variants", {}).items())
     if chosen:
         err.print(f"engine: {chosen}", highlight=False)
+    for m, v in getattr(engine, "variants", {}).items():
+        if v.precision == "int8" and not v.gate_passed:
+            verdict = "failed" if v.gate_passed is False else "was not checked against"
+            err.print(f"[yellow]note:[/] the {m} int8 encoder {verdict} the package's accuracy gate on "
+                      f"{v.backend}; used because --precision int8 asked for it",
+                      markup=True, highlight=False)
     err.print(f"store: {store_root} ({store_origin})", highlight=False)
     err.print(f"modality: {modality or 'auto'}, batch size {batch_size}, workers {workers}", highlight=False)
     with StoreWriter.open_for_model(
