@@ -44,7 +44,7 @@ def register(app: typer.Typer) -> None:
         ),
         engine_name: str = typer.Option(
             "auto", "--engine",
-            help="Inference backend: onnxruntime, openvino (extra 'retina[openvino]') or auto "
+            help="Inference backend: onnxruntime, openvino (extra 'retina\\[openvino]') or auto "
             "(the fastest installed; see docs/performance.md).",
         ),
         precision: str = typer.Option(

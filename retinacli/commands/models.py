@@ -140,6 +140,12 @@ def register(app: typer.Typer) -> None:
             ("parity", f"max |Δ| fundus {fundus_diff:.1e}, oct {oct_diff:.1e} "
              f"(tolerance {p['tolerance_abs']:g}; {p.get('inputs', '')})")
         )
+        for modality, entry in ((m.get("quantized") or {}).get("int8", {}).get("encoders") or {}).items():
+            gates = ", ".join(
+                f"{backend} {'passed' if g['passed'] else 'failed'} (cos {g['min_cosine']:.5f}, "
+                f"top-5 {g['top5_agreement']:.2f})" for backend, g in entry["gate"].items()
+            )
+            rows.append((f"int8 {modality}", f"{entry['file']}: gate {gates}"))
         rows.append(("exporter", f"{m['export']['exporter']}, opset {m['export']['opset']}"))
         rows.append(("packages", ", ".join(f"{k} {v}" for k, v in m["packages"].items() if v)))
         size = sum(f["bytes"] for f in m["files"])

@@ -35,7 +35,7 @@ def register(app: typer.Typer) -> None:
         ),
         search_method: str = typer.Option(
             "auto", "--search",
-            help="exact (scan every vector), ann (approximate index, extra 'retina[faiss]', built on first "
+            help="exact (scan every vector), ann (approximate index, extra 'retina\\[faiss]', built on first "
             "use in STORE/ann) or auto (ann from 200,000 stored vectors when faiss is installed).",
         ),
         json_output: bool = typer.Option(False, "--json", help="Print the query and results as JSON."),
