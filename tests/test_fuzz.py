@@ -9,7 +9,6 @@ Deterministic (derandomize): the same cases run on every CI run."""
 
 from __future__ import annotations
 
-import csv
 import sys
 from pathlib import Path
 
@@ -90,11 +89,6 @@ def test_fuzz_labels_csv(seeds, rnd):
     run("labels", seeds, rnd)
 
 
-@pytest.mark.xfail(
-    raises=(TypeError, csv.Error), strict=False,
-    reason="training.data.read_manifest: a short row gives TypeError (None path), a >128 KiB cell "
-    "csv.Error; owned by the training work (reported)",
-)
 @fuzz_settings("manifest")
 @given(rnd=st.randoms(use_true_random=False))
 def test_fuzz_training_manifest_csv(seeds, rnd):

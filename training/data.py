@@ -37,15 +37,20 @@ def read_manifest(path: str | Path) -> list[dict[str, str]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: manifest not found")
-    with open(path, newline="") as handle:
-        reader = csv.DictReader(handle)
-        missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{path}: manifest lacks column(s) {', '.join(missing)}")
-        rows = list(reader)
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
+            if missing:
+                raise ValueError(f"{path}: manifest lacks column(s) {', '.join(missing)}")
+            rows = list(reader)
+    except (csv.Error, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not a readable CSV manifest ({exc})") from None
     if not rows:
         raise ValueError(f"{path}: manifest has no rows")
-    for row in rows:
+    for line, row in enumerate(rows, start=2):
+        if any(row.get(c) in (None, "") for c in ("patient_id", "oct_path", "fundus_path")):
+            raise ValueError(f"{path}: line {line} lacks patient_id, oct_path or fundus_path")
         for key in ("oct_path", "fundus_path"):
             row[key] = str((path.parent / row[key]).resolve())
     return rows
