@@ -107,7 +107,13 @@ def register(app: typer.Typer) -> None:
         )
         err.print(f"retina demo: workdir {workdir.resolve()}, preset {preset}, seed {seed}", highlight=False)
         try:
-            summary = run_demo(settings, echo=lambda line: err.print(line, highlight=False, markup=False))
+            from retinacli.commands.train import _progress_factory
+
+            summary = run_demo(
+                settings,
+                echo=lambda line: err.print(line, highlight=False, markup=False),
+                progress_factory=_progress_factory(err),
+            )
         except DemoFolderError as exc:
             fail(str(exc), EXIT_USAGE)
         if json_output:

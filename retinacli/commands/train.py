@@ -10,6 +10,7 @@ import typer
 from retinacli.errors import EXIT_NOTHING_DONE, EXIT_USAGE
 
 DEFAULT_MANIFEST = Path("manifest.csv")
+DEFAULT_CONFIG = Path("train.toml")  # written by `retina demo`; a user may keep their settings there too
 START_HINT = (
     "No ./manifest.csv here. To start, make a synthetic cohort:  retina synth ./cohort\n"
     "then train on it:  retina train --manifest ./cohort/manifest.csv"
@@ -102,7 +103,8 @@ def register(app: typer.Typer) -> None:
         config_file: Path = typer.Option(
             None,
             "--config",
-            help="JSON or TOML file of config keys (see docs/training.md); flags override it.",
+            help="JSON or TOML file of config keys (see docs/training.md); flags override it. "
+            "Default: ./train.toml if present.",
         ),
         epochs: int = typer.Option(None, "--epochs", help=_help("Training epochs", "epochs")),
         batch_size: int = typer.Option(
@@ -151,6 +153,9 @@ def register(app: typer.Typer) -> None:
         """Pre-train the fundus + OCT encoders contrastively (CLIP / CLOOB / SigLIP) into a run folder."""
         from retinacli.console import err
 
+        if config_file is None and not resume and DEFAULT_CONFIG.is_file():
+            config_file = DEFAULT_CONFIG
+            err.print(f"using settings from ./{DEFAULT_CONFIG}", highlight=False)
         if manifest is None and config_file is None and not resume:
             if DEFAULT_MANIFEST.is_file():
                 manifest = DEFAULT_MANIFEST
@@ -188,6 +193,9 @@ def register(app: typer.Typer) -> None:
             file_values = load_config_file(config_file) if config_file is not None else {}
         except (OSError, ValueError) as exc:
             _fail(f"{config_file}: cannot read config ({exc})", EXIT_USAGE)
+        if manifest is None and "manifest" not in file_values and not resume and DEFAULT_MANIFEST.is_file():
+            manifest = DEFAULT_MANIFEST
+            overrides["manifest"] = str(manifest)
         try:
             config = resolve_config("demo", file_values, overrides)
         except (ValueError, TypeError) as exc:
