@@ -1,0 +1,86 @@
+"""`retina demo` end to end (tiny sizes), then the README card commands typed exactly, in a fresh
+process, in the demo's folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+
+RETINA = str(Path(sys.executable).parent / "retina")
+
+
+def _env(home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RETINA_")}
+    env.update(RETINA_HOME=str(home), COLUMNS="250", NO_COLOR="1")
+    return env
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    workdir = root / "retina-demo"
+    args = [RETINA, "demo", "--workdir", str(workdir), "--preset", "tiny", "--patients", "6", "--visits", "2",
+            "--oct-shape", "8x64x64", "--fundus-size", "64", "--json"]
+    result = subprocess.run(args, capture_output=True, text=True, env=_env(root / "home"), cwd=root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir, json.loads(result.stdout), root / "home"
+
+
+def test_demo_summary_covers_both_objectives_through_the_exported_packages(demo):
+    workdir, summary, _ = demo
+    assert set(summary["objectives"]) == {"clip", "cloob"}
+    for result in summary["objectives"].values():
+        f2o = result["retrieval"]["fundus_to_oct"]
+        assert f2o["pool"] == summary["card"]["oct_dir_volumes"] > 0
+        assert f2o["top1_chance"] == pytest.approx(1 / f2o["pool"])
+        assert 0 <= f2o["top1"] <= f2o["top5"] <= 1
+        assert Path(result["package"], "retina.json").is_file()
+        assert set(result["heads_cv"]) == {"cst", "bcva", "tn"}
+    for name in ("manifest.csv", "train.toml", "fundus.png", "demo_summary.json", ".retina/store/store.json"):
+        assert (workdir / name).exists(), name
+    assert summary["card"]["predict_records"] == summary["card"]["oct_dir_volumes"]
+
+
+def test_card_commands_run_as_typed_in_the_demo_folder(demo):
+    workdir, _, home = demo
+    env = _env(home)
+    volumes = sorted(p.name for p in (workdir / "oct_dir").iterdir())
+
+    def run(*command: str) -> subprocess.CompletedProcess:
+        return subprocess.run(list(command), cwd=workdir, capture_output=True, text=True, env=env)
+
+    embed = run(RETINA, "embed", "./oct_dir")
+    assert embed.returncode == 0, embed.stderr
+    # Everything was embedded by the demo: the second run only skips, and says which defaults it used.
+    assert "retina-demo-cloob" in embed.stderr and ".retina/store" in embed.stderr
+    assert f"embedded 0, skipped {len(volumes)}" in embed.stdout + embed.stderr
+
+    retrieve = run(RETINA, "retrieve", "fundus.png", "--top", "5")
+    assert retrieve.returncode == 0, retrieve.stderr
+    listed = [name for name in volumes if name in retrieve.stdout]
+    assert len(listed) == min(5, len(volumes))  # five OCT volumes from the store, nothing else
+
+    predict = run(RETINA, "predict", "--task", "bcva")
+    assert predict.returncode == 0, predict.stderr
+    assert all(name in predict.stdout for name in volumes)  # one record per stored OCT volume
+
+    train = run(RETINA, "train")
+    assert train.returncode == 0, train.stderr
+    assert "train.toml" in train.stderr and "preset=tiny" in train.stderr
+    runs = [p for p in (workdir / "runs").iterdir() if p.name.startswith("clip-")]
+    assert len(runs) == 1 and (runs[0] / "checkpoints" / "last.pt").is_file()
+
+
+def test_demo_refuses_a_folder_it_did_not_make(tmp_path):
+    (tmp_path / "precious.txt").write_text("user data")
+    result = subprocess.run([RETINA, "demo", "--workdir", str(tmp_path)], capture_output=True, text=True,
+                            env=_env(tmp_path / "home"))
+    assert result.returncode == 2
+    assert "not empty" in result.stderr and (tmp_path / "precious.txt").read_text() == "user data"
