@@ -31,6 +31,7 @@ DEFAULT_SPEC: dict[str, Any] = {
         "slice_sampling": "uniform",  # nearest B-scan to each of `slices` evenly spaced bin centres
         "height": 112,
         "width": 112,
+        "axial_crop": 0.5,  # keep this fraction of the B-scan height around the retina (1.0 = no crop)
         "intensity": "percentile",  # per-volume robust scaling: p_low -> 0, p_high -> 1, clipped
         "percentiles": [1.0, 99.5],
         "mean": 0.25,
@@ -85,6 +86,8 @@ def validate_spec(spec: dict[str, Any]) -> None:
         for key in ("slices", "height", "width"):
             if int(o[key]) < 1:
                 raise ValueError(f"oct.{key} must be >= 1")
+        if not 0 < float(o.get("axial_crop", 1.0)) <= 1:
+            raise ValueError("oct.axial_crop must be in (0, 1]")
         if o["slice_sampling"] != "uniform":
             raise ValueError(f"unknown oct.slice_sampling {o['slice_sampling']!r}")
         if o["intensity"] != "percentile":
@@ -147,6 +150,24 @@ def slice_indices(n_bscans: int, slices: int) -> np.ndarray:
     return np.minimum(np.floor(centres).astype(np.int64), n_bscans - 1)
 
 
+def axial_window(volume: np.ndarray, fraction: float) -> slice:
+    """Rows to keep: a window of `fraction` x height centred on the retina.
+
+    The retina is the bright band of the mean depth profile: its centre is the intensity-weighted
+    mean row of the profile above its median (vitreous and deep choroid are dark). B-scans are mostly
+    empty vitreous and choroid, so cropping gives the retina most of the rows after resizing.
+    """
+    height = volume.shape[1]
+    rows = max(1, round(fraction * height))
+    if rows >= height:
+        return slice(0, height)
+    profile = volume.mean(axis=(0, 2), dtype=np.float64)
+    weights = np.clip(profile - np.median(profile), 0.0, None)
+    centre = float((weights * np.arange(height)).sum() / weights.sum()) if weights.sum() > 0 else height / 2
+    top = int(np.clip(round(centre - rows / 2), 0, height - rows))
+    return slice(top, top + rows)
+
+
 def preprocess_oct(pixels: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
     """(n_bscans, H, W) or a single (H, W) B-scan -> float32 (1, slices, height, width)."""
     o = spec["oct"]
@@ -160,6 +181,7 @@ def preprocess_oct(pixels: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
     picked = volume[slice_indices(volume.shape[0], int(o["slices"]))].astype(np.float32)
     if not np.isfinite(picked).all():
         raise ValueError("OCT volume contains NaN or infinite values")
+    picked = picked[:, axial_window(picked, float(o.get("axial_crop", 1.0)))]
     lo, hi = np.percentile(picked, o["percentiles"])
     scaled = np.clip((picked - lo) / max(float(hi - lo), 1e-6), 0.0, 1.0)
     resized = resize_2d(scaled, int(o["height"]), int(o["width"]))

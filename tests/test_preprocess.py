@@ -104,3 +104,28 @@ def test_spec_hash_is_stable_and_sensitive():
     assert pp.spec_hash(a) == pp.spec_hash(b)
     b["fundus"]["size"] = 64
     assert pp.spec_hash(a) != pp.spec_hash(b)
+
+
+def test_axial_crop_centres_the_retina_band():
+    volume = np.zeros((2, 200, 40), np.float32)
+    volume[:, 130:150] = 1.0  # a bright band low in the B-scan
+    window = pp.axial_window(volume, 0.5)
+    assert window.stop - window.start == 100 and window.start <= 130 and window.stop >= 150
+    assert abs((window.start + window.stop) / 2 - 140) <= 1
+    # Near the bottom edge the window is clamped inside the image.
+    volume[:] = 0
+    volume[:, 195:] = 1.0
+    assert pp.axial_window(volume, 0.5) == slice(100, 200)
+    # No crop when asked for the full height; a flat image keeps the centre.
+    assert pp.axial_window(volume, 1.0) == slice(0, 200)
+    assert pp.axial_window(np.ones((1, 200, 10), np.float32), 0.5) == slice(50, 150)
+
+
+def test_axial_crop_gives_the_retina_more_rows_after_resizing():
+    volume = np.zeros((4, 240, 64), np.float32)
+    volume[:, 100:130] = 1.0
+    cropped = pp.make_spec(oct_slices=4, oct_size=48)
+    full = pp.make_spec(oct_slices=4, oct_size=48)
+    full["oct"]["axial_crop"] = 1.0
+    bright_rows = [int((pp.preprocess_oct(volume, s)[0, 0, :, 10] > 0).sum()) for s in (cropped, full)]
+    assert bright_rows[0] >= 2 * bright_rows[1] - 1
