@@ -30,3 +30,11 @@ def test_ci_runs_the_readme_test_command():
     assert len(commands) >= 2, "README must start with the two set-up commands"
     test_command = commands[1].split("&& ", 2)[-1]  # after venv creation and activation
     assert test_command in (REPO / ".ci" / "run").read_text()
+
+
+def test_cli_reference_documents_every_command():
+    from retinacli.cli import COMMAND_MODULES
+
+    reference = (REPO / "docs" / "cli.md").read_text()
+    for name in COMMAND_MODULES:
+        assert f"## retina {name}\n" in reference, f"regenerate docs/cli.md: `retina {name}` is missing"

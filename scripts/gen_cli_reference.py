@@ -1,0 +1,66 @@
+"""Regenerate docs/cli.md from the commands' own --help (run after changing a command's options).
+
+    python scripts/gen_cli_reference.py
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from retinacli.cli import COMMAND_MODULES
+
+REPO = Path(__file__).resolve().parents[1]
+MODELS_SUBCOMMANDS = ("list", "show", "verify", "default", "install")
+
+HEADER = """# CLI reference
+
+Generated from each command's `--help` by `scripts/gen_cli_reference.py`; the help text is the source of
+truth. All commands print data to stdout (`--json` where the output is data) and progress / messages to
+stderr.
+
+## Exit codes
+
+| code | meaning |
+|---|---|
+| 0 | done; for batch commands at least one input succeeded (failures are listed in the error report) |
+| 1 | nothing done: no readable input, every input failed, or the command failed as a whole |
+| 2 | usage error: bad option, missing argument, wrong modality or model for a store, unknown task |
+| 3 | model package missing, corrupt (sha256 mismatch), or not a valid package |
+| 4 | the embedding store is locked by another running `retina embed` |
+
+## Environment
+
+| variable | meaning |
+|---|---|
+| `RETINA_HOME` | installed model packages (`$RETINA_HOME/models`) and settings; default `~/.retina` |
+| `RETINA_MODEL` | default model package (name or path) when `--model` is not given |
+| `RETINA_STORE` | default embedding store when `--out` / `--index` is not given; default `./.retina/store` |
+
+"""
+
+
+def help_text(*args: str) -> str:
+    env = {**os.environ, "COLUMNS": "100", "TERM": "dumb", "NO_COLOR": "1"}
+    retina = str(Path(sys.executable).parent / "retina")
+    result = subprocess.run([retina, *args, "--help"], capture_output=True, text=True, env=env)
+    return "\n".join(line.rstrip() for line in result.stdout.strip("\n").splitlines())
+
+
+def main() -> None:
+    parts = [HEADER, "## retina\n", "```text", help_text(), "```\n"]
+    for name in COMMAND_MODULES:
+        parts += [f"## retina {name}\n", "```text", help_text(name), "```\n"]
+        if name == "models":
+            for sub in MODELS_SUBCOMMANDS:
+                text = help_text(name, sub)
+                if text:
+                    parts += [f"### retina models {sub}\n", "```text", text, "```\n"]
+    (REPO / "docs" / "cli.md").write_text("\n".join(parts))
+    print(f"wrote {REPO / 'docs' / 'cli.md'}")
+
+
+if __name__ == "__main__":
+    main()
