@@ -24,3 +24,15 @@ def fail(message: str, code: int) -> None:
 
     err.print(f"[bold red]error:[/] {message}", markup=True, highlight=False)
     raise typer.Exit(code)
+
+
+def print_error_table(errors: list[dict[str, str]]) -> None:
+    """The unreadable inputs of a batch, one line each (path, reason), on stderr."""
+    from rich.table import Table
+
+    table = Table(title=f"{len(errors)} unreadable", title_justify="left", title_style="bold red")
+    table.add_column("path", overflow="fold")
+    table.add_column("error", overflow="fold")
+    for record in errors:
+        table.add_row(record["path"], record["error"])
+    err.print(table)

@@ -23,18 +23,8 @@ from pathlib import Path
 
 from retinacli.errors import ReadError, UsageError
 from retinacli.items import ImageMeta
+from retinacli.manifest import MANIFEST_COLUMNS
 
-MANIFEST_COLUMNS = [
-    "patient_id",
-    "eye",
-    "visit",
-    "oct_path",
-    "fundus_path",
-    "cst_um",
-    "bcva_letters",
-    "bcva_label",
-    "tn_label",
-]
 EXTRA_COLUMNS = [
     "visit_date",
     "pair_method",
@@ -348,7 +338,7 @@ def write_manifest(rows: list[dict[str, object]], path: Path) -> None:
     # surrogateescape: a file name that is not valid UTF-8 is written as its own bytes, so the path
     # in the manifest still names the file
     with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as handle:
-        writer = csv.DictWriter(handle, fieldnames=MANIFEST_COLUMNS + EXTRA_COLUMNS)
+        writer = csv.DictWriter(handle, fieldnames=[*MANIFEST_COLUMNS, *EXTRA_COLUMNS])
         writer.writeheader()
         writer.writerows(rows)
     tmp.replace(path)

@@ -8,8 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-MANIFEST_COLUMNS = ["patient_id", "eye", "visit", "oct_path", "fundus_path"]
-MANIFEST_COLUMNS += ["cst_um", "bcva_letters", "bcva_label", "tn_label"]
+from retinacli.manifest import MANIFEST_COLUMNS
 
 
 def write_noise_cohort(out: Path, patients: int = 6, visits: int = 2, seed: int = 0) -> Path:

@@ -52,7 +52,7 @@ def test_pairs_by_localizer_reference(tmp_path):
     assert payload["unpaired"] == [] and payload["errors"] == []
     assert _pairs(manifest) == _truth_pairs(truth)
     rows = _rows(manifest)
-    assert list(rows[0])[: len(MANIFEST_COLUMNS)] == MANIFEST_COLUMNS
+    assert list(rows[0])[: len(MANIFEST_COLUMNS)] == list(MANIFEST_COLUMNS)
     # pseudonymous ids: one per patient, stable, keyed by the secret beside the manifest
     assert (manifest.parent / SECRET_FILE).is_file()
     ids = {r["patient_id"] for r in rows}

@@ -70,7 +70,7 @@ def _read_one(source, items: list[dict], errors: list[dict]) -> None:
 def _print_table(items: list[dict], errors: list[dict], ignored: list[dict]) -> None:
     from rich.table import Table
 
-    from retinacli.console import err, out
+    from retinacli.console import err, out, print_error_table
 
     if items:
         table = Table(title=f"{len(items)} item(s)", title_justify="left")
@@ -91,12 +91,7 @@ def _print_table(items: list[dict], errors: list[dict], ignored: list[dict]) -> 
             )
         out.print(table)
     if errors:
-        table = Table(title=f"{len(errors)} unreadable", title_justify="left", title_style="bold red")
-        table.add_column("path", overflow="fold")
-        table.add_column("error", overflow="fold")
-        for record in errors:
-            table.add_row(record["path"], record["error"])
-        err.print(table)
+        print_error_table(errors)
     if ignored:
         err.print(f"ignored {len(ignored)} file(s) that are not images retina reads (--json lists them)",
                   highlight=False)

@@ -79,6 +79,8 @@ def register(app: typer.Typer) -> None:
 def _print_summary(report, unpaired: list[dict], errors: list[dict], stdout, err) -> None:
     from rich.table import Table
 
+    from retinacli.console import print_error_table
+
     if report.rows:
         methods = ", ".join(f"{n} by {m}" for m, n in sorted(report.by_method().items()))
         stdout.print(f"wrote {len(report.rows)} pair(s) to {report.manifest} ({methods})", highlight=False)
@@ -95,11 +97,6 @@ def _print_summary(report, unpaired: list[dict], errors: list[dict], stdout, err
             table.add_row(record["path"], record["modality"], record["reason"])
         err.print(table)
     if errors:
-        table = Table(title=f"{len(errors)} unreadable", title_justify="left", title_style="bold red")
-        table.add_column("path", overflow="fold")
-        table.add_column("error", overflow="fold")
-        for record in errors:
-            table.add_row(record["path"], record["error"])
-        err.print(table)
+        print_error_table(errors)
     if not report.rows:
         err.print("[bold red]error:[/] no OCT-fundus pair found; nothing written", highlight=False)

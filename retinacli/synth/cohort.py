@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from retinacli.errors import UsageError
+from retinacli.manifest import MANIFEST_COLUMNS as CONTRACT_COLUMNS
 from retinacli.privacy import pseudonym
 from retinacli.synth.anatomy import EyeAnatomy, VisitState, sample_eye, sample_visits
 from retinacli.synth.fundus import DEVICES, FundusGeometry, fundus_canvas, render_fundus
@@ -34,15 +35,7 @@ FORMATS = ("dicom", "png")
 DEFAULT_OCT_SHAPE = (25, 224, 256)
 DEFAULT_FUNDUS_SIZE = 384
 MANIFEST_COLUMNS = (
-    "patient_id",
-    "eye",
-    "visit",
-    "oct_path",
-    "fundus_path",
-    "cst_um",
-    "bcva_letters",
-    "bcva_label",
-    "tn_label",
+    *CONTRACT_COLUMNS,
     "visit_date",
     "fundus_device",
     "disease",
