@@ -49,7 +49,7 @@ def test_demo_summary_covers_both_objectives_through_the_exported_packages(demo)
 
 
 def test_card_commands_run_as_typed_in_the_demo_folder(demo):
-    workdir, _, home = demo
+    workdir, summary, home = demo
     env = _env(home)
     volumes = sorted(p.name for p in (workdir / "oct_dir").iterdir())
 
@@ -59,7 +59,7 @@ def test_card_commands_run_as_typed_in_the_demo_folder(demo):
     embed = run(RETINA, "embed", "./oct_dir")
     assert embed.returncode == 0, embed.stderr
     # Everything was embedded by the demo: the second run only skips, and says which defaults it used.
-    assert "retina-demo-cloob" in embed.stderr and ".retina/store" in embed.stderr
+    assert summary["card"]["default_model"] in embed.stderr and ".retina/store" in embed.stderr
     assert f"embedded 0, skipped {len(volumes)}" in embed.stdout + embed.stderr
 
     retrieve = run(RETINA, "retrieve", "fundus.png", "--top", "5")

@@ -190,6 +190,13 @@ def same_eye_top5_rate(workdir: Path, package_dir: Path, held_out: list[dict[str
     return {"queries": len(held_out), "rate": float(np.mean(hits)), "chance": chance}
 
 
+def final_validation_score(run_dir: Path) -> tuple[float, float, float]:
+    """Held-out fundus->OCT (top-1, top-5, -median rank) at the run's last epoch (higher is better)."""
+    lines = (run_dir / "metrics.jsonl").read_text().strip().splitlines()
+    f2o = json.loads(lines[-1])["val"]["fundus_to_oct"]
+    return f2o["top1"], f2o["top5"], -f2o["median_rank"]
+
+
 def run_demo(
     settings: DemoSettings,
     echo: Callable[[str], None] = print,
@@ -227,20 +234,27 @@ def run_demo(
                 "manifest": str(manifest)},
     )
 
-    packages: dict[str, Path] = {}
+    runs: dict[str, Path] = {}
     for objective in OBJECTIVES:
         echo(f"[2/5] training {objective.upper()} ({settings.preset} preset)")
         overrides = {"objective": objective, "manifest": str(manifest), "seed": settings.seed,
                      "epochs": settings.epochs}
         config = resolve_config(settings.preset, overrides=overrides)
-        run_dir = train(config, workdir / "runs" / objective, echo=echo, progress_factory=progress_factory)
+        runs[objective] = train(config, workdir / "runs" / objective, echo=echo,
+                                progress_factory=progress_factory)
         t = lap(f"train_{objective}", t)
+
+    # The newest package in ./exported is the CLI's default: export the better run (held-out retrieval
+    # at its last epoch) last, so the card commands use it.
+    packages: dict[str, Path] = {}
+    for objective in sorted(OBJECTIVES, key=lambda o: final_validation_score(runs[o])):
         echo(f"[3/5] fitting task heads and exporting {objective.upper()}")
-        probe_run(run_dir)
-        result = export_run(run_dir, workdir / "exported" / f"retina-demo-{objective}",
+        probe_run(runs[objective])
+        result = export_run(runs[objective], workdir / "exported" / f"retina-demo-{objective}",
                             name=f"retina-demo-{objective}", overwrite=True)
         packages[objective] = result.package_dir
         t = lap(f"probe_export_{objective}", t)
+    default_objective = list(packages)[-1]
 
     echo("[4/5] held-out retrieval through the exported ONNX packages")
     held_out = _held_out_rows(rows, workdir / "runs" / OBJECTIVES[0])
@@ -255,8 +269,8 @@ def run_demo(
 
     echo("[5/5] card commands in the demo folder: embed ./oct_dir, retrieve fundus.png, predict")
     summary.card.update(lay_out_card_files(workdir, held_out))
-    # The newest package in ./exported is the default: the last objective exported (CLOOB).
-    default_package = packages[OBJECTIVES[-1]]
+    default_package = packages[default_objective]
+    summary.card["default_model"] = f"retina-demo-{default_objective}"
     summary.card["embed"] = run_cli(workdir, "embed", "./oct_dir")
     summary.card["retrieve"] = run_cli(workdir, "retrieve", "fundus.png", "--top", "5")
     predictions = run_cli(workdir, "predict", "--task", "bcva")

@@ -55,7 +55,8 @@ def _print_summary(summary) -> None:
         f"{card['predict_records']} records. Total {summary.seconds['total']:.0f} s."
     )
     out.print(
-        "\nNext, in a fresh shell:\n"
+        f"\nThe commands below use {card['default_model']} (the better held-out retrieval; newest in "
+        "./exported). Next, in a fresh shell:\n"
         f"  cd {summary.workdir}\n"
         "  retina embed ./oct_dir              # already-embedded volumes are skipped\n"
         "  retina retrieve fundus.png --top 5  # the OCT volumes of the eye this photo shows\n"
