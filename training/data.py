@@ -9,7 +9,6 @@ one-line reason; it never stops the run.
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,14 +21,6 @@ from retinacli.errors import ReadError
 from retinacli.preprocess import preprocess_fundus, preprocess_oct
 
 REQUIRED_COLUMNS = ("patient_id", "oct_path", "fundus_path")
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_manifest(path: str | Path) -> list[dict[str, str]]:

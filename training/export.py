@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from retinacli.errors import RetinaError
+from retinacli.package import sha256_file
 
 DEFAULT_OPSET = 18
 DEFAULT_TOLERANCE = 1e-4
@@ -70,10 +71,6 @@ def _version(dist: str) -> str | None:
         return metadata.version(dist)
     except metadata.PackageNotFoundError:
         return None
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def canonical_sha256(obj: Any) -> str:
@@ -529,9 +526,8 @@ def export_run(
     checkpoint = run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
     stale = [h.task for h in heads if h.checkpoint_sha256 is not None]
     if stale and checkpoint.is_file():
-        from training.heads import file_sha256
 
-        current = file_sha256(checkpoint)
+        current = sha256_file(checkpoint)
         stale = [h.task for h in heads if h.checkpoint_sha256 not in (None, current)]
         if stale:
             raise ExportError(
@@ -606,7 +602,7 @@ def export_run(
                 "init": {"fundus": run.config.get("fundus_init"), "oct": run.config.get("oct_init")},
                 "checkpoint": f"{CHECKPOINT_DIR}/{LAST_CHECKPOINT}",
             },
-            "files": [{"path": p.name, "sha256": _sha256(p), "bytes": p.stat().st_size} for p in files],
+            "files": [{"path": p.name, "sha256": sha256_file(p), "bytes": p.stat().st_size} for p in files],
             "parity": parity,
             **({"quantized": quantized} if quantized else {}),
             "packages": {

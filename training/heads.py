@@ -286,16 +286,6 @@ def _fit_logistic(x, y, groups, seed):
     return weight, bias, threshold, metrics
 
 
-def file_sha256(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 # --- persistence --------------------------------------------------------------------------------
 
 
@@ -322,7 +312,9 @@ def save_heads(
     new = list(heads.values()) if isinstance(heads, dict) else list(heads)
     checkpoint = run_dir / CHECKPOINT_FILE
     if checkpoint.is_file() and any(h.checkpoint_sha256 is None for h in new):
-        digest = file_sha256(checkpoint)
+        from retinacli.package import sha256_file
+
+        digest = sha256_file(checkpoint)
         for head in new:
             head.checkpoint_sha256 = head.checkpoint_sha256 or digest
     current = {h.task: h for h in load_heads(run_dir)} if (run_dir / HEADS_FILE).exists() else {}

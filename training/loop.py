@@ -22,11 +22,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from retinacli.package import sha256_file
 from training import distributed
 from training.augment import augment_fundus, augment_oct
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.config import TrainConfig, config_from_dict
-from training.data import epoch_batches, file_sha256, load_pairs, read_manifest, save_split, split_patients
+from training.data import epoch_batches, load_pairs, read_manifest, save_split, split_patients
 from training.model import CONFIG_FILE, METRICS_FILE, SPEC_FILE, SPLIT_FILE, RetinaModel, build_model
 from training.objective import compute_loss
 from training.retrieval_metrics import both_directions
@@ -200,7 +201,7 @@ def train(
 
     manifest = Path(config.manifest).resolve()
     rows = read_manifest(manifest)
-    sha = file_sha256(manifest)
+    sha = sha256_file(manifest)
     if resume and config.manifest_sha256 and sha != config.manifest_sha256:
         log(f"warning: {manifest} changed since the run started (sha256 differs); resuming anyway")
     config.manifest, config.manifest_sha256 = str(manifest), sha
