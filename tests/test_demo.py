@@ -38,7 +38,7 @@ def test_demo_summary_covers_both_objectives_through_the_exported_packages(demo)
     assert set(summary["objectives"]) == {"clip", "cloob"}
     for result in summary["objectives"].values():
         f2o = result["retrieval"]["fundus_to_oct"]
-        assert f2o["pool"] == summary["card"]["oct_dir_volumes"] > 0
+        assert f2o["pool"] >= summary["card"]["oct_dir_volumes"] > 0  # oct_dir: up to 8 held-out patients
         assert f2o["top1_chance"] == pytest.approx(1 / f2o["pool"])
         assert 0 <= f2o["top1"] <= f2o["top5"] <= 1
         assert Path(result["package"], "retina.json").is_file()

@@ -47,6 +47,27 @@ def test_multiframe_opt_pixels_and_metadata(tmp_path):
     assert meta.referenced_sop_uids == ("1.2.3.4",)
 
 
+def test_a_dicom_header_is_parsed_once_per_read_and_again_after_the_file_changes(tmp_path, monkeypatch):
+    from retinacli.readers import dicom
+
+    volume = ramp_volume(4, 16, 24)
+    path = tmp_path / "oct.dcm"
+    write_opt(path, volume, "SYN000123", "OD", "20240215103000")
+    parses = []
+    real = dicom._parse_dataset
+    monkeypatch.setattr(dicom, "_parse_dataset", lambda p, ds, depth=0: (
+        parses.append(depth) if depth == 0 else None, real(p, ds, depth))[1])
+    dicom._VALIDATED.clear()
+    np.testing.assert_array_equal(read_oct(path).pixels, volume)  # discovery header + pixel read
+    assert parses == [0, 0]  # file meta + dataset, converted once
+    np.testing.assert_array_equal(read_oct(path).pixels, volume)
+    assert parses == [0, 0]  # unchanged file: its values were checked already
+    changed = ramp_volume(5, 16, 24)
+    write_opt(path, changed, "SYN000123", "OD", "20240215103000")  # new content (size and mtime)
+    np.testing.assert_array_equal(read_oct(path).pixels, changed)
+    assert parses == [0, 0, 0, 0]
+
+
 def test_jpeg2000_opt_decodes_losslessly(tmp_path):
     volume = ramp_volume(4, 64, 64)
     path = tmp_path / "j2k.dcm"

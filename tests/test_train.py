@@ -10,7 +10,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from training.config import PRESET_VALUES, load_config_file, resolve_config  # noqa: E402
+from training.config import (  # noqa: E402
+    PRESET_OBJECTIVE_VALUES,
+    PRESET_VALUES,
+    load_config_file,
+    resolve_config,
+)
 from training.data import epoch_batches, split_patients  # noqa: E402
 from training.loop import RunExistsError, lr_lambda, train  # noqa: E402
 from training.model import build_model, load_run  # noqa: E402
@@ -35,6 +40,17 @@ def test_preset_then_file_then_overrides(tmp_path):
     config = resolve_config("tiny", load_config_file(js))
     assert (config.preset, config.embed_dim) == ("demo", 48)
     assert config.oct_slices == PRESET_VALUES["demo"]["oct_slices"]
+
+
+def test_demo_preset_gives_cloob_more_epochs_and_explicit_values_still_win(tmp_path):
+    assert resolve_config("demo", overrides={"objective": "clip"}).epochs == PRESET_VALUES["demo"]["epochs"]
+    cloob = resolve_config("demo", overrides={"objective": "cloob"})
+    demo_epochs = PRESET_VALUES["demo"]["epochs"]
+    assert cloob.epochs == PRESET_OBJECTIVE_VALUES["demo"]["cloob"]["epochs"] > demo_epochs
+    assert resolve_config("demo", {"objective": "cloob"}).epochs == cloob.epochs  # objective from a file
+    assert resolve_config("demo", {"epochs": 2}, {"objective": "cloob"}).epochs == 2
+    assert resolve_config("demo", overrides={"objective": "cloob", "epochs": 1}).epochs == 1
+    assert resolve_config("tiny", overrides={"objective": "cloob"}).epochs == PRESET_VALUES["tiny"]["epochs"]
 
 
 @pytest.mark.parametrize(

@@ -107,6 +107,21 @@ def load_pairs(
     return PairArrays(np.stack(fundus_list), np.stack(oct_list), kept, errors)
 
 
+_LAST_LOADED: dict[tuple[str, str], PairArrays] = {}
+
+
+def load_pairs_once(key: tuple[str, str], load: Callable[[], PairArrays]) -> PairArrays:
+    """`load()`, unless this process loaded the same key (manifest sha256, spec JSON) last time.
+
+    `retina demo` trains two objectives on one cohort: the second run reuses the arrays.
+    Only the last cohort is kept, so memory stays that of one cohort.
+    """
+    if key not in _LAST_LOADED:
+        _LAST_LOADED.clear()
+        _LAST_LOADED[key] = load()
+    return _LAST_LOADED[key]
+
+
 def split_patients(patients: list[str], val_fraction: float, seed: int) -> dict[str, Any]:
     """Held-out patients for validation: a seeded shuffle of the sorted unique ids."""
     unique = sorted(set(patients))

@@ -27,7 +27,14 @@ from training import distributed
 from training.augment import augment_fundus, augment_oct
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.config import TrainConfig, config_from_dict
-from training.data import epoch_batches, load_pairs, read_manifest, save_split, split_patients
+from training.data import (
+    epoch_batches,
+    load_pairs,
+    load_pairs_once,
+    read_manifest,
+    save_split,
+    split_patients,
+)
 from training.model import CONFIG_FILE, METRICS_FILE, SPEC_FILE, SPLIT_FILE, RetinaModel, build_model
 from training.objective import compute_loss
 from training.retrieval_metrics import both_directions
@@ -212,7 +219,10 @@ def train(
         (run_dir / SPEC_FILE).write_text(json.dumps(spec, indent=2) + "\n")
 
     log(f"reading and preprocessing {len(rows)} pairs from {manifest}")
-    pairs = _load_with_progress(rows, spec, progress_factory if dist_info.is_main else None)
+    pairs = load_pairs_once(
+        (sha, json.dumps(spec, sort_keys=True)),
+        lambda: _load_with_progress(rows, spec, progress_factory if dist_info.is_main else None),
+    )
     for message in pairs.errors:
         log(f"skipped: {message}")
     split = split_patients(pairs.patients, config.val_fraction, config.seed)

@@ -7,6 +7,7 @@ written to ``RUN/heads.json`` where ``retina export`` picks them up.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -129,7 +130,8 @@ def probe_run(
         raise ValueError(f"unknown task(s) {', '.join(unknown)} (known: {', '.join(TASKS)})")
     if modality not in MODALITIES:
         raise ValueError(f"unknown modality {modality!r} (use oct or fundus)")
-    from training.data import load_pairs, read_manifest
+    from retinacli.package import sha256_file
+    from training.data import load_pairs, load_pairs_once, read_manifest
 
     run = loaded if loaded is not None else load_run(run_dir)
     manifest_path = resolve_manifest_path(run.config, Path(run_dir), manifest)
@@ -145,7 +147,13 @@ def probe_run(
         if progress is not None:
             progress(done[0], len(wanted))
 
-    data = load_pairs(wanted, run.spec, on_progress=tick)  # the training loader: readers + preprocess
+    def load() -> Any:  # the training loader: readers + preprocess
+        return load_pairs(wanted, run.spec, on_progress=tick)
+
+    if len(wanted) == len(rows):  # the training run's cohort: reuse its arrays when this process has them
+        data = load_pairs_once((sha256_file(manifest_path), json.dumps(run.spec, sort_keys=True)), load)
+    else:
+        data = load()
     arrays = data.oct if modality == "oct" else data.fundus
     embeddings = embed_arrays(run.model, modality, arrays, batch_size)
     groups = np.array([r["patient_id"] for r in data.rows])

@@ -72,16 +72,16 @@ def register(app: typer.Typer) -> None:
             DEFAULT_WORKDIR, "--workdir", help="Folder for the cohort, runs, packages and store (created; a "
             "previous demo there is replaced, any other non-empty folder is refused)."
         ),
-        patients: int = typer.Option(24, "--patients", min=4, help="Synthetic patients."),
-        visits: int = typer.Option(3, "--visits", min=1, help="Visits per eye."),
+        patients: int = typer.Option(120, "--patients", min=4, help="Synthetic patients."),
+        visits: int = typer.Option(2, "--visits", min=1, help="Visits per eye."),
         seed: int = typer.Option(0, "--seed", help="Seed for the cohort, the split and training."),
         preset: str = typer.Option("demo", "--preset", help="Training preset: demo (CPU, minutes) or tiny."),
         epochs: int = typer.Option(None, "--epochs", min=1, help="Override the preset's epochs."),
         oct_shape: str = typer.Option(
-            "25x224x256", "--oct-shape", help="Synthetic OCT B-scans x height x width."
+            "12x128x160", "--oct-shape", help="Synthetic OCT B-scans x height x width."
         ),
         fundus_size: int = typer.Option(
-            384, "--fundus-size", min=32, help="Synthetic fundus image size (px)."
+            160, "--fundus-size", min=32, help="Synthetic fundus image size (px)."
         ),
         json_output: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     ) -> None:

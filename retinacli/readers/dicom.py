@@ -60,19 +60,30 @@ def has_dicom_magic(path: Path) -> bool:
         return False
 
 
-def read_header(path: Path):
-    """Header only (no pixel data): cheap enough for discovery on big folders."""
+# Elements larger than this are read from disk only when used: the pixel data of a full read stays
+# on disk until the header has passed the size guard (one parse of the file, not two).
+DEFER_SIZE = 64 * 1024
+PIXEL_DATA_TAGS = (0x7FE00008, 0x7FE00009, 0x7FE00010)  # float, double float, pixel data
+
+
+def read_header(path: Path, with_pixels: bool = False):
+    """Header only (no pixel data): cheap enough for discovery on big folders.
+
+    With ``with_pixels`` the dataset also holds the pixel data element, deferred: ``load_pixels``
+    then decodes it without parsing the file a second time.
+    """
     import pydicom
     from pydicom.errors import InvalidDicomError
 
+    options = {"defer_size": DEFER_SIZE} if with_pixels else {"stop_before_pixels": True}
     try:
         if Path(path).stat().st_size == 0:
             raise ReadError(path, "empty file (0 bytes)")
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            ds = pydicom.dcmread(path, **options)
         except InvalidDicomError:
             # Old files without the 128-byte preamble: accept only if they parse into image attributes.
-            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+            ds = pydicom.dcmread(path, force=True, **options)
             if "SOPClassUID" not in ds and "Rows" not in ds:
                 raise ReadError(path, "not a DICOM file") from None
     except ReadError:
@@ -87,20 +98,43 @@ def read_header(path: Path):
     return ds
 
 
+# Files whose every header value converted (path, mtime, size), so discovery and the read that
+# follows parse a file's header once: the conversion is most of the cost of reading an OPT volume.
+_VALIDATED: set[tuple[str, int, int]] = set()
+_VALIDATED_MAX = 100_000
+
+
+def _file_key(path: Path) -> tuple[str, int, int] | None:
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return None
+    return (str(path), st.st_mtime_ns, st.st_size)
+
+
 def parse_all_values(path: Path, ds) -> None:
     """pydicom converts values lazily, on first access; a broken value (bad VR, odd length) would then
     raise anywhere later. Converting every element here turns it into one ReadError up front, naming
-    the tag only (the value could be a patient's name)."""
+    the tag only (the value could be a patient's name). Done once per unchanged file and process."""
+    key = _file_key(path)
+    if key is not None and key in _VALIDATED:
+        return
     file_meta = getattr(ds, "file_meta", None)
     for owner in (file_meta, ds):
         if owner is not None:
             _parse_dataset(path, owner)
+    if key is not None:
+        if len(_VALIDATED) >= _VALIDATED_MAX:
+            _VALIDATED.clear()
+        _VALIDATED.add(key)
 
 
 def _parse_dataset(path: Path, ds, depth: int = 0) -> None:
     if depth > 8:
         raise ReadError(path, "broken DICOM header (sequences nested too deeply)")
     for tag in list(ds.keys()):
+        if tag in PIXEL_DATA_TAGS:  # raw bytes, checked when decoded (and maybe not read yet)
+            continue
         try:
             element = ds[tag]
             value = element.value
@@ -325,19 +359,18 @@ def _decoder_hint(uid) -> str:
 
 
 def load_pixels(path: Path, header=None) -> tuple[Any, np.ndarray]:
-    """Full read with the guards: size cap first (header), then decode with one-line reasons."""
-    ds = header if header is not None else read_header(path)
+    """Full read with the guards: size cap first (header), then decode with one-line reasons.
+
+    `header` from ``read_header(path, with_pixels=True)`` is decoded as it is; any other header
+    (or none) means one full read here.
+    """
+    ds = header if header is not None else read_header(path, with_pixels=True)
     check_size(path, ds)
     problem = _transfer_syntax_problem(ds)
     if problem:
         raise ReadError(path, problem)
-    import pydicom
-
-    try:
-        ds = pydicom.dcmread(path, force=True)
-    except Exception as exc:
-        raise ReadError(path, f"truncated or unreadable DICOM file ({safe_reason(exc)})") from None
-    parse_all_values(path, ds)
+    if not _holds_pixel_element(ds):
+        ds = read_header(path, with_pixels=True)
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise ReadError(path, "no pixel data (truncated file or not an image)")
     _check_native_length(path, ds)
@@ -354,6 +387,11 @@ def load_pixels(path: Path, header=None) -> tuple[Any, np.ndarray]:
         raise
     except Exception as exc:  # e.g. PALETTE COLOR without its lookup tables
         raise ReadError(path, f"cannot convert pixel data to display values ({safe_reason(exc)})") from None
+
+
+def _holds_pixel_element(ds) -> bool:
+    """Whether `ds` holds a pixel data element (a header read with stop_before_pixels does not)."""
+    return any(tag in ds for tag in PIXEL_DATA_TAGS)
 
 
 def _check_native_length(path: Path, ds) -> None:
@@ -410,7 +448,7 @@ def _to_display_values(ds, pixels: np.ndarray) -> np.ndarray:
 
 def read_dicom(path: Path, source_format: str = "dicom") -> OctVolume | FundusImage:
     """One DICOM file: a multi-frame OCT volume (or a one-B-scan OPT) or a fundus image."""
-    header = read_header(path)
+    header = read_header(path, with_pixels=True)
     modality, description = classify(header)
     if modality is None:
         raise ReadError(path, f"not an OCT volume or fundus image: {description}")
