@@ -535,6 +535,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="raw results (default: --out with .json)")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "retina-bench")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--e2e-package", type=Path,
+                        help="package for the end-to-end section (default --package); the model's cost "
+                        "decides how much of it reading can hide")
     parser.add_argument("--quick", action="store_true", help="fewer rounds, smaller folders and stores")
     parser.add_argument("--only", default="floor,reference,package,e2e,memory,retrieval",
                         help="comma-separated sections to run")
@@ -567,8 +570,8 @@ def main(argv: list[str] | None = None) -> int:
             "package", args.package, model, shapes, 16, max(3, rounds - 2), args.threads,
             cohort_arrays(args.run, manifest["preprocessing"], 16), log)
     if "e2e" in only:
-        res["end_to_end"] = end_to_end(args.package, args.work, 48 if args.quick else 200, 16,
-                                       1 if args.quick else 3, log)
+        res["end_to_end"] = end_to_end(args.e2e_package or args.package, args.work,
+                                       48 if args.quick else 200, 16, 1 if args.quick else 3, log)
     if "memory" in only:
         res["memory"] = memory(args.package, args.work, (50, 400) if args.quick else (100, 2000), log)
     if "retrieval" in only:

@@ -4,7 +4,7 @@ synth -> train CLIP and CLOOB (demo preset) -> probe heads -> export ONNX packag
 retrieval through the exported packages -> embed / retrieve / predict with the torch-free CLI.
 
 The demo folder is laid out so the CLI's card commands work there as typed, with no flags:
-    manifest.csv  dicom/  png/     the synthetic cohort (`retina train` picks up ./manifest.csv)
+    manifest.csv  dicom/         the synthetic cohort (`retina train` picks up ./manifest.csv)
     train.toml                     the training settings the demo used (`retina train` reads it)
     exported/                      model packages (`retina embed` finds the newest one here)
     oct_dir/                       held-out OCT volumes (`retina embed ./oct_dir`)
@@ -157,8 +157,15 @@ def lay_out_card_files(workdir: Path, held_out: list[dict[str, str]]) -> dict[st
         except OSError:
             shutil.copy2(source, target)
     query = held_out[0]
-    png = Path(query["fundus_path"].replace("/dicom/", "/png/")).with_suffix(".png")
-    shutil.copy2(png, workdir / "fundus.png")
+    # The photo as a user would export it from a viewer: the DICOM's pixels as a PNG.
+    from PIL import Image
+
+    from retinacli.readers import read_fundus
+
+    pixels = read_fundus(query["fundus_path"]).pixels
+    Image.fromarray(pixels[..., 0] if pixels.ndim == 3 and pixels.shape[-1] == 1 else pixels).save(
+        workdir / "fundus.png"
+    )
     return {
         "oct_dir_volumes": len(held_out),
         "fundus_png_from": {"patient_id": query["patient_id"], "eye": query["eye"], "visit": query["visit"]},
@@ -233,7 +240,7 @@ def run_demo(
     echo(f"[1/5] synthetic cohort: {settings.patients} patients, {settings.visits} visits -> {workdir}")
     manifest = generate_cohort(
         workdir, patients=settings.patients, visits=settings.visits, seed=settings.seed,
-        oct_shape=settings.oct_shape, fundus_size=settings.fundus_size, formats=("dicom", "png"),
+        oct_shape=settings.oct_shape, fundus_size=settings.fundus_size, formats=("dicom",),
     )
     mark_workdir(workdir)
     write_train_config(workdir, settings)

@@ -218,11 +218,11 @@ def train(
         (run_dir / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
         (run_dir / SPEC_FILE).write_text(json.dumps(spec, indent=2) + "\n")
 
-    log(f"reading and preprocessing {len(rows)} pairs from {manifest}")
-    pairs = load_pairs_once(
-        (sha, json.dumps(spec, sort_keys=True)),
-        lambda: _load_with_progress(rows, spec, progress_factory if dist_info.is_main else None),
-    )
+    def read_cohort():
+        log(f"reading and preprocessing {len(rows)} pairs from {manifest}")
+        return _load_with_progress(rows, spec, progress_factory if dist_info.is_main else None)
+
+    pairs = load_pairs_once((sha, json.dumps(spec, sort_keys=True)), read_cohort)
     for message in pairs.errors:
         log(f"skipped: {message}")
     split = split_patients(pairs.patients, config.val_fraction, config.seed)
