@@ -7,6 +7,8 @@ real readers and a real exported package end to end.
 from __future__ import annotations
 
 import json
+import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,7 @@ import pytest
 
 from retinacli.errors import ReadError, StoreBusyError
 from retinacli.items import FundusImage, ImageMeta, OctVolume
-from retinacli.pipeline import plan_embedding, run_embedding
+from retinacli.pipeline import READER_NICENESS, plan_embedding, run_embedding
 from retinacli.preprocess import make_spec, preprocess
 from retinacli.privacy import SECRET_FILE
 from retinacli.retrieval import search
@@ -290,3 +292,23 @@ def test_a_model_failure_is_reported_and_retried_next_run(tmp_path):
                for e in report.errors)
     again = embed(folder, tmp_path / "store")
     assert (again.embedded, again.skipped, again.failed) == (2, 4, 0)
+
+
+@pytest.mark.skipif(not hasattr(os, "setpriority"), reason="per-thread nice values are a POSIX/Linux feature")
+def test_decoder_threads_run_at_a_lower_cpu_priority_than_inference(tmp_path):
+    folder = make_folder(tmp_path / "data")
+    main_thread = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    seen = []
+
+    def reading(source, modality):
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        return standin_read(source, modality)
+
+    engine = StandInEngine()
+    store = tmp_path / "store"
+    with StoreWriter.open_for_model(store, model_id=engine.model_id, embed_dim=engine.embed_dim) as w:
+        plan = plan_embedding([folder], w.secret, set(), discover=standin_discover)
+        report = run_embedding(engine, plan, w, workers=2, read_source=reading)
+    assert report.embedded == 10
+    assert seen and set(seen) == {min(19, main_thread + READER_NICENESS)}
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main_thread  # inference unchanged
