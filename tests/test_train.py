@@ -16,7 +16,7 @@ from training.config import (  # noqa: E402
     load_config_file,
     resolve_config,
 )
-from training.data import epoch_batches, split_patients  # noqa: E402
+from training.data import epoch_batches, load_pairs_once, split_patients  # noqa: E402
 from training.loop import RunExistsError, lr_lambda, train  # noqa: E402
 from training.model import build_model, load_run  # noqa: E402
 from training.retrieval_metrics import pair_ranks, retrieval_metrics  # noqa: E402
@@ -80,6 +80,21 @@ def test_patient_split_holds_out_whole_patients_and_is_seeded():
     assert a == b and a["val"] != c["val"]
     assert len(a["val"]) == 6 and len(a["train"]) == 18
     assert not set(a["val"]) & set(a["train"])
+
+
+def test_cohort_arrays_are_read_once_per_manifest_and_spec():
+    loads = []
+
+    def load(tag):
+        return lambda: loads.append(tag) or tag
+
+    spec_a, spec_b = {"oct": {"slices": 4}}, {"oct": {"slices": 8}}
+    assert load_pairs_once("sha1", spec_a, load("a")) == "a"
+    assert load_pairs_once("sha1", {"oct": {"slices": 4}}, load("again")) == "a"  # equal spec, not read
+    assert load_pairs_once("sha1", spec_b, load("b")) == "b"  # another spec: read
+    assert load_pairs_once("sha2", spec_b, load("c")) == "c"  # another manifest: read
+    assert load_pairs_once("sha1", spec_a, load("a2")) == "a2"  # only the last cohort is kept
+    assert loads == ["a", "b", "c", "a2"]
 
 
 def test_epoch_batches_depend_only_on_seed_and_epoch():

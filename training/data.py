@@ -110,12 +110,15 @@ def load_pairs(
 _LAST_LOADED: dict[tuple[str, str], PairArrays] = {}
 
 
-def load_pairs_once(key: tuple[str, str], load: Callable[[], PairArrays]) -> PairArrays:
-    """`load()`, unless this process loaded the same key (manifest sha256, spec JSON) last time.
+def load_pairs_once(
+    manifest_sha256: str, spec: dict[str, Any], load: Callable[[], PairArrays]
+) -> PairArrays:
+    """`load()`, unless this process last loaded the same manifest (by sha256) with the same spec.
 
-    `retina demo` trains two objectives on one cohort: the second run reuses the arrays.
+    `retina demo` trains two objectives on one cohort and probes both: later steps reuse the arrays.
     Only the last cohort is kept, so memory stays that of one cohort.
     """
+    key = (manifest_sha256, json.dumps(spec, sort_keys=True))
     if key not in _LAST_LOADED:
         _LAST_LOADED.clear()
         _LAST_LOADED[key] = load()

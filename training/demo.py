@@ -288,15 +288,15 @@ def run_demo(
     t = lap("held_out_retrieval", t)
 
     echo("[5/5] card commands in the demo folder: embed ./oct_dir, retrieve fundus.png, predict")
-    held_out = card_rows(held_out)
-    summary.card.update(lay_out_card_files(workdir, held_out))
+    card = card_rows(held_out)
+    summary.card.update(lay_out_card_files(workdir, card))
     default_package = packages[default_objective]
     summary.card["default_model"] = f"retina-demo-{default_objective}"
     summary.card["embed"] = run_cli(workdir, "embed", "./oct_dir")
     summary.card["retrieve"] = run_cli(workdir, "retrieve", "fundus.png", "--top", "5")
     predictions = run_cli(workdir, "predict", "--task", "bcva")
     summary.card["predict_records"] = len(predictions["predictions"])
-    summary.card["same_eye_top5"] = same_eye_top5_rate(workdir, default_package, held_out)
+    summary.card["same_eye_top5"] = same_eye_top5_rate(workdir, default_package, card)
     lap("card_commands", t)
     seconds["total"] = round(time.perf_counter() - started, 1)
     summary.seconds = seconds

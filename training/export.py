@@ -526,7 +526,6 @@ def export_run(
     checkpoint = run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
     stale = [h.task for h in heads if h.checkpoint_sha256 is not None]
     if stale and checkpoint.is_file():
-
         current = sha256_file(checkpoint)
         stale = [h.task for h in heads if h.checkpoint_sha256 not in (None, current)]
         if stale:

@@ -222,7 +222,7 @@ def train(
         log(f"reading and preprocessing {len(rows)} pairs from {manifest}")
         return _load_with_progress(rows, spec, progress_factory if dist_info.is_main else None)
 
-    pairs = load_pairs_once((sha, json.dumps(spec, sort_keys=True)), read_cohort)
+    pairs = load_pairs_once(sha, spec, read_cohort)
     for message in pairs.errors:
         log(f"skipped: {message}")
     split = split_patients(pairs.patients, config.val_fraction, config.seed)

@@ -7,7 +7,6 @@ written to ``RUN/heads.json`` where ``retina export`` picks them up.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -151,7 +150,7 @@ def probe_run(
         return load_pairs(wanted, run.spec, on_progress=tick)
 
     if len(wanted) == len(rows):  # the training run's cohort: reuse its arrays when this process has them
-        data = load_pairs_once((sha256_file(manifest_path), json.dumps(run.spec, sort_keys=True)), load)
+        data = load_pairs_once(sha256_file(manifest_path), run.spec, load)
     else:
         data = load()
     arrays = data.oct if modality == "oct" else data.fundus

@@ -369,9 +369,9 @@ def load_pixels(path: Path, header=None) -> tuple[Any, np.ndarray]:
     problem = _transfer_syntax_problem(ds)
     if problem:
         raise ReadError(path, problem)
-    if not _holds_pixel_element(ds):
+    if not _holds_pixel_element(ds):  # a discovery header (stop_before_pixels): read the file
         ds = read_header(path, with_pixels=True)
-    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+    if not _holds_pixel_element(ds):
         raise ReadError(path, "no pixel data (truncated file or not an image)")
     _check_native_length(path, ds)
     try:
