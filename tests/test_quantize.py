@@ -39,6 +39,22 @@ def test_int8_graphs_are_listed_verified_and_gated(int8_package):
                                   and gate["top5_agreement"] >= GATE_MIN_TOP5_AGREEMENT)
 
 
+def test_int8_graph_quantises_the_convolutions_and_keeps_the_head_fp32(int8_package):
+    import onnx
+
+    for modality in ("fundus", "oct"):
+        nodes = list(onnx.load(str(int8_package / f"{modality}_encoder.int8.onnx")).graph.node)
+        produced_by = {out: node for node in nodes for out in node.output}
+        convs = [i for i, node in enumerate(nodes) if node.op_type == "Conv"]
+        # every convolution reads int8-dequantised activations and weights
+        for i in convs:
+            assert all(produced_by[name].op_type == "DequantizeLinear" for name in nodes[i].input[:2])
+        # the projection after the pooling reads fp32 features and fp32 weights
+        (projection,) = [node for node in nodes[convs[-1] + 1 :] if node.op_type == "Gemm"]
+        assert not any(name in produced_by and produced_by[name].op_type == "DequantizeLinear"
+                       for name in projection.input)
+
+
 def test_quantising_keeps_the_model_id(int8_package, tiny_package):
     from retinacli.engine import Engine
 
