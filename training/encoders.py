@@ -137,7 +137,42 @@ def build_backbone(arch: str, in_channels: int, init: str = "random") -> tuple[n
         net.conv1 = _adapt_stem(net.conv1, in_channels, pretrained=state is not None)
     else:
         net.stem[0] = _adapt_stem(net.stem[0], in_channels, pretrained=state is not None)
+        _use_single_slice_convs(net)
     return net, width
+
+
+class SingleSliceConv3d(nn.Conv3d):
+    """A Conv3d that trains as the equivalent 2D convolution when its input has one slice.
+
+    With one input slice (the deep r3d_18 layers at the demo preset's 4 slices) only the centre
+    temporal tap meets data, the others meet zero padding, so the result equals a 2D convolution
+    with that tap (bit for bit in the forward pass; the other taps get zero gradient either way).
+    oneDNN's 3D backward is slow on such tiny inputs: 111 -> 32 ms per 512-channel convolution,
+    ~1.4x per demo step (benchmarks/RESULTS.md). Only on CPU while training (where it was measured);
+    evaluation and ONNX export run the plain 3D convolution.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and torch.is_grad_enabled() and x.device.type == "cpu" and self._one_slice_tap(x):
+            tap = self.padding[0]
+            y = F.conv2d(x[:, :, 0], self.weight[:, :, tap], self.bias, self.stride[1:], self.padding[1:],
+                         self.dilation[1:], self.groups)
+            return y.unsqueeze(2)
+        return super().forward(x)
+
+    def _one_slice_tap(self, x: torch.Tensor) -> bool:
+        if x.shape[2] != 1 or isinstance(self.padding, str) or self.padding_mode != "zeros":
+            return False
+        (kt, pt, st, dt) = (self.kernel_size[0], self.padding[0], self.stride[0], self.dilation[0])
+        return dt == 1 and 0 <= pt < kt and (1 + 2 * pt - kt) // st + 1 == 1
+
+
+def _use_single_slice_convs(net: nn.Module) -> None:
+    # torchvision's video nets use plain Conv3d subclasses (Conv3DSimple, ...) that only add
+    # construction helpers; after construction the swap keeps parameters and state_dict keys.
+    for module in net.modules():
+        if isinstance(module, nn.Conv3d):
+            module.__class__ = SingleSliceConv3d
 
 
 class Encoder(nn.Module):
