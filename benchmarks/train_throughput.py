@@ -1,6 +1,9 @@
 """Training-step throughput (pairs/s) of a preset on this machine: fp32 vs channels_last_3d vs bf16.
 
-One full optimisation step = both encoders forward, loss, backward, gradient clipping, fused AdamW.
+One full optimisation step = both encoders forward, loss, backward, gradient clipping, AdamW (fused,
+as `retina train` uses it; "naive fp32" is the loop a user would write: torchvision's r3d_18 as
+is, default AdamW, fp32, channels-first). `--profile` adds the step's FLOPs, the fp32 GEMM peak
+of this machine (the floor) and where the step's time goes.
 Settings are timed round-robin (one step of each in turn) and summarised by the median, so load
 from other processes affects them alike. Random inputs of the preset's shapes.
 
@@ -19,14 +22,18 @@ import time
 import torch
 
 from training.config import resolve_config
+from training.encoders import SingleSliceConv3d
 from training.loop import autocast, make_optimizer, step_loss
 from training.model import build_model
 
+# name: (bf16 autocast, channels_last_3d, plain torchvision Conv3d, default AdamW instead of fused)
 SETTINGS = {
-    "fp32": (False, False),
-    "fp32 + channels_last_3d": (False, True),
-    "bf16 autocast": (True, False),
-    "bf16 autocast + channels_last_3d": (True, True),
+    "naive fp32": (False, False, True, True),
+    "fp32 (plain Conv3d)": (False, False, True, False),
+    "fp32": (False, False, False, False),
+    "fp32 + channels_last_3d": (False, True, False, False),
+    "bf16 autocast": (True, False, False, False),
+    "bf16 autocast + channels_last_3d": (True, True, False, False),
 }
 
 
@@ -37,6 +44,41 @@ def cpu_model() -> str:
         return lines[0].split(":", 1)[1].strip()
     except (OSError, subprocess.CalledProcessError, IndexError):
         return platform.processor() or "unknown"
+
+
+def gemm_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """Best fp32 matrix-multiply rate of this machine (oneDNN/MKL sgemm), the arithmetic ceiling."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    return 2 * n**3 / best / 1e9
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def step_profile(run, one_step) -> dict:
+    """FLOPs of one fp32 step (torch's FlopCounterMode), the GEMM peak, and the top operators."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.utils.flop_counter import FlopCounterMode
+
+    if run is None:
+        raise SystemExit("--profile needs the 'fp32' setting")
+    counter = FlopCounterMode(display=False)
+    with counter:
+        one_step(*run)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        one_step(*run)
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events) or 1
+    return {
+        "gflop_per_step": round(counter.get_total_flops() / 1e9, 1),
+        "gemm_peak_gflops": round(gemm_peak_gflops(), 1),
+        "top_ops_self_time_share": {e.key: round(e.self_cpu_time_total / total, 3) for e in events[:8]},
+    }
 
 
 def main() -> None:
@@ -50,6 +92,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5, help="timed steps per setting (after 1 warm-up)")
     parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated subset")
+    parser.add_argument("--profile", action="store_true", help="FLOPs, GEMM peak and op breakdown of 'fp32'")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
@@ -70,12 +113,20 @@ def main() -> None:
     names = [s.strip() for s in args.settings.split(",") if s.strip()]
     runs = {}
     for name in names:
-        bf16, channels_last = SETTINGS[name]
+        bf16, channels_last, plain_convs, default_adamw = SETTINGS[name]
         torch.manual_seed(0)
         model = build_model(config)
         if channels_last:
             model.oct_encoder.to(memory_format=torch.channels_last_3d)
-        runs[name] = (model, make_optimizer(model, config), bf16, channels_last, [])
+        if plain_convs:  # torchvision's Conv3d layers without the one-slice 2D path
+            for module in model.oct_encoder.modules():
+                if isinstance(module, SingleSliceConv3d):
+                    module.__class__ = torch.nn.Conv3d
+        if default_adamw:
+            optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        else:
+            optimizer = make_optimizer(model, config)
+        runs[name] = (model, optimizer, bf16, channels_last, [])
 
     def one_step(model, optimizer, bf16, channels_last):
         x = oct.contiguous(memory_format=torch.channels_last_3d) if channels_last else oct
@@ -94,6 +145,9 @@ def main() -> None:
         for name in names:
             runs[name][4].append(one_step(*runs[name][:4]))
 
+    profile = None
+    if args.profile:
+        profile = step_profile(runs["fp32"][:4] if "fp32" in runs else None, one_step)
     result = {
         "machine": f"{cpu_model()}, {torch.get_num_threads()} threads",
         "torch": torch.__version__,
@@ -106,12 +160,25 @@ def main() -> None:
             for name, t in runs.items()
         },
     }
+    if "naive fp32" in runs:
+        naive = statistics.median(runs["naive fp32"][4])
+        for name, t in runs.items():
+            result["settings"][name]["vs_naive"] = round(naive / statistics.median(t[4]), 2)
+    if profile:
+        step = result["settings"].get("fp32", {}).get("median_s_per_step")
+        profile["floor_s_per_step"] = round(profile["gflop_per_step"] / profile["gemm_peak_gflops"], 3)
+        if step:
+            profile["share_of_peak"] = round(profile["floor_s_per_step"] / step, 2)
+        result["profile"] = profile
     if args.json:
         print(json.dumps(result, indent=2))
         return
     print(f"{result['machine']}, torch {result['torch']}, preset {config.preset}, shapes {result['shapes']}")
     for name, r in result["settings"].items():
-        print(f"  {name:34s} {r['median_s_per_step']:7.3f} s/step  {r['pairs_per_s']:7.2f} pairs/s")
+        ratio = f"  {r['vs_naive']:.2f}x naive" if "vs_naive" in r else ""
+        print(f"  {name:34s} {r['median_s_per_step']:7.3f} s/step  {r['pairs_per_s']:7.2f} pairs/s{ratio}")
+    if profile:
+        print(json.dumps(profile, indent=2))
 
 
 if __name__ == "__main__":
