@@ -80,3 +80,13 @@ def test_variants_follow_the_preference_order():
     m = manifest({"oct": {"onnxruntime": True, "openvino": True}})
     assert [(v.backend, v.precision) for v in variants(m, "oct")] == list(PREFERENCE)
     assert [v.precision for v in variants(m, "fundus")] == ["fp32", "fp32"]
+
+
+def test_onnxruntime_workers_do_not_busy_wait_between_runs(tiny_package):
+    """Spinning workers would take the cores from the readers and from the other encoder's engine."""
+    from retinacli.backends import OnnxRuntimeRunner
+
+    blob = (tiny_package / "oct_encoder.onnx").read_bytes()
+    runner = OnnxRuntimeRunner(blob, "oct", "embedding", 2, ["CPUExecutionProvider"])
+    options = runner.session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
