@@ -152,6 +152,11 @@ def reference_package(work: Path, log) -> tuple[Path, Any]:
     return folder, model
 
 
+# Pause before each timed call: worker threads of the engine timed just before (torch's OpenMP
+# pool) may still busy-wait, and that CPU time would be charged to the next engine.
+SETTLE_S = 0.1
+
+
 def _inputs_for(modality: str, shape, batch: int, cohort: dict[str, np.ndarray] | None) -> np.ndarray:
     if cohort is not None and len(cohort[modality]) >= batch:
         return np.ascontiguousarray(cohort[modality][:batch])
@@ -197,6 +202,7 @@ def time_encoders(
         load_before = load_average()
         for _ in range(rounds):
             for name, run in runners.items():
+                time.sleep(SETTLE_S)
                 t = time.perf_counter()
                 run(x)
                 samples[name].append((time.perf_counter() - t) / batch)
