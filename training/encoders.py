@@ -137,42 +137,61 @@ def build_backbone(arch: str, in_channels: int, init: str = "random") -> tuple[n
         net.conv1 = _adapt_stem(net.conv1, in_channels, pretrained=state is not None)
     else:
         net.stem[0] = _adapt_stem(net.stem[0], in_channels, pretrained=state is not None)
-        _use_single_slice_convs(net)
+        _use_few_slice_convs(net)
     return net, width
 
 
-class SingleSliceConv3d(nn.Conv3d):
-    """A Conv3d that trains as the equivalent 2D convolution when its input has one slice.
+class FewSliceConv3d(nn.Conv3d):
+    """A Conv3d that trains as 2D convolutions, one per temporal tap, when its input has 1-2 slices.
 
-    With one input slice (the deep r3d_18 layers at the demo preset's 4 slices) only the centre
-    temporal tap meets data, the others meet zero padding, so the result equals a 2D convolution
-    with that tap (bit for bit in the forward pass; the other taps get zero gradient either way).
-    oneDNN's 3D backward is slow on such tiny inputs: 111 -> 32 ms per 512-channel convolution,
-    ~1.4x per demo step (benchmarks/RESULTS.md). Only on CPU while training (where it was measured);
-    evaluation and ONNX export run the plain 3D convolution.
+    Output slice t is the sum over taps k of the 2D convolution of input slice t*stride - pad + k
+    with the kernel's slice k, over the taps that meet data; taps that meet only zero padding are
+    skipped (they get zero gradient either way). At the demo preset's 4 slices r3d_18's layer 2 sees
+    2 slices and layers 3-4 see one, where oneDNN's 3D backward is slow: forward + backward of the
+    512-channel convolution at 16x512x1x2x2 takes 126 ms as Conv3d and 31 ms as conv2d, the
+    128-channel one at 16x128x2x8x8 53 vs 33 ms; at 4 slices the 3D kernel wins, so it stays
+    (benchmarks/RESULTS.md). Only on CPU while training, where it was measured; evaluation and ONNX
+    export run the plain 3D convolution.
     """
 
+    MAX_SLICES = 2
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and torch.is_grad_enabled() and x.device.type == "cpu" and self._one_slice_tap(x):
-            tap = self.padding[0]
-            y = F.conv2d(x[:, :, 0], self.weight[:, :, tap], self.bias, self.stride[1:], self.padding[1:],
-                         self.dilation[1:], self.groups)
-            return y.unsqueeze(2)
+        if self.training and torch.is_grad_enabled() and x.device.type == "cpu" and self._by_taps(x):
+            return self._forward_by_taps(x)
         return super().forward(x)
 
-    def _one_slice_tap(self, x: torch.Tensor) -> bool:
-        if x.shape[2] != 1 or isinstance(self.padding, str) or self.padding_mode != "zeros":
+    def _by_taps(self, x: torch.Tensor) -> bool:
+        if x.shape[2] > self.MAX_SLICES or isinstance(self.padding, str) or self.padding_mode != "zeros":
             return False
-        (kt, pt, st, dt) = (self.kernel_size[0], self.padding[0], self.stride[0], self.dilation[0])
-        return dt == 1 and 0 <= pt < kt and (1 + 2 * pt - kt) // st + 1 == 1
+        return self.dilation[0] == 1 and self.groups == 1
+
+    def _forward_by_taps(self, x: torch.Tensor) -> torch.Tensor:
+        n, slices = x.shape[0], x.shape[2]
+        kt, pt, st = self.kernel_size[0], self.padding[0], self.stride[0]
+        out_slices = (slices + 2 * pt - kt) // st + 1
+        outputs: list[torch.Tensor | None] = [None] * out_slices
+        for k in range(kt):
+            pairs = [(t, t * st - pt + k) for t in range(out_slices) if 0 <= t * st - pt + k < slices]
+            if not pairs:
+                continue
+            # every (output, input) slice pair of this tap in one conv2d call, stacked on the batch
+            inputs = torch.cat([x[:, :, i] for _, i in pairs]) if len(pairs) > 1 else x[:, :, pairs[0][1]]
+            y = F.conv2d(inputs, self.weight[:, :, k], None, self.stride[1:], self.padding[1:],
+                         self.dilation[1:])
+            for j, (t, _) in enumerate(pairs):
+                part = y[j * n : (j + 1) * n]
+                outputs[t] = part if outputs[t] is None else outputs[t] + part
+        y = torch.stack(outputs, dim=2)
+        return y if self.bias is None else y + self.bias.view(1, -1, 1, 1, 1)
 
 
-def _use_single_slice_convs(net: nn.Module) -> None:
+def _use_few_slice_convs(net: nn.Module) -> None:
     # torchvision's video nets use plain Conv3d subclasses (Conv3DSimple, ...) that only add
     # construction helpers; after construction the swap keeps parameters and state_dict keys.
     for module in net.modules():
         if isinstance(module, nn.Conv3d):
-            module.__class__ = SingleSliceConv3d
+            module.__class__ = FewSliceConv3d
 
 
 class Encoder(nn.Module):
