@@ -22,7 +22,7 @@ import time
 import torch
 
 from training.config import resolve_config
-from training.encoders import SingleSliceConv3d
+from training.encoders import FewSliceConv3d
 from training.loop import autocast, make_optimizer, step_loss
 from training.model import build_model
 
@@ -118,9 +118,9 @@ def main() -> None:
         model = build_model(config)
         if channels_last:
             model.oct_encoder.to(memory_format=torch.channels_last_3d)
-        if plain_convs:  # torchvision's Conv3d layers without the one-slice 2D path
+        if plain_convs:  # torchvision's Conv3d layers without the few-slice 2D path
             for module in model.oct_encoder.modules():
-                if isinstance(module, SingleSliceConv3d):
+                if isinstance(module, FewSliceConv3d):
                     module.__class__ = torch.nn.Conv3d
         if default_adamw:
             optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
