@@ -105,6 +105,11 @@ def test_retrieve_json_other_modality_laterality_and_self(standins, tmp_path):
     assert len(left["results"]) == 3 and {r["laterality"] for r in left["results"]} == {"OS"}
     table = run("retrieve", payload["query"]["id"])
     assert table.exit_code == 0 and "rank" in table.stdout and results[0]["id"] in table.stdout
+    # The title names the query as given and shows only the metadata it has (no "?" placeholders).
+    title = " ".join(run("retrieve", data / "eye0_OD_fundus.npy", "--top", "2").stdout.split())
+    known = ", ".join(v for v in ("fundus", "OD", payload["query"]["date"]) if v)
+    assert f"oct items nearest to {data / 'eye0_OD_fundus.npy'} ({known})" in title
+    assert "?" not in title
 
 
 def test_retrieve_refuses_another_model_and_unknown_query(standins, tmp_path):

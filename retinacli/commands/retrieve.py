@@ -157,11 +157,10 @@ def _print_table(payload: dict[str, Any]) -> None:
     from retinacli.retrieval import display_path
 
     q = payload["query"]
-    table = Table(
-        title=f"{payload['target']} items nearest to {q.get('modality')} {q.get('id')} "
-        f"({q.get('laterality') or '?'}, {q.get('date') or '?'})",
-        title_justify="left",
-    )
+    # Name the query as the user gave it; show only the metadata it has (a PNG has no eye or date).
+    known = ", ".join(str(v) for v in (q.get("modality"), q.get("laterality"), q.get("date")) if v)
+    name = display_path(q["path"]) if q.get("path") else q.get("id")
+    table = Table(title=f"{payload['target']} items nearest to {name} ({known})", title_justify="left")
     for column in ("rank", "score", "id", "source", "laterality", "date"):
         # Paths wrap rather than being cut: the source is what the user opens next.
         table.add_column(column, justify="right" if column in ("rank", "score") else "left",
