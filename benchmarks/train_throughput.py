@@ -20,6 +20,7 @@ import subprocess
 import time
 
 import torch
+from run import gemm_floor  # benchmarks/run.py: the same GEMM peak as the inference floor
 
 from training.config import resolve_config
 from training.encoders import FewSliceConv3d
@@ -46,20 +47,6 @@ def cpu_model() -> str:
         return platform.processor() or "unknown"
 
 
-def gemm_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
-    """Best fp32 matrix-multiply rate of this machine (oneDNN/MKL sgemm), the arithmetic ceiling."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = min(_timed(lambda: a @ b) for _ in range(repeats))
-    return 2 * n**3 / best / 1e9
-
-
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def step_profile(run, one_step) -> dict:
     """FLOPs of one fp32 step (torch's FlopCounterMode), the GEMM peak, and the top operators."""
     from torch.profiler import ProfilerActivity, profile
@@ -76,7 +63,7 @@ def step_profile(run, one_step) -> dict:
     total = sum(e.self_cpu_time_total for e in events) or 1
     return {
         "gflop_per_step": round(counter.get_total_flops() / 1e9, 1),
-        "gemm_peak_gflops": round(gemm_peak_gflops(), 1),
+        "gemm_peak_gflops": gemm_floor(torch.get_num_threads(), quick=False)["gflops"]["torch sgemm"],
         "top_ops_self_time_share": {e.key: round(e.self_cpu_time_total / total, 3) for e in events[:8]},
     }
 
