@@ -416,10 +416,11 @@ def cohort_arrays(run: Path | None, spec: dict[str, Any], n: int) -> dict[str, n
     if run is None:
         return None
     try:
-        from training.data import load_pairs, read_manifest
+        from retinacli.cohort_manifest import read_cohort_manifest
+        from training.data import load_pairs
 
         manifest = json.loads((run / "config.json").read_text()).get("manifest")
-        data = load_pairs(read_manifest(manifest)[:n], spec)
+        data = load_pairs(read_cohort_manifest(manifest)[:n], spec)
         return {"oct": data.oct, "fundus": data.fundus}
     except Exception:
         return None

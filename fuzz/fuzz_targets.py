@@ -324,10 +324,10 @@ def check_labels(path: Path) -> str:
 
 
 def check_manifest(path: Path) -> str:
-    from training.data import read_manifest
+    from retinacli.cohort_manifest import read_cohort_manifest
 
     try:
-        read_manifest(path)
+        read_cohort_manifest(path)
     except (ValueError, RetinaError, FileNotFoundError) as exc:
         assert "\n" not in str(exc).strip(), repr(str(exc))
         return "error"

@@ -21,9 +21,10 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from retinacli.cohort_manifest import LABEL_COLUMNS, MANIFEST_COLUMNS
 from retinacli.errors import ReadError, UsageError
+from retinacli.fsutil import atomic_path
 from retinacli.items import ImageMeta
-from retinacli.manifest import MANIFEST_COLUMNS
 
 EXTRA_COLUMNS = [
     "visit_date",
@@ -34,7 +35,6 @@ EXTRA_COLUMNS = [
     "oct_device",
     "fundus_device",
 ]
-LABEL_COLUMNS = ["cst_um", "bcva_letters", "bcva_label", "tn_label"]
 
 
 @dataclass
@@ -334,14 +334,13 @@ def write_manifest(rows: list[dict[str, object]], path: Path) -> None:
     """Write atomically (a crash never leaves half a manifest)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     # surrogateescape: a file name that is not valid UTF-8 is written as its own bytes, so the path
     # in the manifest still names the file
-    with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as handle:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8",
+                                        errors="surrogateescape") as handle:
         writer = csv.DictWriter(handle, fieldnames=[*MANIFEST_COLUMNS, *EXTRA_COLUMNS])
         writer.writeheader()
         writer.writerows(rows)
-    tmp.replace(path)
 
 
 @dataclass

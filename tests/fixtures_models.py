@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from retinacli.manifest import MANIFEST_COLUMNS
+from retinacli.cohort_manifest import MANIFEST_COLUMNS
 
 
 def write_noise_cohort(out: Path, patients: int = 6, visits: int = 2, seed: int = 0) -> Path:

@@ -1,6 +1,6 @@
 """Package fixtures (owned by the deployment work).
 
-* ``tiny_package`` (session): the ``tiny_run`` fixture probed (``retina probe``) and exported
+* ``tiny_package`` (session): the ``tiny_run`` fixture probed for every registry task and exported
   (``retina export``) -> the package folder. Needs torch.
 * ``toy_package`` (function): a torch-free package built directly with ``onnx.helper`` in
   milliseconds (linear "encoders" + real heads), for engine / lookup / CLI tests. Needs only onnx.
@@ -47,7 +47,7 @@ def tiny_package(tiny_package_run, tiny_loaded_run, tmp_path_factory) -> Path:
     from training.probe import probe_run
 
     run = tiny_package_run
-    probe_run(run, tasks=("cst", "bcva", "tn"), loaded=tiny_loaded_run)
+    probe_run(run, loaded=tiny_loaded_run)  # every registry task (tests/test_tasks.py relies on it)
     out = tmp_path_factory.mktemp("tiny_package") / "tiny"
     export_run(run, out, name="tiny", version="0.1.0", loaded=tiny_loaded_run)
     return out

@@ -28,6 +28,7 @@ from retinacli.cli import app
 from retinacli.privacy import SECRET_FILE
 from retinacli.retrieval import search
 from retinacli.store import EmbeddingStore
+from retinacli.tasks import TASKS
 
 if not all(hasattr(m, f) for m, f in ((fixtures_cohort, "tiny_cohort"), (fixtures_models, "tiny_run"),
                                       (fixtures_packages, "tiny_package"))):
@@ -112,7 +113,7 @@ def heads_of(package: Path) -> dict:
 def embedded(tiny_cohort, tiny_package, tmp_path_factory):
     """The cohort embedded once into a store (fresh interpreter, torch-free); its --json summary."""
     store = tmp_path_factory.mktemp("store") / "store"
-    result = retina("embed", tiny_cohort, "--model", tiny_package, "--out", store, "--json")
+    result = retina("embed", tiny_cohort, "--model", tiny_package, "--store", store, "--json")
     return store, json.loads(result.stdout), result
 
 
@@ -134,7 +135,7 @@ def test_embed_cohort_then_nothing_the_second_time(embedded, tiny_cohort, tiny_p
     assert all(m["references"] in ids for m in meta if m["modality"] == "oct")
     print(f"\nembed throughput on the tiny cohort: {summary['items_per_second']} items/s "
           f"({n_items} items in {summary['seconds']} s, reading to last commit, package hashing excluded)")
-    again = cli("embed", tiny_cohort, "--model", tiny_package, "--out", store_root, "--json")
+    again = cli("embed", tiny_cohort, "--model", tiny_package, "--store", store_root, "--json")
     again = json.loads(again.stdout)
     assert (again["embedded"], again["skipped"], again["rows"]) == (0, n_items, n_items)
 
@@ -145,7 +146,7 @@ def test_retrieve_fundus_finds_oct_with_filters_and_self(embedded, tiny_cohort, 
     rows = manifest_rows(tiny_cohort)
     query = tiny_cohort / rows[0]["fundus_path"]
     # A fresh interpreter: retrieve embeds the query with onnxruntime, never torch.
-    result = retina("retrieve", query, "--index", store_root, "--top", "5", "--model", tiny_package, "--json")
+    result = retina("retrieve", query, "--store", store_root, "--top", "5", "--model", tiny_package, "--json")
     payload = json.loads(result.stdout)
     assert payload["query"]["modality"] == "fundus" and payload["target"] == "oct"
     assert payload["query"]["laterality"] == rows[0]["eye"]
@@ -157,14 +158,14 @@ def test_retrieve_fundus_finds_oct_with_filters_and_self(embedded, tiny_cohort, 
     shutil.copytree(tiny_package, tmp_path / "work" / "exported" / "tiny", symlinks=True)
     monkeypatch.chdir(tmp_path / "work")
     monkeypatch.setenv("RETINA_HOME", str(tmp_path / "empty_home"))
-    found = json.loads(cli("retrieve", query, "--index", store_root, "--top", "5", "--json").stdout)
+    found = json.loads(cli("retrieve", query, "--store", store_root, "--top", "5", "--json").stdout)
     assert found["results"] == results and found["query"]["id"] == payload["query"]["id"]
     # The laterality filter, and the query itself (by id, same modality) at score 1.
     other = "OS" if rows[0]["eye"] == "OD" else "OD"
     qid = payload["query"]["id"]
-    filtered = json.loads(cli("retrieve", qid, "--index", store_root, "--laterality", other, "--json").stdout)
+    filtered = json.loads(cli("retrieve", qid, "--store", store_root, "--laterality", other, "--json").stdout)
     assert filtered["results"] and all(r["laterality"] == other for r in filtered["results"])
-    itself = json.loads(cli("retrieve", qid, "--index", store_root, "--target", "fundus", "--top", "3",
+    itself = json.loads(cli("retrieve", qid, "--store", store_root, "--target", "fundus", "--top", "3",
                             "--json").stdout)["results"]
     assert itself[0]["id"] == qid and itself[0]["score"] == pytest.approx(1.0, abs=1e-4)
     # How often the same eye's OCT of that visit is among the top 5 (reported, not asserted: tiny model).
@@ -185,12 +186,12 @@ def test_predict_every_oct_item_from_the_store(embedded, tiny_package, cli):
     heads = heads_of(tiny_package)
     assert {"cst", "bcva"} <= set(heads)
     for task in sorted(heads):
-        payload = json.loads(cli("predict", "--task", task, "--index", store_root, "--json").stdout)
+        payload = json.loads(cli("predict", "--task", task, "--store", store_root, "--json").stdout)
         preds = payload["predictions"]
         assert payload["model"] == summary["model"] and len(preds) == n_oct
         assert all(p["modality"] == "oct" for p in preds)
-        if task == "cst":
-            assert all(p["units"] == "µm" and np.isfinite(p["value"]) for p in preds)
+        if TASKS[task].kind == "regression":
+            assert all(p["units"] == TASKS[task].units and np.isfinite(p["value"]) for p in preds)
         else:
             assert all(0.0 <= p["probability"] <= 1.0 and p["label"] in (0, 1) for p in preds)
             assert all(p["threshold"] == pytest.approx(heads[task]["threshold"]) for p in preds)
@@ -200,9 +201,9 @@ def test_predict_on_files_matches_the_store(embedded, tiny_cohort, tiny_package,
     store_root, _, _ = embedded
     rows = manifest_rows(tiny_cohort)
     files = [tiny_cohort / rows[i]["oct_path"] for i in (0, 1)]
-    on_files = json.loads(cli("predict", *files, "--task", "bcva", "--model", tiny_package, "--index",
+    on_files = json.loads(cli("predict", *files, "--task", "bcva", "--model", tiny_package, "--store",
                               store_root, "--json").stdout)["predictions"]
-    from_store = {p["id"]: p for p in json.loads(cli("predict", "--task", "bcva", "--index", store_root,
+    from_store = {p["id"]: p for p in json.loads(cli("predict", "--task", "bcva", "--store", store_root,
                                                      "--json").stdout)["predictions"]}
     assert [Path(p["path"]) for p in on_files] == [f.absolute() for f in files]
     for p in on_files:
@@ -215,7 +216,7 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_store(embedded, tiny_cohort,
     killed_root = tmp_path / "killed"
     killed_root.mkdir()
     shutil.copy(store_root / SECRET_FILE, killed_root / SECRET_FILE)  # same secret -> comparable ids
-    args = ["embed", tiny_cohort, "--out", killed_root, "--model", tiny_package, "--shard-size", "6",
+    args = ["embed", tiny_cohort, "--store", killed_root, "--model", tiny_package, "--shard-size", "6",
             "--batch-size", "4", "--json"]
     killed = retina(*args, script=KILL_AFTER_FIRST_SHARD, check=False)
     assert killed.returncode == -signal.SIGKILL
@@ -245,7 +246,7 @@ def test_no_patient_identifiers_in_any_output(embedded, tiny_cohort, cli):
     for args in (["retrieve", tiny_cohort / rows[0]["oct_path"], "--json"],
                  ["retrieve", tiny_cohort / rows[1]["fundus_path"]],
                  ["predict", "--task", "cst"], ["predict", "--task", "bcva", "--csv"]):
-        result = cli(*args, "--index", store_root)
+        result = cli(*args, "--store", store_root)
         outputs.append(result.stdout + result.stderr)
     blobs = [o.encode() for o in outputs]
     blobs += [p.read_bytes() for p in store_root.rglob("*") if p.is_file() and p.name != SECRET_FILE]

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 torch = pytest.importorskip("torch")
 
 from retinacli.cli import app  # noqa: E402
+from retinacli.tasks import TASKS  # noqa: E402
 from training.evaluation import EvalConfig  # noqa: E402
 from training.evaluation.folds import read_folds_csv  # noqa: E402
 from training.evaluation.protocol import run_evaluation  # noqa: E402
@@ -223,13 +224,13 @@ def test_fit_final_stores_heads_with_cv_metrics(tiny_cohort, tiny_run, tmp_path)
     )
     assert result.exit_code == 0, result.output
     heads = {h.task: h for h in load_heads(run)}
-    assert set(heads) == {"cst", "bcva", "tn"}
+    assert set(heads) == set(TASKS)  # the default --tasks: every registry task, bcva_letters included
     results = json.loads((tmp_path / "ev" / "results.json").read_text())
     assert set(results["sources"]) == {"clip"}
     rows = _manifest_rows(tiny_cohort / "manifest.csv")
     for task, head in heads.items():
         evaluation = head.metrics["evaluation"]
         assert evaluation["summary"] == results["cv"]["clip"]["probe"]["oct"][task]["summary"]
-        column = {"cst": "cst_um", "bcva": "bcva_label", "tn": "tn_label"}[task]
+        column = TASKS[task].column
         assert head.n_train == evaluation["n_rows"] == sum(1 for r in rows if r[column] != "")
         assert head.input_modality == "oct"

@@ -1,14 +1,14 @@
-"""Manifest -> preprocessed arrays cached in memory -> patient-level train/val split -> batches.
+"""Cohort manifest -> preprocessed arrays cached in memory -> patient-level train/val split -> batches.
 
 Cohorts for contrastive pre-training here are small (hundreds to a few thousand visits), so every
 pair is read and preprocessed once with the run's spec (retinacli.preprocess, the same code the
 exported model uses) and kept as two float32 arrays. A row that cannot be read is skipped with a
-one-line reason; it never stops the run.
+one-line reason; it never stops the run. The manifest is read by
+:func:`retinacli.cohort_manifest.read_cohort_manifest` (one reader for training and evaluation).
 """
 
 from __future__ import annotations
 
-import csv
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,32 +19,6 @@ import numpy as np
 
 from retinacli.errors import ReadError
 from retinacli.preprocess import preprocess_fundus, preprocess_oct
-
-REQUIRED_COLUMNS = ("patient_id", "oct_path", "fundus_path")
-
-
-def read_manifest(path: str | Path) -> list[dict[str, str]]:
-    """Rows of the cohort manifest (contract 1); paths become absolute (relative to the CSV's folder)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: manifest not found")
-    try:
-        with open(path, newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle)
-            missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
-            if missing:
-                raise ValueError(f"{path}: manifest lacks column(s) {', '.join(missing)}")
-            rows = list(reader)
-    except (csv.Error, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: not a readable CSV manifest ({exc})") from None
-    if not rows:
-        raise ValueError(f"{path}: manifest has no rows")
-    for line, row in enumerate(rows, start=2):
-        if any(row.get(c) in (None, "") for c in ("patient_id", "oct_path", "fundus_path")):
-            raise ValueError(f"{path}: line {line} lacks patient_id, oct_path or fundus_path")
-        for key in ("oct_path", "fundus_path"):
-            row[key] = str((path.parent / row[key]).resolve())
-    return rows
 
 
 def _readers() -> tuple[Callable, Callable]:

@@ -2,9 +2,11 @@
 
 `retina probe`, `retina export` and the evaluation protocol all call :func:`fit_linear_head`.
 
-* ``cst`` (central subfield thickness, µm): ridge regression, alpha chosen by sklearn ``RidgeCV``
-  (efficient leave-one-out) over a log grid. Output in µm.
-* ``bcva`` / ``tn`` (binary): logistic regression with ``class_weight="balanced"`` (the positive
+The tasks (name, kind, units, label meaning) come from the registry, :mod:`retinacli.tasks`.
+
+* regression tasks (e.g. ``cst``, µm): ridge regression, alpha chosen by sklearn ``RidgeCV``
+  (efficient leave-one-out) over a log grid. Output in the task's units.
+* binary tasks (e.g. ``bcva`` / ``tn``): logistic regression with ``class_weight="balanced"`` (the positive
   rate of real cohorts is far from 50 %, and an unweighted fit drifts to the majority class).
   The decision threshold is the one maximising Youden's J (sensitivity + specificity - 1) on
   out-of-fold probabilities of the training data (patient-grouped folds when ``groups`` is
@@ -26,27 +28,12 @@ from typing import Any
 
 import numpy as np
 
+from retinacli.fsutil import atomic_write_json
+from retinacli.tasks import TASKS
+
 HEADS_FILE = "heads.json"
 CHECKPOINT_FILE = "checkpoints/last.pt"  # contract 4: what load_run loads by default
 HEADS_SCHEMA_VERSION = 1
-
-TASKS: dict[str, dict[str, Any]] = {
-    "cst": {
-        "kind": "regression",
-        "units": "µm",
-        "label_meaning": "central subfield thickness (mean retinal thickness in the central 1 mm circle), µm",
-    },
-    "bcva": {
-        "kind": "binary",
-        "units": None,
-        "label_meaning": "1 = best-corrected visual acuity below 70 ETDRS letters (worse than 20/40)",
-    },
-    "tn": {
-        "kind": "binary",
-        "units": None,
-        "label_meaning": "1 = high treatment need",
-    },
-}
 
 RIDGE_ALPHAS = tuple(float(a) for a in np.logspace(-3, 4, 15))
 LOGISTIC_C = 1.0  # on standardised features; small cohorts need the regularisation
@@ -138,7 +125,7 @@ def fit_linear_head(
     x, y = x[keep], y[keep]
     g = None if groups is None else np.asarray(groups)[keep]
     info = TASKS[task]
-    if info["kind"] == "regression":
+    if info.kind == "regression":
         if len(y) < 3:
             raise ValueError(f"{task}: need at least 3 labelled rows, got {len(y)}")
         weight, bias, metrics = _fit_ridge(x, y, g, seed)
@@ -152,12 +139,12 @@ def fit_linear_head(
         weight, bias, threshold, metrics = _fit_logistic(x, y, g, seed)
     return LinearHead(
         task=task,
-        kind=info["kind"],
+        kind=info.kind,
         weight=weight,
         bias=bias,
         threshold=threshold,
-        units=info["units"],
-        label_meaning=info["label_meaning"],
+        units=info.units,
+        label_meaning=info.label_meaning,
         metrics=metrics,
         n_train=len(y),
         input_modality=input_modality,
@@ -325,9 +312,7 @@ def save_heads(
         **(extra or {}),
     }
     path = run_dir / HEADS_FILE
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    atomic_write_json(path, payload)
     return path
 
 

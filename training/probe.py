@@ -7,7 +7,6 @@ written to ``RUN/heads.json`` where ``retina export`` picks them up.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,27 +14,19 @@ from typing import Any
 
 import numpy as np
 
-from training.heads import TASKS, LinearHead, fit_linear_head, save_heads
+from retinacli.cohort_manifest import label_values
+from retinacli.tasks import TASKS, task_names
+from training.heads import LinearHead, fit_linear_head, save_heads
 
-LABEL_COLUMNS = {"cst": "cst_um", "bcva": "bcva_label", "tn": "tn_label"}
 MODALITIES = ("oct", "fundus")
 
 
-# --- cohort manifest (read with training.data: the same loader training uses) --------------------
+# --- cohort manifest (read with retinacli.cohort_manifest: the same reader training uses) ----------
 
 
 def label_array(rows: list[dict[str, str]], task: str) -> np.ndarray:
-    """The task's labels as float64, NaN where empty or unparseable."""
-    column = LABEL_COLUMNS[task]
-    out = np.full(len(rows), np.nan)
-    for i, row in enumerate(rows):
-        text = (row.get(column) or "").strip()
-        try:
-            value = float(text) if text else math.nan
-        except ValueError:
-            value = math.nan
-        out[i] = value
-    return out
+    """The task's labels (its registry column) as float64, NaN where the row has none."""
+    return np.array(label_values(rows, TASKS[task].column), dtype=np.float64).reshape(-1)
 
 
 def resolve_manifest_path(config: dict[str, Any], run_dir: Path, explicit: str | Path | None) -> Path:
@@ -52,21 +43,6 @@ def resolve_manifest_path(config: dict[str, Any], run_dir: Path, explicit: str |
         if candidate.is_file():
             return candidate
     raise FileNotFoundError(f"{recorded}: the run's cohort manifest is not there any more; pass --manifest")
-
-
-def embed_arrays(model, modality: str, arrays: np.ndarray, batch_size: int = 8) -> np.ndarray:
-    """Torch embeddings (N, D) float32 of preprocessed arrays, in eval mode, batch by batch."""
-    import torch
-
-    encode = model.encode_oct if modality == "oct" else model.encode_fundus
-    device = next(model.parameters()).device
-    out = []
-    model.eval()
-    with torch.no_grad():
-        for start in range(0, len(arrays), batch_size):
-            batch = torch.from_numpy(np.ascontiguousarray(arrays[start : start + batch_size])).to(device)
-            out.append(encode(batch).float().cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, model.embed_dim), np.float32)
 
 
 # --- probing -----------------------------------------------------------------------------------------
@@ -111,7 +87,7 @@ class ProbeResult:
 def probe_run(
     run_dir: str | Path,
     manifest: str | Path | None = None,
-    tasks: Iterable[str] = ("cst", "bcva", "tn"),
+    tasks: Iterable[str] | None = None,
     modality: str = "oct",
     seed: int = 0,
     batch_size: int = 8,
@@ -119,22 +95,26 @@ def probe_run(
     loaded: Any = None,
 ) -> ProbeResult:
     """Embed the manifest with the run's encoder for ``modality``, fit one head per task with labels,
-    save them to ``RUN/heads.json``. ``progress(done, total)`` is called per manifest row read.
+    save them to ``RUN/heads.json``. ``tasks``: default every registry task (one without labels in
+    the manifest is skipped, with the reason). ``progress(done, total)`` is called per manifest row read.
     ``loaded``: an already loaded run (``training.model.load_run``) to reuse."""
+    from retinacli.errors import UsageError
     from training.model import load_run
 
-    tasks = list(tasks)
+    tasks = list(task_names() if tasks is None else tasks)
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
-        raise ValueError(f"unknown task(s) {', '.join(unknown)} (known: {', '.join(TASKS)})")
+        raise UsageError(f"unknown task(s) {', '.join(unknown)} (known: {', '.join(TASKS)})")
     if modality not in MODALITIES:
-        raise ValueError(f"unknown modality {modality!r} (use oct or fundus)")
+        raise UsageError(f"unknown modality {modality!r} (use oct or fundus)")
+    from retinacli.cohort_manifest import read_cohort_manifest
     from retinacli.package import sha256_file
-    from training.data import load_pairs, load_pairs_once, read_manifest
+    from training.data import load_pairs, load_pairs_once
 
     run = loaded if loaded is not None else load_run(run_dir)
     manifest_path = resolve_manifest_path(run.config, Path(run_dir), manifest)
-    rows = read_manifest(manifest_path)
+    # label cells are checked where the column exists; a task whose column is absent is skipped below
+    rows = read_cohort_manifest(manifest_path, optional_label_columns=[TASKS[t].column for t in tasks])
     # Only rows with at least one label are worth reading.
     wanted = [r for r in rows if any(np.isfinite(label_array([r], t)[0]) for t in tasks)]
     if not wanted:
@@ -154,7 +134,7 @@ def probe_run(
     else:
         data = load()
     arrays = data.oct if modality == "oct" else data.fundus
-    embeddings = embed_arrays(run.model, modality, arrays, batch_size)
+    embeddings = run.model.encode(modality, arrays, batch_size)
     groups = np.array([r["patient_id"] for r in data.rows])
     labels = {t: label_array(data.rows, t) for t in tasks}
     heads: list[LinearHead] = []

@@ -7,6 +7,6 @@ results.json / results.md / folds.csv (report) and PNG figures (figures). The or
 in `protocol.run_evaluation`. See docs/evaluation.md.
 """
 
-from training.evaluation.config import TASK_LABEL_COLUMNS, EvalConfig
+from training.evaluation.config import EvalConfig
 
-__all__ = ["TASK_LABEL_COLUMNS", "EvalConfig"]
+__all__ = ["EvalConfig"]

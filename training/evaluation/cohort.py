@@ -1,23 +1,21 @@
 """The evaluation cohort: manifest rows, labels per task, and the checks that run before any training.
 
 Every check here is cheap (file existence, CSV columns, label values) so a bad manifest or run dir
-fails in one line before minutes of embedding and fine-tuning are spent.
+fails in one line before minutes of embedding and fine-tuning are spent. The CSV itself is read by
+:func:`retinacli.cohort_manifest.read_cohort_manifest`, the reader training uses.
 """
 
 from __future__ import annotations
 
-import csv
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from retinacli.cohort_manifest import label_values, read_cohort_manifest
 from retinacli.errors import UsageError
-from training.evaluation.config import TASK_KINDS, TASK_LABEL_COLUMNS
-
-REQUIRED_COLUMNS = ("patient_id", "eye", "visit", "oct_path", "fundus_path")
+from retinacli.tasks import TASKS
 
 
 @dataclass
@@ -42,69 +40,32 @@ class Cohort:
 
     def labels(self, task: str) -> np.ndarray:
         """(N,) float; NaN where the row has no label."""
-        column = TASK_LABEL_COLUMNS[task]
-        return np.array([_parse_float(r.get(column)) for r in self.rows], dtype=float)
-
-
-def _parse_float(text: str | None) -> float:
-    if text is None or str(text).strip() == "":
-        return math.nan
-    return float(text)
+        return np.array(label_values(self.rows, TASKS[task].column), dtype=float).reshape(-1)
 
 
 def load_cohort(manifest: Path, tasks: tuple[str, ...]) -> Cohort:
     """Read and check the manifest; raise UsageError with a one-line reason if it cannot be evaluated."""
     manifest = Path(manifest)
-    if not manifest.is_file():
-        raise UsageError(f"{manifest}: manifest not found")
-    try:
-        with open(manifest, newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle)
-            columns = list(reader.fieldnames or [])
-            rows = list(reader)
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise UsageError(f"{manifest}: cannot read the manifest CSV ({exc})") from None
-    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
-    missing += [TASK_LABEL_COLUMNS[t] for t in tasks if TASK_LABEL_COLUMNS[t] not in columns]
-    if missing:
-        raise UsageError(f"{manifest}: missing column(s) {', '.join(missing)}")
-    if not rows:
-        raise UsageError(f"{manifest}: the manifest has no rows")
-    base = manifest.parent
-    oct_paths = [base / r["oct_path"] for r in rows]
-    fundus_paths = [base / r["fundus_path"] for r in rows]
-    for line, path in _first_missing(oct_paths, fundus_paths):
-        raise UsageError(f"{path}: file not found (manifest {manifest.name} row {line})")
+    rows = read_cohort_manifest(manifest, label_columns=[TASKS[t].column for t in tasks], check_files=True)
     cohort = Cohort(
         manifest=manifest,
         rows=rows,
         patient_ids=np.array([r["patient_id"] for r in rows], dtype=str),
-        oct_paths=oct_paths,
-        fundus_paths=fundus_paths,
+        oct_paths=[Path(r["oct_path"]) for r in rows],
+        fundus_paths=[Path(r["fundus_path"]) for r in rows],
     )
     for task in tasks:
         _check_labels(cohort, task)
     return cohort
 
 
-def _first_missing(oct_paths: list[Path], fundus_paths: list[Path]):
-    for i, (o, f) in enumerate(zip(oct_paths, fundus_paths, strict=True)):
-        for path in (o, f):
-            if not path.exists():
-                yield i + 2, path  # CSV line number (header is line 1)
-                return
-
-
 def _check_labels(cohort: Cohort, task: str) -> None:
-    column = TASK_LABEL_COLUMNS[task]
-    try:
-        y = cohort.labels(task)
-    except ValueError as exc:
-        raise UsageError(f"{cohort.manifest}: column {column} has a non-numeric value ({exc})") from None
+    column = TASKS[task].column
+    y = cohort.labels(task)  # cells already checked numeric by the reader
     labelled = np.isfinite(y)
     if not labelled.any():
         raise UsageError(f"{cohort.manifest}: column {column} has no labels (task {task})")
-    if TASK_KINDS[task] == "binary" and not set(np.unique(y[labelled])) <= {0.0, 1.0}:
+    if TASKS[task].kind == "binary" and not set(np.unique(y[labelled])) <= {0.0, 1.0}:
         raise UsageError(f"{cohort.manifest}: column {column} must hold 0/1 labels (task {task})")
 
 
@@ -128,7 +89,7 @@ def label_summary(cohort: Cohort, tasks: tuple[str, ...]) -> dict[str, dict]:
         y = cohort.labels(task)
         labelled = np.isfinite(y)
         info = {"rows": int(labelled.sum()), "patients": len(np.unique(cohort.patient_ids[labelled]))}
-        if TASK_KINDS[task] == "binary":
+        if TASKS[task].kind == "binary":
             info["positive_rate"] = float(y[labelled].mean())
         else:
             info["mean"], info["sd"] = float(y[labelled].mean()), float(y[labelled].std(ddof=1))

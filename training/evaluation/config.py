@@ -5,10 +5,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-# Manifest column holding each task's label (contract 1).
-TASK_LABEL_COLUMNS: dict[str, str] = {"cst": "cst_um", "bcva": "bcva_label", "tn": "tn_label"}
-TASK_KINDS: dict[str, str] = {"cst": "regression", "bcva": "binary", "tn": "binary"}
-TASKS = tuple(TASK_LABEL_COLUMNS)
+from retinacli.tasks import task_names
+
+TASKS = task_names()  # every task of the registry (retinacli.tasks) by default
 MODES = ("probe", "finetune")
 MODALITIES = ("oct", "fundus")
 BASELINE_INITS = ("random", "imagenet", "kinetics")

@@ -14,10 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from training.evaluation.config import TASK_KINDS, TASK_LABEL_COLUMNS
+from retinacli.tasks import TASKS
 from training.evaluation.retrieval import top_matches
-
-TASK_TITLES = {"cst": "CST (µm)", "bcva": "BCVA < 70 letters", "tn": "high treatment need"}
 
 
 def _pyplot():
@@ -76,16 +74,16 @@ def plot_tsne_tasks(path: Path, label: str, emb: dict, cohort, cfg) -> Path:
             known = np.isfinite(y)
             if (~known).any():
                 ax.scatter(xy[~known, 0], xy[~known, 1], s=12, c="lightgrey", label="no label")
-            if TASK_KINDS[task] == "regression":
+            if TASKS[task].kind == "regression":
                 points = ax.scatter(xy[known, 0], xy[known, 1], s=16, c=y[known], cmap="viridis")
-                fig.colorbar(points, ax=ax, shrink=0.8, label=TASK_LABEL_COLUMNS[task])
+                fig.colorbar(points, ax=ax, shrink=0.8, label=TASKS[task].column)
             else:
                 for value, colour, name in ((0, "tab:blue", "0"), (1, "tab:red", "1")):
                     pick = known & (y == value)
                     ax.scatter(xy[pick, 0], xy[pick, 1], s=16, c=colour, label=f"{task} = {name}")
                 ax.legend(fontsize=7, loc="best")
             name = "OCT" if modality == "oct" else "fundus"
-            ax.set_title(f"{name} embeddings: {TASK_TITLES[task]}", fontsize=9)
+            ax.set_title(f"{name} embeddings: {TASKS[task].title}", fontsize=9)
             ax.set_xticks([])
             ax.set_yticks([])
     fig.suptitle(f"t-SNE of the latent space — {label} (coloured by task label)")

@@ -1,4 +1,5 @@
-"""Task metrics: CST regression (MAE, RMSE, R² in µm) and binary tasks (AUROC, AUPRC, balanced accuracy).
+"""Task metrics: regression (MAE, RMSE in the task's units, R²) and binary tasks (AUROC, AUPRC, balanced
+accuracy). Which metrics head results.md is each task's ``metrics`` in :mod:`retinacli.tasks`.
 
 Binary decision thresholds are always chosen on training data (`training.heads.youden_threshold` on
 training-fold predictions) and only applied to the held-out fold, so no test label leaks into them.
@@ -17,17 +18,6 @@ from sklearn.metrics import (
     r2_score,
     roc_auc_score,
 )
-
-# The headline metric of each task in results.md (name, higher_is_better).
-MAIN_METRICS: dict[str, tuple[str, ...]] = {"cst": ("mae", "r2"), "bcva": ("auroc",), "tn": ("auroc",)}
-METRIC_LABELS = {
-    "mae": "MAE (µm)",
-    "rmse": "RMSE (µm)",
-    "r2": "R²",
-    "auroc": "AUROC",
-    "auprc": "AUPRC",
-    "balanced_accuracy": "balanced acc.",
-}
 
 
 def regression_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float | None]:

@@ -15,8 +15,9 @@ import numpy as np
 import torch
 
 from retinacli.errors import UsageError
+from retinacli.tasks import TASKS
 from training.evaluation.cohort import Cohort, label_summary, load_cohort
-from training.evaluation.config import TASK_KINDS, EvalConfig
+from training.evaluation.config import EvalConfig
 from training.evaluation.features import ArrayCache, embed
 from training.evaluation.finetune import (
     FinetuneSettings,
@@ -73,10 +74,10 @@ def make_task_folds(cohort: Cohort, cfg: EvalConfig) -> dict[str, TaskFolds]:
         y = cohort.labels(task)
         rows = np.flatnonzero(np.isfinite(y))
         try:
-            fold = assign_folds(cohort.patient_ids[rows], y[rows], TASK_KINDS[task], cfg.folds, cfg.seed)
+            fold = assign_folds(cohort.patient_ids[rows], y[rows], TASKS[task].kind, cfg.folds, cfg.seed)
         except FoldError as exc:
             raise UsageError(f"{cfg.manifest}: task {task}: {exc}") from None
-        tf = TaskFolds(task, TASK_KINDS[task], rows, y[rows], fold)
+        tf = TaskFolds(task, TASKS[task].kind, rows, y[rows], fold)
         tf.patients = patient_folds(cohort.patient_ids[rows], fold)
         task_folds[task] = tf
     return task_folds

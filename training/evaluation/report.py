@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from training.evaluation.metrics import MAIN_METRICS, METRIC_LABELS
+from retinacli.tasks import TASKS
 from training.evaluation.probe import SWAP_KEY
 
 RESULTS_SCHEMA = "retina-evaluation/1"
@@ -47,7 +47,7 @@ def format_cell(summary: dict | None, metric: str) -> str:
 
 def results_markdown(results: dict) -> str:
     tasks = results["settings"]["tasks"]
-    columns = [(t, m) for t in tasks for m in MAIN_METRICS[t]]
+    columns = [(t, m) for t in tasks for m in TASKS[t].metrics]
     lines = [
         "# retina evaluation",
         "",
@@ -58,7 +58,7 @@ def results_markdown(results: dict) -> str:
         f"`{SWAP_KEY}`: head fitted on OCT embeddings, applied to the paired fundus embeddings.",
         "",
         "| encoder | mode | input | "
-        + " | ".join(f"{t.upper()} {METRIC_LABELS[m]}" for t, m in columns)
+        + " | ".join(f"{t.upper()} {TASKS[t].metric_label(m)}" for t, m in columns)
         + " |",
         "|---|---|---|" + "---|" * len(columns),
     ]
