@@ -125,17 +125,9 @@ class OnnxRuntimeRunner:
     """An onnxruntime session for one graph: ``run(x) -> first output``."""
 
     def __init__(self, blob: bytes, input_name: str, output_name: str, threads: int, providers: list[str]):
-        import onnxruntime as ort
+        from retinacli.onnx_session import create_session
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
-        # Idle worker threads would otherwise busy-wait after each run, taking the cores from the
-        # reader threads and from the other encoder's engine (OpenVINO ran 1.8x slower right after
-        # an onnxruntime call); onnxruntime's own speed is unchanged without it.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(blob, options, providers=providers)
+        self.session = create_session(blob, providers, threads)  # no busy-waiting between runs
         self.input_name, self.output_name = input_name, output_name
 
     def run(self, x):

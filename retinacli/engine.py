@@ -156,14 +156,10 @@ class Engine:
     def _session_locked(self, file_name: str):
         session = self._sessions.get(file_name)
         if session is None:
-            import onnxruntime as ort
+            from retinacli.onnx_session import create_session
 
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = self.threads
-            options.inter_op_num_threads = 1
-            options.log_severity_level = 3
             try:
-                session = ort.InferenceSession(self._blobs[file_name], options, providers=self.providers)
+                session = create_session(self._blobs[file_name], self.providers, self.threads)
             except Exception as exc:  # onnxruntime raises its own exception types
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 where = self.path / file_name
@@ -255,8 +251,8 @@ class Engine:
     def predict(self, task: str, embeddings: np.ndarray) -> list[dict[str, Any]]:
         """One record per embedding row.
 
-        cst: ``{"task", "value", "units"}``; binary tasks: ``{"task", "probability", "label",
-        "threshold", "label_meaning"}`` with ``label = probability >= threshold``.
+        regression tasks (e.g. cst): ``{"task", "value", "units"}``; binary tasks: ``{"task", "probability",
+        "label", "threshold", "label_meaning"}`` with ``label = probability >= threshold``.
         """
         head = self.head(task)
         raw = self.predict_raw(task, embeddings)

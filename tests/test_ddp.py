@@ -104,5 +104,5 @@ def test_training_loop_runs_under_two_processes(tmp_path):
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 1  # written once, by rank 0
     record = json.loads(lines[0])
-    assert record["batch_size"] == 4 and record["val"]["fundus_to_oct"]["pool"] == 2
+    assert record["batch_size"] == 4 and record["val"]["fundus_to_oct"]["pool_size"] == 2
     assert torch.load(out / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 1

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from retinacli.ranking import cosine_scores, match_ranks
 from training.evaluation.folds import (
     FoldError,
     assign_folds,
@@ -16,7 +17,7 @@ from training.evaluation.folds import (
 )
 from training.evaluation.metrics import binary_metrics, regression_metrics, summarise
 from training.evaluation.report import format_cell, write_json
-from training.evaluation.retrieval import evaluate_retrieval, top_matches, true_match_ranks
+from training.evaluation.retrieval import evaluate_retrieval, top_matches
 
 
 def _cohort_rows(n_patients: int = 20, seed: int = 0):
@@ -107,7 +108,7 @@ def test_retrieval_ranks_pool_and_chance():
     oct_ /= np.linalg.norm(oct_, axis=1, keepdims=True)
     fundus = oct_.copy()
     fundus[[0, 1]] = fundus[[1, 0]]  # queries 0 and 1 now point at each other's pair
-    ranks = true_match_ranks(fundus, oct_)
+    ranks = match_ranks(cosine_scores(fundus, oct_))
     assert ranks[2:].tolist() == [1] * 8 and ranks[0] > 1 and ranks[1] > 1
     r = evaluate_retrieval(fundus, oct_, ks=(1, 5))
     assert r["pool_size"] == 10

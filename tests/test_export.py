@@ -15,9 +15,11 @@ pytest.importorskip("onnx")
 from typer.testing import CliRunner  # noqa: E402
 
 from retinacli.cli import app  # noqa: E402
+from retinacli.cohort_manifest import read_cohort_manifest  # noqa: E402
 from retinacli.engine import Engine  # noqa: E402
 from retinacli.manifest_schema import manifest_errors  # noqa: E402
-from training.data import load_pairs, read_manifest  # noqa: E402
+from retinacli.tasks import TASKS  # noqa: E402
+from training.data import load_pairs  # noqa: E402
 from training.export import ExportError, canonical_sha256, export_run  # noqa: E402
 from training.heads import load_heads  # noqa: E402
 from training.probe import resolve_manifest_path  # noqa: E402
@@ -47,8 +49,13 @@ def test_package_holds_only_onnx_and_a_valid_manifest(tiny_package, tiny_loaded_
     assert m["inputs"]["oct"]["shape"][0] == "batch" and m["inputs"]["oct"]["shape"][1] == 1
     assert "cst" in m["heads"]
     assert m["heads"]["cst"]["units"] == "µm" and m["heads"]["cst"]["threshold"] is None
-    for task in set(m["heads"]) - {"cst"}:
-        assert 0.0 <= m["heads"][task]["threshold"] <= 1.0
+    assert set(m["heads"]) == set(TASKS)  # tiny_package is probed for every registry task
+    for task, head in m["heads"].items():
+        assert head["kind"] == TASKS[task].kind and head["units"] == TASKS[task].units
+        if head["kind"] == "binary":
+            assert 0.0 <= head["threshold"] <= 1.0
+        else:
+            assert head["threshold"] is None
     # recorded parity: within tolerance, on real items from the run's manifest
     p = m["parity"]
     assert "items of manifest.csv" in p["inputs"]
@@ -64,7 +71,7 @@ def test_onnxruntime_embeddings_match_torch_on_preprocessed_items(tiny_package, 
     run = tiny_loaded_run
     tiny_package_run = run.run_dir
     manifest = resolve_manifest_path(run.config, tiny_package_run, None)
-    rows = read_manifest(manifest)[:5]  # paths made absolute
+    rows = read_cohort_manifest(manifest)[:5]  # paths made absolute
     engine = Engine.load(tiny_package, threads=1)
     tolerance = _manifest(tiny_package)["parity"]["tolerance_abs"]
     for modality, reader, column in (("oct", read_oct, "oct_path"), ("fundus", read_fundus, "fundus_path")):
@@ -131,12 +138,12 @@ def reuse_loaded_run(monkeypatch, tiny_loaded_run):
 def fast_encoder_export(monkeypatch, tiny_package, reuse_loaded_run):
     """Reuse the session package's encoder graphs (same weights) instead of re-exporting: seconds saved,
     while parity still runs torch against onnxruntime for real."""
-    import training.export as export_module
+    import training.export.graphs as graphs
 
     def copy_graph(model, modality, example, path, opset, exporter):
-        shutil.copyfile(tiny_package / export_module.ENCODER_FILES[modality], path)
+        shutil.copyfile(tiny_package / graphs.ENCODER_FILES[modality], path)
 
-    monkeypatch.setattr(export_module, "export_encoder", copy_graph)
+    monkeypatch.setattr(graphs, "export_encoder", copy_graph)
 
 
 def test_failed_parity_leaves_no_package(tiny_package_run, tmp_path, fast_encoder_export):

@@ -65,7 +65,7 @@ def test_int8_engine_reproduces_the_recorded_gate(int8_package, tiny_loaded_run)
     """Run the int8 graph through the Engine on the gate's items: it is really int8 (not the fp32
     graph) and its cosine to torch fp32 is the one written in the manifest."""
     from retinacli.engine import Engine
-    from training.export import _torch_embeddings, parity_inputs
+    from training.export import parity_inputs
 
     engine = Engine.load(int8_package, backend="onnxruntime", precision="int8")
     fp32 = Engine.load(int8_package, backend="onnxruntime", precision="fp32")
@@ -77,7 +77,7 @@ def test_int8_engine_reproduces_the_recorded_gate(int8_package, tiny_loaded_run)
     gate_items = slice(n_cal, None) if not q["gate"]["overlaps_calibration"] else slice(None)
     x = arrays["oct"][gate_items]
     got = engine.embed("oct", x)
-    ref = _torch_embeddings(tiny_loaded_run.model, "oct", x)
+    ref = tiny_loaded_run.model.encode("oct", x, batch_size=8)
     cos = np.sum(got.astype(np.float64) * ref, axis=1)
     recorded = q["encoders"]["oct"]["gate"]["onnxruntime"]
     assert cos.min() == pytest.approx(recorded["min_cosine"], abs=1e-5)
@@ -117,8 +117,8 @@ def test_store_rows_record_the_engine(int8_package, tiny_cohort, tmp_path):
     from retinacli.store import EmbeddingStore
 
     store = tmp_path / "store"
-    args = ["embed", str(tiny_cohort), "--model", str(int8_package), "--out", str(store), "--modality", "oct",
-            "--engine", "onnxruntime", "--precision", "int8", "--json"]
+    args = ["embed", str(tiny_cohort), "--model", str(int8_package), "--store", str(store),
+            "--modality", "oct", "--engine", "onnxruntime", "--precision", "int8", "--json"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout[result.stdout.index("{"):])

@@ -10,6 +10,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from retinacli.ranking import cosine_scores, match_ranks, paired_metrics  # noqa: E402
 from training.config import (  # noqa: E402
     PRESET_OBJECTIVE_VALUES,
     PRESET_VALUES,
@@ -19,7 +20,6 @@ from training.config import (  # noqa: E402
 from training.data import epoch_batches, load_pairs_once, split_patients  # noqa: E402
 from training.loop import RunExistsError, lr_lambda, train  # noqa: E402
 from training.model import build_model, load_run  # noqa: E402
-from training.retrieval_metrics import pair_ranks, retrieval_metrics  # noqa: E402
 
 
 def _tiny(manifest, **overrides):
@@ -109,13 +109,13 @@ def test_epoch_batches_depend_only_on_seed_and_epoch():
 
 def test_retrieval_metrics_ranks_chance_and_ties():
     eye = np.eye(4)
-    m = retrieval_metrics(eye, eye, ks=(1, 5))
-    assert m["pool"] == 4 and m["top1"] == 1.0 and m["top1_chance"] == 0.25 and m["top5_chance"] == 1.0
+    m = paired_metrics(eye, eye, ks=(1, 5))
+    assert m["pool_size"] == 4 and m["top1"] == 1.0 and m["chance_top1"] == 0.25 and m["chance_top5"] == 1.0
     assert m["median_rank"] == 1.0
     mixed = 0.6 * eye + 0.8 * np.roll(eye, 1, axis=0)  # each query matches one other row better
-    assert pair_ranks(eye, mixed).tolist() == [2, 2, 2, 2]
+    assert match_ranks(cosine_scores(eye, mixed)).tolist() == [2, 2, 2, 2]
     constant = np.ones((4, 2))  # ties count against the query
-    assert pair_ranks(constant, constant).tolist() == [4, 4, 4, 4]
+    assert match_ranks(cosine_scores(constant, constant)).tolist() == [4, 4, 4, 4]
 
 
 # --- model ------------------------------------------------------------------------------------
@@ -188,8 +188,8 @@ def test_tiny_run_layout_follows_contract(tiny_run):
     lines = [json.loads(x) for x in (tiny_run / "metrics.jsonl").read_text().splitlines()]
     assert [x["epoch"] for x in lines] == list(range(1, config["epochs"] + 1))
     retrieval = lines[-1]["val"]["fundus_to_oct"]
-    assert retrieval["top1_chance"] == pytest.approx(1 / retrieval["pool"])
-    assert retrieval["pool"] == lines[-1]["val_pairs"]
+    assert retrieval["chance_top1"] == pytest.approx(1 / retrieval["pool_size"])
+    assert retrieval["pool_size"] == lines[-1]["val_pairs"]
     for name in ("last.pt", f"epoch_{config['epochs']:03d}.pt"):
         state = torch.load(tiny_run / "checkpoints" / name, weights_only=True)
         assert "model" in state

@@ -29,12 +29,14 @@ from typing import Any
 
 import numpy as np
 
+from retinacli.errors import UsageError
+from retinacli.tasks import TASKS
+
 MARKER = ".retina-demo"
 OBJECTIVES = ("clip", "cloob")
-TASK_METRIC = {"cst": ("mae", "MAE µm"), "bcva": ("auroc", "AUROC"), "tn": ("auroc", "AUROC")}
 
 
-class DemoFolderError(ValueError):
+class DemoFolderError(UsageError, ValueError):
     """The demo folder holds something that is not a previous demo: never overwrite user data."""
 
 
@@ -111,8 +113,8 @@ def _held_out_rows(rows: list[dict[str, str]], run_dir: Path) -> list[dict[str, 
 def engine_retrieval(package_dir: Path, rows: list[dict[str, str]]) -> dict[str, Any]:
     """Fundus->OCT and OCT->fundus retrieval on held-out pairs, through the exported ONNX package."""
     from retinacli.engine import Engine
+    from retinacli.ranking import both_directions
     from retinacli.readers import read_fundus, read_oct
-    from training.retrieval_metrics import both_directions
 
     engine = Engine.load(str(package_dir))
     fundus = np.stack([engine.preprocess(read_fundus(r["fundus_path"])) for r in rows])
@@ -124,9 +126,11 @@ def _head_metrics(package_dir: Path) -> dict[str, Any]:
     manifest = json.loads((package_dir / "retina.json").read_text())
     out = {}
     for task, head in (manifest.get("heads") or {}).items():
-        key, _ = TASK_METRIC[task]
+        info = TASKS.get(task)
+        if info is None:  # a head of a task this version does not know: nothing to report
+            continue
         cv = (head.get("metrics") or {}).get("cv") or {}
-        out[task] = {key: cv.get(key), "r2": cv.get("r2")} if key == "mae" else {key: cv.get(key)}
+        out[task] = {metric: cv.get(metric) for metric in info.metrics}
     return out
 
 
@@ -182,8 +186,14 @@ def run_cli(workdir: Path, *args: str) -> dict[str, Any]:
 
 
 def same_eye_top5_rate(workdir: Path, package_dir: Path, held_out: list[dict[str, str]]) -> dict[str, Any]:
-    """For every held-out fundus: is an OCT of the same eye among the store's top 5? (the card's claim)"""
+    """For every held-out fundus: is an OCT of the same eye among the store's top 5? (the card's claim)
+
+    Eye-level ranking (:mod:`retinacli.ranking` schema: ``top5``, ``chance_top5``, ``queries``, ...): every
+    stored OCT of the query's eye counts as a hit. A fundus whose eye has no OCT in the store cannot be
+    answered and is left out of ``queries``.
+    """
     from retinacli.engine import Engine
+    from retinacli.ranking import rank_metrics
     from retinacli.readers import read_fundus
     from retinacli.store import EmbeddingStore
 
@@ -196,16 +206,9 @@ def same_eye_top5_rate(workdir: Path, package_dir: Path, held_out: list[dict[str
     engine = Engine.load(str(package_dir))
     fundus = np.stack([engine.preprocess(read_fundus(r["fundus_path"])) for r in held_out])
     queries = engine.embed("fundus", fundus)
-    scores = queries @ vectors[is_oct].T
-    top5 = np.argsort(-scores, axis=1)[:, :5]
-    hits = [
-        any(candidate_eyes[j] == (r["patient_id"], r["eye"]) for j in top5[i]) for i, r in enumerate(held_out)
-    ]
-    eyes = {(r["patient_id"], r["eye"]) for r in held_out}
-    per_eye = [sum(1 for e in candidate_eyes if e == eye) for eye in eyes]
-    chance = float(1 - np.mean([np.prod([(len(candidate_eyes) - k - i) / (len(candidate_eyes) - i)
-                                         for i in range(5)]) for k in per_eye]))
-    return {"queries": len(held_out), "rate": float(np.mean(hits)), "chance": chance}
+    relevant = np.array([[e == (r["patient_id"], r["eye"]) for e in candidate_eyes] for r in held_out], bool)
+    answerable = relevant.any(axis=1)
+    return rank_metrics(queries[answerable] @ vectors[is_oct].T, relevant[answerable], ks=(5,))
 
 
 def final_validation_score(run_dir: Path) -> tuple[float, float, float]:
@@ -220,9 +223,9 @@ def run_demo(
     echo: Callable[[str], None] = print,
     progress_factory: Callable[..., Any] | None = None,
 ) -> DemoSummary:
+    from retinacli.cohort_manifest import read_cohort_manifest
     from retinacli.synth import generate_cohort
     from training.config import resolve_config
-    from training.data import read_manifest
     from training.export import export_run
     from training.loop import train
     from training.probe import probe_run
@@ -244,7 +247,7 @@ def run_demo(
     )
     mark_workdir(workdir)
     write_train_config(workdir, settings)
-    rows = read_manifest(manifest)
+    rows = read_cohort_manifest(manifest)
     t = lap("synth", started)
     summary = DemoSummary(
         workdir=str(workdir),

@@ -22,7 +22,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from retinacli.cohort_manifest import read_cohort_manifest
 from retinacli.package import sha256_file
+from retinacli.ranking import both_directions
 from training import distributed
 from training.augment import augment_fundus, augment_oct
 from training.checkpoint import load_checkpoint, save_checkpoint
@@ -31,13 +33,11 @@ from training.data import (
     epoch_batches,
     load_pairs,
     load_pairs_once,
-    read_manifest,
     save_split,
     split_patients,
 )
 from training.model import CONFIG_FILE, METRICS_FILE, SPEC_FILE, SPLIT_FILE, RetinaModel, build_model
 from training.objective import compute_loss
-from training.retrieval_metrics import both_directions
 
 LOG_FILE = "train.log"
 COLLAPSE_STD = 1e-3  # val embeddings with a smaller mean per-dimension spread are reported as collapsed
@@ -122,29 +122,6 @@ def step_loss(model: nn.Module, fundus: torch.Tensor, oct: torch.Tensor) -> torc
     return compute_loss(model, distributed.gather_features(f), distributed.gather_features(o))
 
 
-def to_device(x: np.ndarray, device: torch.device, channels_last_3d: bool = False) -> torch.Tensor:
-    t = torch.from_numpy(x).to(device)
-    if channels_last_3d and t.ndim == 5:
-        t = t.contiguous(memory_format=torch.channels_last_3d)
-    return t
-
-
-@torch.no_grad()
-def embed_pairs(
-    model: RetinaModel, fundus: np.ndarray, oct: np.ndarray, device, bf16=False, channels_last=False,
-    batch_size: int = 32,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    was_training = model.training
-    model.eval()
-    fs, os_ = [], []
-    for i in range(0, len(fundus), batch_size):
-        with autocast(bf16, device):
-            fs.append(model.encode_fundus(to_device(fundus[i : i + batch_size], device)).float())
-            os_.append(model.encode_oct(to_device(oct[i : i + batch_size], device, channels_last)).float())
-    model.train(was_training)
-    return torch.cat(fs).cpu(), torch.cat(os_).cpu()
-
-
 # --- the run ----------------------------------------------------------------------------------
 
 
@@ -207,7 +184,7 @@ def train(
     bf16, channels_last = use_bf16(config, device), use_channels_last(config, device)
 
     manifest = Path(config.manifest).resolve()
-    rows = read_manifest(manifest)
+    rows = read_cohort_manifest(manifest)
     sha = sha256_file(manifest)
     if resume and config.manifest_sha256 and sha != config.manifest_sha256:
         log(f"warning: {manifest} changed since the run started (sha256 differs); resuming anyway")
@@ -336,7 +313,8 @@ def train(
 def _validate(model, val_set, device, bf16, channels_last) -> dict[str, Any]:
     if len(val_set.rows) < 2:
         return {"val_pairs": len(val_set.rows)}
-    f, o = embed_pairs(model, val_set.fundus, val_set.oct, device, bf16, channels_last)
+    f = torch.from_numpy(model.encode("fundus", val_set.fundus, 32, device, bf16))
+    o = torch.from_numpy(model.encode("oct", val_set.oct, 32, device, bf16, channels_last))
     with torch.no_grad():
         val_loss = float(compute_loss(model, f.to(device), o.to(device)))
     retrieval = both_directions(f.numpy(), o.numpy())
@@ -356,7 +334,7 @@ def _summary(record: dict[str, Any]) -> str:
         r = record["val"]["fundus_to_oct"]
         text += (
             f", val loss {record['val_loss']:.4f}, fundus->OCT top-1 {r['top1']:.3f} "
-            f"(chance {r['top1_chance']:.3f}, pool {r['pool']}), top-5 {r['top5']:.3f}, "
+            f"(chance {r['chance_top1']:.3f}, pool {r['pool_size']}), top-5 {r['top5']:.3f}, "
             f"median rank {r['median_rank']:.0f}"
         )
     text += f", {record['pairs_per_second']:.1f} pairs/s"

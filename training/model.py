@@ -17,12 +17,15 @@ Temperature parameters live in the model so they are checkpointed and synchronis
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -79,6 +82,25 @@ class RetinaModel(nn.Module):
     def forward(self, fundus: torch.Tensor, oct: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.encode_fundus(fundus), self.encode_oct(oct)
 
+    def encode(
+        self,
+        modality: str,
+        x: np.ndarray | torch.Tensor,
+        batch_size: int = 32,
+        device: str | torch.device | None = None,
+        bf16: bool = False,
+        channels_last: bool = False,
+    ) -> np.ndarray:
+        """Embeddings (N, D) float32 on the CPU of preprocessed inputs, batch by batch (open_clip's
+        ``encode_image`` pattern, for arrays of any length): see :func:`batched_inference`.
+
+        Rows are L2-normalised by the encoders (contract 4); empty input gives shape (0, D).
+        """
+        if modality not in ("fundus", "oct"):
+            raise ValueError(f"unknown modality {modality!r} (use fundus or oct)")
+        forward = self.encode_oct if modality == "oct" else self.encode_fundus
+        return batched_inference(self, x, batch_size, device, forward, (self.embed_dim,), bf16, channels_last)
+
     @torch.no_grad()
     def clamp_temperatures(self) -> None:
         """Keep exp(logit_scale) <= logit_scale_max and 1/tau within [1, 100] (called after each step)."""
@@ -97,6 +119,55 @@ class RetinaModel(nn.Module):
         if hasattr(self, "log_inv_tau"):
             out["inv_tau"] = float(self.log_inv_tau.detach().exp())
         return out
+
+
+def batched_inference(
+    module: nn.Module,
+    x: np.ndarray | torch.Tensor,
+    batch_size: int = 32,
+    device: str | torch.device | None = None,
+    forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    row_shape: tuple[int, ...] = (),
+    bf16: bool = False,
+    channels_last: bool = False,
+) -> np.ndarray:
+    """``forward(batch)`` (default ``module(batch)``) over the rows of ``x``: float32 numpy on the CPU.
+
+    The one batched inference loop. ``module`` runs in eval mode under ``torch.inference_mode``;
+    the train/eval mode of each of its submodules is restored afterwards. ``device``: where batches
+    run, default the module's own. Inputs (numpy or torch) are cast to the module's float dtype.
+    ``bf16``: bfloat16 autocast; ``channels_last``: channels-last 3-d memory for 5-d batches. Empty
+    input gives shape ``(0, *row_shape)``.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    param = next(module.parameters(), None)
+    dtype = param.dtype if param is not None else torch.float32
+    if device is None:
+        device = param.device if param is not None else torch.device("cpu")
+    device = torch.device(device)
+    forward = forward or module
+    # per submodule: a container's flag need not match its children's (split_encoder's Sequential)
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    out = []
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(x), batch_size):
+                batch = x[start : start + batch_size]
+                if not isinstance(batch, torch.Tensor):
+                    batch = torch.from_numpy(np.ascontiguousarray(batch))
+                batch = batch.to(device=device, dtype=dtype)
+                if channels_last and batch.ndim == 5:
+                    batch = batch.contiguous(memory_format=torch.channels_last_3d)
+                amp = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if bf16
+                       else contextlib.nullcontext())
+                with amp:
+                    out.append(forward(batch).float().cpu().numpy())
+    finally:
+        for m, training in modes:
+            m.training = training
+    return np.concatenate(out) if out else np.zeros((0, *row_shape), np.float32)
 
 
 def build_model(config: TrainConfig | dict[str, Any]) -> RetinaModel:

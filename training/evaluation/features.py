@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from retinacli.preprocess import spec_hash
 from training.evaluation.cohort import Cohort
@@ -96,13 +95,6 @@ def preprocess_cohort(cohort: Cohort, spec: dict, on_progress=None):
     return arrays, kept, errors
 
 
-@torch.no_grad()
 def embed(model, modality: str, arrays: np.ndarray, batch_size: int = 16, device: str = "cpu") -> np.ndarray:
-    """(N, D) float32 L2-normalised embeddings of one modality, in manifest order."""
-    model.eval()
-    encode = model.encode_oct if modality == "oct" else model.encode_fundus
-    out = []
-    for start in range(0, len(arrays), batch_size):
-        batch = torch.from_numpy(np.ascontiguousarray(arrays[start : start + batch_size])).to(device)
-        out.append(encode(batch).float().cpu().numpy())
-    return np.concatenate(out).astype(np.float32)
+    """(N, D) float32 L2-normalised embeddings of one modality, in manifest order (``model.encode``)."""
+    return model.encode(modality, arrays, batch_size, device)

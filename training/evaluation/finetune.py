@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from training.heads import youden_threshold
+from training.model import batched_inference
 
 SCOPES = ("auto", "full", "top")
 
@@ -94,15 +95,9 @@ def split_encoder(encoder: nn.Module, scope: str) -> tuple[nn.Module | None, nn.
     return frozen, upper
 
 
-@torch.no_grad()
 def frozen_features(frozen: nn.Module, x: np.ndarray, batch_size: int, device: str) -> np.ndarray:
     """The frozen lower stages' output for every row (eval mode), computed once."""
-    frozen.eval()
-    outs = []
-    for start in range(0, len(x), batch_size):
-        batch = torch.from_numpy(np.ascontiguousarray(x[start : start + batch_size])).to(device)
-        outs.append(frozen(batch).float().cpu().numpy())
-    return np.concatenate(outs).astype(np.float32)
+    return batched_inference(frozen, x, batch_size, device)
 
 
 def _freeze_batchnorm(module: nn.Module) -> None:
@@ -112,13 +107,7 @@ def _freeze_batchnorm(module: nn.Module) -> None:
 
 
 def _predict(net: nn.Module, x: np.ndarray, batch_size: int, device: str) -> np.ndarray:
-    net.eval()
-    outs = []
-    with torch.no_grad():
-        for start in range(0, len(x), batch_size):
-            batch = torch.from_numpy(np.ascontiguousarray(x[start : start + batch_size])).to(device)
-            outs.append(net(batch).float().cpu().numpy())
-    return np.concatenate(outs).astype(float) if outs else np.zeros(0)
+    return batched_inference(net, x, batch_size, device).astype(float)
 
 
 def finetune_fold(
