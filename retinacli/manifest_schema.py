@@ -15,7 +15,10 @@ from importlib import resources
 from typing import Any
 
 SCHEMA_FILE = "retina.schema.json"
+# retina.json layout version (docs/model-package.md): a change that removes a field or changes its
+# meaning bumps it; readers accept every version in READABLE_SCHEMA_VERSIONS and refuse newer ones.
 SCHEMA_VERSION = 1
+READABLE_SCHEMA_VERSIONS = (1,)
 
 _TYPES: dict[str, tuple[type, ...]] = {
     "object": (dict,),
@@ -102,10 +105,14 @@ def manifest_errors(manifest: Any) -> list[str]:
     """Every schema violation, one readable line each (empty when the manifest is valid)."""
     schema = load_schema()
     errors: list[str] = []
-    if isinstance(manifest, dict) and manifest.get("schema_version") not in (None, SCHEMA_VERSION):
+    version = manifest.get("schema_version") if isinstance(manifest, dict) else None
+    if version is not None and version not in READABLE_SCHEMA_VERSIONS:
+        newer = isinstance(version, int) and not isinstance(version, bool) and version > SCHEMA_VERSION
+        readable = ", ".join(map(str, READABLE_SCHEMA_VERSIONS))
+        action = "newer than this retina: upgrade retina" if newer else "re-export the package"
         return [
-            f"schema_version: this retina reads manifest schema version {SCHEMA_VERSION}, the package has "
-            f"{manifest.get('schema_version')!r} (upgrade retina or re-export the package)"
+            f"schema_version: the package has schema version {version!r}, this retina reads schema "
+            f"version {readable} ({action})"
         ]
     _validate(manifest, schema, "", schema, errors)
     return errors

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from retinacli.errors import ModelPackageError
+from retinacli.fsutil import atomic_write_json, building_dir
 
 MANIFEST_FILE = "retina.json"
 CONFIG_FILE = "config.json"
@@ -75,9 +76,7 @@ def set_default_model(name: str | None) -> Path:
         config["default_model"] = name
     path = config_path()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    atomic_write_json(path, config)
     return path
 
 
@@ -240,6 +239,36 @@ def find_package_by_model_id(model_id: str, dirs: list[Path] | None = None) -> P
     return None
 
 
+def package_model_id(package_dir: Path) -> str | None:
+    """The model_id of the package in `package_dir` (from its retina.json alone), or None when the
+    folder is gone or holds no readable package."""
+    try:
+        return model_id_for(read_manifest(Path(package_dir)))
+    except (ModelPackageError, KeyError, TypeError, AttributeError, OSError):
+        return None
+
+
+def locate_store_package(model_id: str, recorded: str | None) -> tuple[Path | None, str]:
+    """The package that made a store's vectors, and how it was found (for messages).
+
+    The folder recorded in store.json when it still holds `model_id`, else the known package with
+    that id (search dirs), else (None, why not). Never the default package: exporting another
+    package must not change which model an existing store expects.
+    """
+    if recorded and package_model_id(Path(recorded)) == model_id:
+        return Path(recorded), "recorded in the store"
+    found = find_package_by_model_id(model_id)
+    searched = ", ".join(str(d) for d in search_dirs())
+    if recorded:
+        if found is not None:
+            return found, f"found by model id; the recorded {recorded} no longer holds it"
+        return None, (f"the recorded package folder {recorded} is missing or holds another model, "
+                      f"and none with this id is in {searched}")
+    if found is not None:
+        return found, "found by model id"
+    return None, f"the store records no package folder, and none with this id is in {searched}"
+
+
 # --- identity and verification -----------------------------------------------------------------
 
 
@@ -332,7 +361,6 @@ def verify_package(package_dir: Path, read: bool = True) -> tuple[dict[str, Any]
 def install_package(source: Path, force: bool = False) -> Path:
     """Verify a package and copy it into the model store as ``$RETINA_HOME/models/<name>-<version>``."""
     import shutil
-    import tempfile
 
     manifest, _ = verify_package(Path(source), read=False)
     target = models_dir() / f"{manifest['name']}-{manifest['version']}"
@@ -340,16 +368,9 @@ def install_package(source: Path, force: bool = False) -> Path:
         return target
     if target.exists() and not force:
         raise ModelPackageError(f"{target}: already installed (use --force to replace it)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with building_dir(target) as staging:  # swapped in whole, only once the copy verified
         for name in [MANIFEST_FILE, *(f["path"] for f in manifest["files"])]:
+            (staging / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(Path(source) / name, staging / name)
         verify_package(staging, read=False)  # the copy is what will be used: check it too
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target

@@ -398,17 +398,22 @@ def load_engine(model: str | None, backend: str = "auto", precision: str = "auto
 def engine_for_store(
     store: Any, model: str | None, backend: str = "auto", precision: str = "auto"
 ) -> tuple[Any, Path]:
-    """The engine that made `store`'s vectors: `--model` when given (it must match), else the known
-    package whose model_id is the store's."""
+    """The engine that made `store`'s vectors, from any working folder.
+
+    `--model` when given (it must match the store's model); else the package folder recorded in
+    store.json while it still holds the store's model; else the known package with that model id;
+    else a ModelPackageError naming the store, the model id and the recorded folder.
+    """
     from retinacli.errors import ModelPackageError
-    from retinacli.package import find_package_by_model_id
+    from retinacli.package import locate_store_package
 
     if model is None:
-        package = find_package_by_model_id(store.model_id)
+        record = getattr(store, "package_record", None) or {}
+        package, why = locate_store_package(store.model_id, record.get("path"))
         if package is None:
             raise ModelPackageError(
-                f"{store.root}: the store was built with model {store.model_id}, and no known package "
-                "has that id (see 'retina models list'); pass --model PATH to that package"
+                f"{store.root}: no package found for the store's model {store.model_id} ({why}); "
+                "pass --model PATH to that package (see 'retina models list')"
             )
         model = str(package)
     engine, package = load_engine(model, backend, precision)

@@ -32,10 +32,13 @@ from typing import Any
 import numpy as np
 
 from retinacli.errors import EXIT_USAGE, RetinaError, StoreBusyError
+from retinacli.fsutil import atomic_write_bytes
 from retinacli.privacy import load_or_create_secret
 
 STORE_FORMAT = "retina-embedding-store"
-STORE_FORMAT_VERSION = 1
+# store.json layout version (docs/store.md): 2 added the `package` record. A reader opens every version
+# up to its own and refuses newer ones; a writer upgrades an older store's index when it next writes.
+STORE_FORMAT_VERSION = 2
 INDEX_FILE = "store.json"
 ERRORS_FILE = "errors.csv"
 LOCK_FILE = ".lock"
@@ -80,37 +83,13 @@ def default_store_path() -> Path:
     return Path(env).expanduser() if env else DEFAULT_STORE
 
 
-def store_path_and_origin(path: Path | str | None, option: str = "--index") -> tuple[Path, str]:
+def store_path_and_origin(path: Path | str | None, option: str = "--store") -> tuple[Path, str]:
     """The store to use and why (for echoing defaults): the option, $RETINA_STORE, or the default."""
     if path is not None:
         return Path(path).expanduser(), option
     if os.environ.get(STORE_ENV):
         return default_store_path(), f"${STORE_ENV}"
     return DEFAULT_STORE, "default ./.retina/store"
-
-
-# --- atomic file writes -------------------------------------------------------------------------
-
-
-def _fsync_dir(directory: Path) -> None:
-    if sys.platform.startswith("win"):
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to a temp file beside `path`, fsync it, rename over `path`, fsync the folder."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -177,9 +156,28 @@ class EmbeddingStore:
             index = json.loads(index_path.read_text())
         except (OSError, ValueError) as exc:
             raise StoreError(f"{index_path}: unreadable store index ({exc})") from None
-        if index.get("format") != STORE_FORMAT or int(index.get("format_version", 0)) > STORE_FORMAT_VERSION:
-            raise StoreError(f"{index_path}: not a retina embedding store of a version this retina can read")
+        if not isinstance(index, dict) or index.get("format") != STORE_FORMAT:
+            raise StoreError(f"{index_path}: not a retina embedding store (format is not {STORE_FORMAT!r})")
+        version = index.get("format_version")
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise StoreError(f"{index_path}: format_version {version!r} is not a store format version")
+        if version > STORE_FORMAT_VERSION:
+            raise StoreError(
+                f"{index_path}: store format version {version} is newer than this retina reads "
+                f"(up to {STORE_FORMAT_VERSION}); upgrade retina"
+            )
         return cls(root, index)
+
+    @property
+    def format_version(self) -> int:
+        return int(self.index["format_version"])
+
+    @property
+    def package_record(self) -> dict[str, Any] | None:
+        """The package the store was built with (model_id, name, version, path), or None: stores of
+        format version 1, or written by a caller that did not name its package."""
+        record = self.index.get("package")
+        return record if isinstance(record, dict) else None
 
     @property
     def model_id(self) -> str:
@@ -332,6 +330,7 @@ class StoreWriter(EmbeddingStore):
         self._vectors: list[np.ndarray] = []
         self.secret = load_or_create_secret(self.root)
         self.on_commit: Any = None  # optional callback(shard_index), e.g. for progress or tests
+        self.upgraded_from: int | None = None  # the format version this writer upgraded the index from
 
     @classmethod
     def open_for_model(
@@ -344,8 +343,14 @@ class StoreWriter(EmbeddingStore):
         model_name: str | None = None,
         model_version: str | None = None,
         shard_rows: int = 4096,
+        package: Path | str | None = None,
     ) -> StoreWriter:
-        """Create the store, or open an existing one built with the same model, and take its lock."""
+        """Create the store, or open an existing one built with the same model, and take its lock.
+
+        `package`: the folder of the package making the vectors, recorded in store.json so later
+        commands find it from any folder. An existing store's record is kept while it still holds
+        the model; an older store's index is upgraded to this format version (`upgraded_from`).
+        """
         root = Path(root)
         root.mkdir(parents=True, exist_ok=True)
         lock = _Lock(root)
@@ -362,7 +367,12 @@ class StoreWriter(EmbeddingStore):
                     raise StoreModelMismatchError(
                         f"{root}: the store's vectors have {index['embed_dim']} dimensions, not {embed_dim}"
                     )
+                upgraded_from, updated = _upgraded_index(index, package, model_id, model_name, model_version)
+                if updated is not None:
+                    atomic_write_bytes(root / INDEX_FILE, _index_bytes(updated))
+                    index = updated
             else:
+                upgraded_from = None
                 index = {
                     "format": STORE_FORMAT,
                     "format_version": STORE_FORMAT_VERSION,
@@ -371,6 +381,7 @@ class StoreWriter(EmbeddingStore):
                     "model_version": model_version,
                     "embed_dim": int(embed_dim),
                     "spec_hash": spec_hash,
+                    "package": _package_record(package, model_id, model_name, model_version),
                     "created": _now(),
                     "updated": _now(),
                     "rows": 0,
@@ -381,6 +392,7 @@ class StoreWriter(EmbeddingStore):
                 (root / "metadata").mkdir(exist_ok=True)
                 atomic_write_bytes(root / INDEX_FILE, _index_bytes(index))
             writer = cls(root, index, lock, shard_rows)
+            writer.upgraded_from = upgraded_from
             writer._remove_debris()
             return writer
         except BaseException:
@@ -465,6 +477,42 @@ class StoreWriter(EmbeddingStore):
         target = self.root / ERRORS_FILE
         atomic_write_bytes(target, buf.getvalue().encode("utf-8"))
         return target
+
+
+def _package_record(
+    package: Path | str | None, model_id: str, name: str | None, version: str | None
+) -> dict[str, Any] | None:
+    if package is None:
+        return None
+    return {"model_id": model_id, "name": name, "version": version,
+            "path": str(Path(package).expanduser().resolve())}
+
+
+def _upgraded_index(
+    index: dict[str, Any], package: Path | str | None, model_id: str, name: str | None, version: str | None
+) -> tuple[int | None, dict[str, Any] | None]:
+    """(the version upgraded from, the new index) for an existing store, or (None, None) to keep it.
+
+    A version-1 index becomes version 2 with a package record (null when the writer named no
+    package). A recorded package folder that no longer holds the model is replaced by `package`.
+    """
+    old_version = int(index["format_version"])
+    record = index.get("package") if isinstance(index.get("package"), dict) else None
+    new_record = _package_record(package, model_id, name, version)
+    stale = new_record != record and (record is None or not _holds_model(record.get("path"), model_id))
+    if old_version >= STORE_FORMAT_VERSION and not (stale and new_record is not None):
+        return None, None
+    updated = dict(index)
+    updated["format_version"] = STORE_FORMAT_VERSION
+    updated["package"] = new_record if stale and new_record is not None else record
+    return (old_version if old_version < STORE_FORMAT_VERSION else None), updated
+
+
+def _holds_model(folder: str | None, model_id: str) -> bool:
+    """Whether `folder` is a package whose model_id is `model_id` (reads only its retina.json)."""
+    from retinacli.package import package_model_id
+
+    return bool(folder) and package_model_id(Path(folder)) == model_id
 
 
 def _index_bytes(index: dict[str, Any]) -> bytes:

@@ -1,0 +1,88 @@
+"""`retina store ...`: commands about an embedding store itself (docs/store.md).
+
+`info` describes a store; later commands (verify, repair, index) join this group.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from retinacli.commands import options
+
+
+def store_summary(store_root: Path) -> dict[str, Any]:
+    """What `retina store info` reports: format, rows per modality, shards, model and package."""
+    from retinacli.package import locate_store_package
+    from retinacli.store import EmbeddingStore, read_errors
+
+    store = EmbeddingStore.open(store_root)
+    modalities: dict[str, int] = {}
+    for shard in store.shards:
+        for modality in store.shard_metadata(shard, ["modality"])["modality"]:
+            modalities[str(modality)] = modalities.get(str(modality), 0) + 1
+    record = store.package_record
+    found, how = locate_store_package(store.model_id, (record or {}).get("path"))
+    return {
+        "store": str(store_root),
+        "path": str(Path(store_root).resolve()),
+        "format_version": store.format_version,
+        "rows": len(store),
+        "rows_per_modality": dict(sorted(modalities.items())),
+        "shards": len(store.shards),
+        "model_id": store.model_id,
+        "embed_dim": store.embed_dim,
+        "spec_hash": store.spec_hash,
+        "package": {
+            "recorded": record,
+            "found": found is not None,
+            "path": str(found) if found is not None else None,
+            "how": how,
+        },
+        "failed_inputs": len(read_errors(store_root)),
+        "created": store.index.get("created"),
+        "updated": store.index.get("updated"),
+    }
+
+
+def register(app: typer.Typer) -> None:
+    store_app = typer.Typer(help="Describe and look after an embedding store.", no_args_is_help=True)
+    app.add_typer(store_app, name="store")
+
+    @store_app.command("info")
+    def info(
+        store: Path = options.store_option(),
+        as_json: bool = options.json_option("Print the description as JSON."),
+    ) -> None:
+        """Describe a store: format version, rows per modality, shards, model, and the package it uses."""
+        from retinacli.console import err, out, print_json
+        from retinacli.store import store_path_and_origin
+
+        store_root, origin = store_path_and_origin(store, "--store")
+        err.print(f"store: {store_root} ({origin})", highlight=False)
+        summary = store_summary(store_root)
+        if as_json:
+            print_json(summary)
+            return
+        package = summary["package"]
+        recorded = package["recorded"]
+        lines = [
+            ("store", summary["path"]),
+            ("format version", str(summary["format_version"])),
+            ("rows", f"{summary['rows']} ("
+             + (", ".join(f"{m} {n}" for m, n in summary["rows_per_modality"].items()) or "empty") + ")"),
+            ("shards", str(summary["shards"])),
+            ("model", summary["model_id"]),
+            ("embed dim", str(summary["embed_dim"])),
+            ("recorded package", recorded["path"] if recorded else "none (store format 1, or none given)"),
+            ("package", f"{package['path']} ({package['how']})" if package["found"]
+             else f"not found: {package['how']}"),
+            ("failed inputs", str(summary["failed_inputs"])),
+            ("created", summary["created"] or "-"),
+            ("updated", summary["updated"] or "-"),
+        ]
+        width = max(len(k) for k, _ in lines)
+        for key, value in lines:
+            out.print(f"{key + ':':<{width + 1}} {value}", highlight=False, soft_wrap=True)
