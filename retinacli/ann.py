@@ -17,13 +17,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from retinacli.errors import MissingExtraError, RetinaError
+from retinacli.fsutil import atomic_path, atomic_write_text
 
 ANN_DIR = "ann"
 # `retrieve --search auto` switches to the index at this many vectors of the target modality.
@@ -189,14 +189,11 @@ def store_index(store, modality: str, log=None):
     elif len(vectors):
         add(index, vectors, all_ids)
     index_path.parent.mkdir(exist_ok=True)
-    tmp = index_path.with_suffix(f".faiss.tmp{os.getpid()}")
-    faiss.write_index(index, str(tmp))
-    tmp.replace(index_path)
+    with atomic_path(index_path) as tmp:
+        faiss.write_index(index, str(tmp))
     info = {"model_id": store.model_id, "shards": sorted(covered | {s.index for s in missing}),
             "nlist": int(index.nlist), "vectors": int(index.ntotal)}
-    tmp_info = info_path.with_suffix(f".json.tmp{os.getpid()}")
-    tmp_info.write_text(json.dumps(info) + "\n")
-    tmp_info.replace(info_path)
+    atomic_write_text(info_path, json.dumps(info) + "\n")
     return index
 
 

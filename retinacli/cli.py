@@ -10,8 +10,10 @@ from __future__ import annotations
 import importlib
 
 import typer
+from typer.core import TyperGroup
 
 from retinacli import __version__
+from retinacli.errors import RetinaError
 
 COMMAND_MODULES = (
     "synth",
@@ -27,10 +29,37 @@ COMMAND_MODULES = (
     "models",
     "info",
     "demo",
+    "store",
 )
+
+def report_error(exc: RetinaError) -> typer.Exit:
+    """Print the one-line ``error: ...`` for `exc` on stderr; return the Exit carrying its code."""
+    from rich.markup import escape
+
+    from retinacli.console import err
+
+    # The message is literal text: '[train]' in a pip hint or brackets in a path are not Rich markup.
+    err.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, highlight=False)
+    return typer.Exit(exc.exit_code)
+
+
+class RetinaGroup(TyperGroup):
+    """The root command group: the one place a RetinaError becomes a message and an exit code.
+
+    Every command (and sub-group, e.g. ``retina models``) runs inside this ``invoke``, so the same
+    handling applies under ``retina ...`` and under a test's ``CliRunner().invoke(app, ...)``.
+    """
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except RetinaError as exc:
+            raise report_error(exc) from None
+
 
 app = typer.Typer(
     name="retina",
+    cls=RetinaGroup,
     help="Multi-modal retinal representation learning: fundus + OCT embeddings, retrieval and prediction.",
     no_args_is_help=True,
     add_completion=False,
@@ -65,7 +94,10 @@ def main() -> None:
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="surrogateescape")
-    app()
+    try:
+        app()
+    except RetinaError as exc:  # raised outside a command (RetinaGroup.invoke handles the rest)
+        raise SystemExit(report_error(exc).exit_code) from None
 
 
 if __name__ == "__main__":

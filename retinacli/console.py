@@ -18,14 +18,6 @@ def print_json(payload: Any) -> None:
     sys.stdout.flush()
 
 
-def fail(message: str, code: int) -> None:
-    """Print a one-line error to stderr and exit with the documented code."""
-    import typer
-
-    err.print(f"[bold red]error:[/] {message}", markup=True, highlight=False)
-    raise typer.Exit(code)
-
-
 def print_error_table(errors: list[dict[str, str]]) -> None:
     """The unreadable inputs of a batch, one line each (path, reason), on stderr."""
     from rich.table import Table

@@ -12,9 +12,18 @@ EXIT_STORE_BUSY = 4  # another process holds the embedding store's lock
 
 
 class RetinaError(Exception):
-    """Base class: the message is one line a user can act on."""
+    """Base class: the message is one line a user can act on.
+
+    The exit code belongs to the error: a subclass sets it as a class attribute, and a one-off error
+    passes ``exit_code=`` (``retinacli.cli`` prints the message and exits with it).
+    """
 
     exit_code = EXIT_NOTHING_DONE
+
+    def __init__(self, *args: object, exit_code: int | None = None):
+        super().__init__(*args)
+        if exit_code is not None:
+            self.exit_code = exit_code
 
 
 class ReadError(RetinaError):
@@ -49,3 +58,19 @@ class MissingExtraError(RetinaError):
             f"{feature} needs the optional '{extra}' dependencies ({module} is not installed). "
             f"Install them with: pip install 'retina[{extra}]'"
         )
+
+
+def require(feature: str, extra: str, *modules: str) -> None:
+    """Raise :class:`MissingExtraError` naming the first of `modules` that is not installed.
+
+    Looks the modules up without importing them, so a command can check before its slow imports.
+    """
+    import importlib.util
+
+    for module in modules:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):  # a parent package missing, or a module without a spec
+            found = False
+        if not found:
+            raise MissingExtraError(feature, extra, module)

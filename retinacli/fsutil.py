@@ -35,10 +35,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temp path beside `path`; on success it is fsynced and renamed over `path`.
 
     For writers that want a file name (``torch.save``, ``np.save``, ``pq.write_table``). On an
-    exception the temp file is removed and `path` is untouched.
+    exception the temp file is removed and `path` is untouched. The temp name holds the process id,
+    so two processes writing the same file (two searches building one ANN index) never share it.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         yield tmp
         with open(tmp, "rb+") as fh:

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import secrets
 from pathlib import Path
+
+from retinacli.fsutil import atomic_path
 
 SECRET_FILE = "secret.key"
 
@@ -25,8 +28,9 @@ def load_or_create_secret(directory: Path) -> bytes:
         return bytes.fromhex(path.read_text().strip())
     path.parent.mkdir(parents=True, exist_ok=True)
     key = secrets.token_bytes(32)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(key.hex())
-    tmp.chmod(0o600)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # owner-only from the start
+        with os.fdopen(fd, "w") as handle:
+            handle.write(key.hex())
+        tmp.chmod(0o600)  # the mode given to open is masked by the umask
     return key

@@ -10,10 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from retinacli.cli import COMMAND_MODULES
+from retinacli.cli import COMMAND_MODULES, app
 
 REPO = Path(__file__).resolve().parents[1]
-MODELS_SUBCOMMANDS = ("list", "show", "verify", "default", "install")
 
 HEADER = """# CLI reference
 
@@ -37,7 +36,15 @@ stderr.
 |---|---|
 | `RETINA_HOME` | installed model packages (`$RETINA_HOME/models`) and settings; default `~/.retina` |
 | `RETINA_MODEL` | default model package (name or path) when `--model` is not given |
-| `RETINA_STORE` | default embedding store when `--out` / `--index` is not given; default `./.retina/store` |
+| `RETINA_STORE` | default embedding store when `--store` is not given; default `./.retina/store` |
+
+## Option names
+
+The same option means the same thing in every command: `--store` / `-s` is the embedding store,
+`--model` / `-m` the model package, `--manifest` the cohort manifest CSV, `--json` prints data as JSON.
+Deprecated spellings still work in this release and print a one-line warning on stderr:
+`retina embed --out/-o` and `retina retrieve|predict --index/-i` (use `--store`), and `-m` for
+`--manifest` on `train`, `probe` and `evaluate` (use `--manifest`; `-m` will mean `--model` there).
 
 """
 
@@ -49,15 +56,22 @@ def help_text(*args: str) -> str:
     return "\n".join(line.rstrip() for line in result.stdout.strip("\n").splitlines())
 
 
+def subcommands(name: str) -> list[str]:
+    """The commands of a command group (`retina models ...`, `retina store ...`), in definition order."""
+    import typer
+
+    command = typer.main.get_command(app).commands.get(name)
+    return list(getattr(command, "commands", {}))
+
+
 def main() -> None:
     parts = [HEADER, "## retina\n", "```text", help_text(), "```\n"]
     for name in COMMAND_MODULES:
         parts += [f"## retina {name}\n", "```text", help_text(name), "```\n"]
-        if name == "models":
-            for sub in MODELS_SUBCOMMANDS:
-                text = help_text(name, sub)
-                if text:
-                    parts += [f"### retina models {sub}\n", "```text", text, "```\n"]
+        for sub in subcommands(name):
+            text = help_text(name, sub)
+            if text:
+                parts += [f"### retina {name} {sub}\n", "```text", text, "```\n"]
     (REPO / "docs" / "cli.md").write_text("\n".join(parts))
     print(f"wrote {REPO / 'docs' / 'cli.md'}")
 

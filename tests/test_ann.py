@@ -97,7 +97,7 @@ def test_retrieve_cli_search_option(tmp_path):
     runner = CliRunner()
     outputs = {}
     for method in ("exact", "ann", "auto"):
-        args = ["retrieve", "i000010", "--index", str(root), "--search", method, "--json"]
+        args = ["retrieve", "i000010", "--store", str(root), "--search", method, "--json"]
         result = runner.invoke(app, args)
         assert result.exit_code == 0, result.output
         payload = json.loads(result.stdout[result.stdout.index("{"):])
@@ -106,5 +106,5 @@ def test_retrieve_cli_search_option(tmp_path):
     assert outputs["auto"]["search"] == "exact"  # 2,000 vectors: below the ANN threshold
     assert outputs["ann"]["search"] == "ann" and (root / "ann" / "oct.faiss").is_file()
     assert outputs["ann"]["results"][0]["id"] == outputs["exact"]["results"][0]["id"]
-    bad = runner.invoke(app, ["retrieve", "i000010", "--index", str(root), "--search", "fuzzy"])
+    bad = runner.invoke(app, ["retrieve", "i000010", "--store", str(root), "--search", "fuzzy"])
     assert bad.exit_code != 0 and "unknown search method 'fuzzy'" in bad.output

@@ -128,7 +128,7 @@ def test_embed_over_the_corpus_embeds_every_good_item_and_reports_the_rest(corpu
     root, cases = corpus
     package = make_toy_package(tmp_path / "toy")
     store = tmp_path / "store"
-    result = retina("embed", root, "--model", package, "--out", store, "--json")
+    result = retina("embed", root, "--model", package, "--store", store, "--json")
     assert_clean(result)
     assert result.returncode == EXIT_OK
     summary = json.loads(result.stdout)
@@ -151,7 +151,7 @@ def test_embed_over_the_corpus_embeds_every_good_item_and_reports_the_rest(corpu
     failed_lines = [line for line in result.stderr.splitlines() if line.startswith("failed: ")]
     assert len(failed_lines) == min(20, len(expected_errors))
     # A re-run embeds nothing new, retries the failures, and still exits 0.
-    again = retina("embed", root, "--model", package, "--out", store, "--json")
+    again = retina("embed", root, "--model", package, "--store", store, "--json")
     assert_clean(again)
     assert again.returncode == EXIT_OK
     summary = json.loads(again.stdout)
@@ -162,7 +162,7 @@ def test_embed_over_the_corpus_embeds_every_good_item_and_reports_the_rest(corpu
 def test_embed_modality_fundus_leaves_the_volumes_out(corpus, tmp_path):
     root, cases = corpus
     package = make_toy_package(tmp_path / "toy")
-    result = retina("embed", root, "--model", package, "--out", tmp_path / "store", "--modality", "fundus",
+    result = retina("embed", root, "--model", package, "--store", tmp_path / "store", "--modality", "fundus",
                     "--json")
     assert_clean(result)
     assert result.returncode == EXIT_OK
@@ -183,7 +183,7 @@ def test_only_bad_files_exit_1_with_one_line_reasons(tmp_path):
     assert "no readable OCT volume or fundus image found" in inspect.stderr
     assert "3 unreadable" in inspect.stderr  # the table of the three files with their reasons
     package = make_toy_package(tmp_path / "toy")
-    embed = retina("embed", root, "--model", package, "--out", tmp_path / "store", "--json")
+    embed = retina("embed", root, "--model", package, "--store", tmp_path / "store", "--json")
     assert_clean(embed)
     assert embed.returncode == EXIT_NOTHING_DONE
     assert json.loads(embed.stdout)["failed"] == 3

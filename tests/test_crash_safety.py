@@ -126,7 +126,7 @@ def setup(tmp_path_factory):
 
 def embed(data, package, store, kill_at="", **kwargs):
     args = [sys.executable, "-c", HOOKED_CLI, "embed", str(data), "--model", str(package),
-            "--out", str(store), "--shard-size", "3", "--batch-size", "2", "--workers", "2", "--json"]
+            "--store", str(store), "--shard-size", "3", "--batch-size", "2", "--workers", "2", "--json"]
     env = {**os.environ, "KILL_AT": kill_at, "RETINA_MODEL": ""}
     if kwargs.get("popen"):
         return subprocess.Popen(args, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -200,7 +200,7 @@ def test_full_disk_fails_cleanly_and_keeps_committed_shards(setup, tmp_path, mon
 
     monkeypatch.setattr(store_module, "atomic_write_bytes", disk_full_after_first_shard)
     monkeypatch.setenv("RETINA_MODEL", "")
-    result = CliRunner().invoke(app, ["embed", str(data), "--model", str(package), "--out", str(root),
+    result = CliRunner().invoke(app, ["embed", str(data), "--model", str(package), "--store", str(root),
                                       "--shard-size", "3", "--batch-size", "2", "--workers", "1"])
     assert result.exit_code == EXIT_NOTHING_DONE, result.output
     assert isinstance(result.exception, SystemExit)  # handled, not a traceback
@@ -209,7 +209,7 @@ def test_full_disk_fails_cleanly_and_keeps_committed_shards(setup, tmp_path, mon
     assert assert_readable(root) == 3  # the committed first shard, nothing else
     monkeypatch.setattr(store_module, "atomic_write_bytes", write)
     # Space again: the next run completes the store (and removes the partial temp file).
-    again = CliRunner().invoke(app, ["embed", str(data), "--model", str(package), "--out", str(root)])
+    again = CliRunner().invoke(app, ["embed", str(data), "--model", str(package), "--store", str(root)])
     assert again.exit_code == 0, again.output
     assert assert_readable(root) == N_SOURCES
     assert not [p for p in root.rglob("*.tmp")]

@@ -119,18 +119,18 @@ def test_retrieve_refuses_another_model_and_unknown_query(standins, tmp_path):
     assert wrong.exit_code == EXIT_USAGE and "holds embeddings of model standin@0.1.0" in wrong.stderr
     unknown = run("retrieve", "i0000000000000000")
     assert unknown.exit_code == EXIT_USAGE and "not a file, and no item with this id" in unknown.stderr
-    missing = run("retrieve", "whatever", "--index", tmp_path / "nostore")
+    missing = run("retrieve", "whatever", "--store", tmp_path / "nostore")
     assert missing.exit_code == 1 and "no embedding store here" in missing.stderr
 
 
 def test_embed_refuses_another_model_and_a_busy_store(standins, tmp_path):
     data = make_folder(tmp_path / "data", n_pairs=1, bad=0)
-    assert run("embed", data, "--out", tmp_path / "s").exit_code == 0
-    wrong = run("embed", data, "--out", tmp_path / "s", "--model", "other")
+    assert run("embed", data, "--store", tmp_path / "s").exit_code == 0
+    wrong = run("embed", data, "--store", tmp_path / "s", "--model", "other")
     assert wrong.exit_code == EXIT_USAGE and "refusing to add vectors from other@1.0.0" in wrong.stderr
     engine = standins["standin"]
     with StoreWriter.open_for_model(tmp_path / "s", model_id=engine.model_id, embed_dim=8):
-        busy = run("embed", data, "--out", tmp_path / "s")
+        busy = run("embed", data, "--store", tmp_path / "s")
     assert busy.exit_code == EXIT_STORE_BUSY and "is being written by" in busy.stderr
 
 
@@ -178,10 +178,12 @@ def test_sigkilled_embed_resumes_without_duplicates(tmp_path):
 import os, signal, sys
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 from test_store import StandInEngine, standin_discover, standin_read
-from retinacli import pipeline, store
+from retinacli import package, pipeline, store
 from retinacli.cli import app
 engine = StandInEngine()
 pipeline.load_engine = lambda model, *choice: (engine, "standin")
+# the rerun embeds into an existing store: it looks up the store's package by model id
+package.find_package_by_model_id = lambda model_id: "standin"
 pipeline.discover_with_readers = standin_discover
 pipeline.read_with_readers = standin_read
 if os.environ.get("KILL_AFTER_FIRST_SHARD"):
@@ -194,7 +196,7 @@ if os.environ.get("KILL_AFTER_FIRST_SHARD"):
     store.StoreWriter.commit = commit_then_die
 app(sys.argv[1:])
 """
-    args = [sys.executable, "-c", script, "embed", str(data), "--out", str(tmp_path / "s"),
+    args = [sys.executable, "-c", script, "embed", str(data), "--store", str(tmp_path / "s"),
             "--shard-size", "3", "--batch-size", "2", "--json"]
     killed = subprocess.run(args, env={**os.environ, "KILL_AFTER_FIRST_SHARD": "1"}, capture_output=True)
     assert killed.returncode == -9
@@ -242,7 +244,7 @@ def test_real_engine_and_readers_in_a_torch_free_process(toy_package, tmp_path):
     )
     store = tmp_path / "store"
     result = subprocess.run([sys.executable, "-c", script, "embed", str(data), "--model", str(toy_package),
-                             "--out", str(store), "--json"], capture_output=True, text=True)
+                             "--store", str(store), "--json"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert (summary["embedded"], summary["failed"]) == (8, 1)
@@ -251,11 +253,11 @@ def test_real_engine_and_readers_in_a_torch_free_process(toy_package, tmp_path):
     oct_names = sorted(Path(r["path"]).name for r in rows if r["modality"] == "oct")
     assert oct_names == ["oct0", "oct1", "oct2", "oct3"]
     # In-process from here: retrieve and predict with the same package.
-    payload = json.loads(run("retrieve", data / "fundus2.png", "--index", store, "--model", toy_package,
+    payload = json.loads(run("retrieve", data / "fundus2.png", "--store", store, "--model", toy_package,
                              "--top", "3", "--json").stdout)
     assert [r["modality"] for r in payload["results"]] == ["oct"] * 3
     assert payload["query"]["id"] in {r["id"] for r in rows}
-    preds = json.loads(run("predict", "--task", "tn", "--index", store, "--model", toy_package,
+    preds = json.loads(run("predict", "--task", "tn", "--store", store, "--model", toy_package,
                            "--json").stdout)["predictions"]
     assert len(preds) == 4 and all(0 <= p["probability"] <= 1 for p in preds)
     cst = json.loads(run("predict", data / "oct1", "--task", "cst", "--model", toy_package,

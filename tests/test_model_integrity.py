@@ -141,9 +141,9 @@ def test_every_command_refuses_a_broken_package(tmp_path, monkeypatch, how):
     np.save(image, np.zeros((8, 8, 3), np.uint8))
     expected = corrupt(package, how)
     runner = CliRunner()
-    for args in (["embed", str(image), "--out", str(tmp_path / "store")],
+    for args in (["embed", str(image), "--store", str(tmp_path / "store")],
                  ["predict", str(image), "--task", "cst", "--modality", "fundus"],
-                 ["retrieve", str(image), "--index", str(tmp_path / "store")],
+                 ["retrieve", str(image), "--store", str(tmp_path / "store")],
                  ["models", "verify", str(package)]):
         if args[0] != "models":
             args += ["--model", str(package)]

@@ -120,16 +120,17 @@ def test_no_identifiers_in_any_output_by_default(inputs, tmp_path):
         "inspect --json": retina("inspect", data, "--json"),
         "pair": retina("pair", data, "--out", pairs / "manifest.csv", "--labels", labels),
         "pair --json": retina("pair", data, "--out", pairs / "again.csv", "--labels", labels, "--json"),
-        "embed": retina("embed", data, "--model", package, "--out", store),
-        "embed --json": retina("embed", data, "--model", package, "--out", store, "--json"),
-        "retrieve": retina("retrieve", cohort_file, "--index", store, "--model", package),
-        "retrieve --json": retina("retrieve", cohort_file, "--index", store, "--model", package, "--json"),
-        "predict": retina("predict", "--task", "cst", "--index", store, "--model", package),
-        "predict --csv": retina("predict", "--task", "tn", "--index", store, "--model", package, "--csv"),
-        "predict files": retina("predict", data, "--task", "cst", "--model", package, "--index", store,
+        "embed": retina("embed", data, "--model", package, "--store", store),
+        "embed --json": retina("embed", data, "--model", package, "--store", store, "--json"),
+        "retrieve": retina("retrieve", cohort_file, "--store", store, "--model", package),
+        "retrieve --json": retina("retrieve", cohort_file, "--store", store, "--model", package, "--json"),
+        "predict": retina("predict", "--task", "cst", "--store", store, "--model", package),
+        "predict --csv": retina("predict", "--task", "tn", "--store", store, "--model", package, "--csv"),
+        "predict files": retina("predict", data, "--task", "cst", "--model", package, "--store", store,
                                 "--json"),
         # A failing run prints errors naming files: still no identifiers.
-        "embed missing": retina("embed", tmp_path / "nope", "--model", package, "--out", store, check=False),
+        "embed missing": retina("embed", tmp_path / "nope", "--model", package, "--store", store,
+                                check=False),
     }
     blobs = outputs_of(results, store, pairs)
     assert len(EmbeddingStore.open(store)) > 0 and (pairs / "manifest.csv").is_file()
@@ -142,7 +143,7 @@ def test_keep_identifiers_is_the_explicit_opt_in(inputs, tmp_path):
     _, data, _, identifiers, patient_of = inputs
     package = make_toy_package(tmp_path / "toy")
     store = tmp_path / "store"
-    retina("embed", data / "cohort", "--model", package, "--out", store, "--keep-identifiers")
+    retina("embed", data / "cohort", "--model", package, "--store", store, "--keep-identifiers")
     rows = EmbeddingStore.open(store).metadata()
     assert {r["patient_identifier"] for r in rows} == set(patient_of.values())
     retina("pair", data / "cohort", "--out", tmp_path / "m.csv", "--keep-identifiers")
@@ -156,7 +157,7 @@ def test_pseudonyms_are_stable_within_a_store_and_unlinkable_across_stores(input
     package = make_toy_package(tmp_path / "toy")
     patients = {}
     for name in ("a", "b"):
-        retina("embed", data / "cohort", "--model", package, "--out", tmp_path / name)
+        retina("embed", data / "cohort", "--model", package, "--store", tmp_path / name)
         rows = EmbeddingStore.open(tmp_path / name).metadata()
         patients[name] = {r["path"]: r["patient"] for r in rows}
         by_patient: dict[str, set[str]] = {}

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from retinacli.fsutil import atomic_path
 from training.model import CHECKPOINT_DIR, LAST_CHECKPOINT
 
 
@@ -16,9 +16,8 @@ def checkpoint_dir(run_dir: Path) -> Path:
 
 
 def _atomic_save(obj: dict[str, Any], target: Path) -> None:
-    tmp = target.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, target)  # a crash never leaves a half-written checkpoint
+    with atomic_path(target) as tmp:  # a crash never leaves a half-written checkpoint
+        torch.save(obj, tmp)
 
 
 def save_checkpoint(run_dir: Path, epoch: int, state: dict[str, Any], keep_epochs: int = 2) -> Path:

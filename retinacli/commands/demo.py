@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from retinacli.commands import options
+
 DEFAULT_WORKDIR = Path("retina-demo")
 
 
@@ -33,10 +35,10 @@ def _print_summary(summary) -> None:
     for objective, result in summary.objectives.items():
         f2o, o2f = result["retrieval"]["fundus_to_oct"], result["retrieval"]["oct_to_fundus"]
         heads, cst = result["heads_cv"], result["heads_cv"].get("cst", {})
-        chance = {"top1": f2o["top1_chance"], "top5": f2o["top5_chance"]}
+        chance = {"top1": f2o["chance_top1"], "top5": f2o["chance_top5"]}
         table.add_row(
             objective.upper(), f"{f2o['top1']:.0%}", f"{f2o['top5']:.0%}", f"{o2f['top1']:.0%}",
-            str(f2o["pool"]), f"{fmt(cst.get('mae'), 0)} ({fmt(cst.get('r2'))})",
+            str(f2o["pool_size"]), f"{fmt(cst.get('mae'), 0)} ({fmt(cst.get('r2'))})",
             fmt(heads.get("bcva", {}).get("auroc")), fmt(heads.get("tn", {}).get("auroc")),
         )
     out.print(table)
@@ -50,8 +52,8 @@ def _print_summary(summary) -> None:
     )
     out.print(
         f"Card check: {card['embed'].get('embedded', '?')} held-out OCT volumes embedded from ./oct_dir; "
-        f"for {same_eye['rate']:.0%} of {same_eye['queries']} held-out fundus photos an OCT of the same eye "
-        f"is in the top 5 (chance {same_eye['chance']:.0%}); predict --task bcva gave "
+        f"for {same_eye.get('top5', 0):.0%} of {same_eye['queries']} held-out fundus photos an OCT of the "
+        f"same eye is in the top 5 (chance {same_eye.get('chance_top5', 0):.0%}); predict --task bcva gave "
         f"{card['predict_records']} records. Total {summary.seconds['total']:.0f} s."
     )
     out.print(
@@ -83,7 +85,7 @@ def register(app: typer.Typer) -> None:
         fundus_size: int = typer.Option(
             160, "--fundus-size", min=32, help="Synthetic fundus image size (px)."
         ),
-        json_output: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+        json_output: bool = options.json_option("Print the summary as JSON."),
     ) -> None:
         """Run the whole chain on a synthetic cohort and print what it reached (about 5 minutes on 2 CPUs).
 
@@ -91,32 +93,25 @@ def register(app: typer.Typer) -> None:
         WORKDIR/exported, embeds the held-out OCT volumes, retrieves and predicts with the torch-free CLI,
         and prints retrieval top-1/top-5 against chance and the task metrics.
         """
-        from retinacli.console import err, fail, print_json
-        from retinacli.errors import EXIT_NOTHING_DONE, EXIT_USAGE
+        from retinacli.commands.common import require_training, training_progress
+        from retinacli.console import err, print_json
+        from retinacli.errors import UsageError
 
-        try:
-            import torch  # noqa: F401
-        except ImportError:
-            fail("retina demo trains models and needs torch: pip install 'retina[train]'", EXIT_NOTHING_DONE)
-        from training.demo import DemoFolderError, DemoSettings, run_demo
+        require_training("retina demo")
+        from training.demo import DemoSettings, run_demo
 
         if preset not in ("demo", "tiny"):
-            fail(f"--preset must be demo or tiny, not {preset!r}", EXIT_USAGE)
+            raise UsageError(f"--preset must be demo or tiny, not {preset!r}")
         settings = DemoSettings(
             workdir=workdir, patients=patients, visits=visits, seed=seed, preset=preset, epochs=epochs,
             oct_shape=_parse_shape(oct_shape), fundus_size=fundus_size,
         )
         err.print(f"retina demo: workdir {workdir.resolve()}, preset {preset}, seed {seed}", highlight=False)
-        try:
-            from retinacli.commands.train import _progress_factory
-
-            summary = run_demo(
-                settings,
-                echo=lambda line: err.print(line, highlight=False, markup=False),
-                progress_factory=_progress_factory(err),
-            )
-        except DemoFolderError as exc:
-            fail(str(exc), EXIT_USAGE)
+        summary = run_demo(  # a DemoFolderError (non-demo files in WORKDIR) is a usage error, exit 2
+            settings,
+            echo=lambda line: err.print(line, highlight=False, markup=False),
+            progress_factory=training_progress(err),
+        )
         if json_output:
             print_json(summary.to_dict())
         else:

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import typer
 
+from retinacli.commands import options
+
 MODALITIES = ("auto", "oct", "fundus")
 MAX_ERRORS_SHOWN = 20
 
@@ -17,14 +19,9 @@ def register(app: typer.Typer) -> None:
         paths: list[Path] = typer.Argument(
             ..., help="Files or folders (searched recursively) holding OCT volumes and fundus images."
         ),
-        model: str | None = typer.Option(
-            None, "--model", "-m",
-            help="Model package (folder or name). Default: $RETINA_MODEL, else the 'retina models default', "
-            "else the newest package in ./exported or $RETINA_HOME/models.",
-        ),
-        out: Path | None = typer.Option(
-            None, "--out", "-o", help="Embedding store folder. Default: $RETINA_STORE, else ./.retina/store."
-        ),
+        model: str | None = options.model_option(),
+        store: Path | None = options.store_option(),
+        out: Path | None = options.hidden_alias("--out", "-o"),
         modality: str = typer.Option(
             "auto", "--modality", help="Embed only 'oct' or 'fundus'; 'auto' embeds both."
         ),
@@ -52,28 +49,27 @@ def register(app: typer.Typer) -> None:
             help="fp32, int8 (needs a package exported with --quantize int8) or auto "
             "(int8 where it passed the package's accuracy gate on the chosen backend).",
         ),
-        json_output: bool = typer.Option(
-            False, "--json", help="Print a JSON summary (embedded, skipped, failed, store, model)."
+        json_output: bool = options.json_option(
+            "Print a JSON summary (embedded, skipped, failed, store, model)."
         ),
     ) -> None:
         """Embed files into a store; re-runs skip what is already in it; failures go to STORE/errors.csv."""
-        from retinacli.console import err, fail, print_json
+        from retinacli.console import err, print_json
         from retinacli.console import out as stdout
-        from retinacli.errors import EXIT_NOTHING_DONE, EXIT_OK, EXIT_USAGE, RetinaError
+        from retinacli.errors import EXIT_NOTHING_DONE, EXIT_OK, RetinaError, UsageError
 
+        store = options.resolve_store(store, out, "--out")
         if modality not in MODALITIES:
-            fail(f"--modality must be one of {', '.join(MODALITIES)}, not {modality!r}", EXIT_USAGE)
+            raise UsageError(f"--modality must be one of {', '.join(MODALITIES)}, not {modality!r}")
         try:
             report, store_root, engine, errors_file, total_rows = _run(
-                paths, model, out, None if modality == "auto" else modality, batch_size, workers, shard_size,
-                keep_identifiers, engine_name, precision,
+                paths, model, store, None if modality == "auto" else modality, batch_size, workers,
+                shard_size, keep_identifiers, engine_name, precision,
             )
-        except RetinaError as exc:
-            fail(str(exc), exc.exit_code)
         except OSError as exc:  # disk full, read-only or vanished store: committed shards stay valid
             where = f" ({exc.filename})" if exc.filename else ""
-            fail(f"cannot write the embedding store: {exc.strerror or exc}{where}; the shards committed "
-                 "so far are kept, and a re-run continues from them", EXIT_NOTHING_DONE)
+            raise RetinaError(f"cannot write the embedding store: {exc.strerror or exc}{where}; the shards "
+                              "committed so far are kept, and a re-run continues from them") from None
         for error in report.errors[:MAX_ERRORS_SHOWN]:
             err.print(f"[yellow]failed:[/] {error}", markup=True, highlight=False)
         if len(report.errors) > MAX_ERRORS_SHOWN:
@@ -111,13 +107,25 @@ def _run(paths, model, out, modality, batch_size, workers, shard_size, keep_iden
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from retinacli.console import err
-    from retinacli.pipeline import default_workers, load_engine, plan_embedding, run_embedding
-    from retinacli.store import StoreWriter, store_path_and_origin
+    from retinacli.pipeline import (
+        default_workers,
+        engine_for_store,
+        load_engine,
+        plan_embedding,
+        run_embedding,
+    )
+    from retinacli.store import INDEX_FILE, EmbeddingStore, StoreWriter, store_path_and_origin
 
-    store_root, store_origin = store_path_and_origin(out, "--out")
-    engine, package = load_engine(model, backend, precision)
+    store_root, store_origin = store_path_and_origin(out, "--store")
+    # An existing store keeps its own package: the default package may have changed since.
+    existing = model is None and (store_root / INDEX_FILE).is_file()
+    if existing:
+        engine, package = engine_for_store(EmbeddingStore.open(store_root), None, backend, precision)
+    else:
+        engine, package = load_engine(model, backend, precision)
     workers = workers or default_workers()
-    err.print(f"model: {engine.model_id} ({package}{'' if model else ', default'})", highlight=False)
+    chosen_by = "" if model else ", the store's package" if existing else ", default"
+    err.print(f"model: {engine.model_id} ({package}{chosen_by})", highlight=False)
     chosen = ", ".join(f"{m} {v.label}" for m, v in getattr(engine, "variants", {}).items())
     if chosen:
         err.print(f"engine: {chosen}", highlight=False)
@@ -137,7 +145,14 @@ def _run(paths, model, out, modality, batch_size, workers, shard_size, keep_iden
         model_name=getattr(engine, "name", None),
         model_version=getattr(engine, "version", None),
         shard_rows=shard_size,
+        package=package,
     ) as writer:
+        if writer.upgraded_from is not None:
+            record = writer.package_record
+            err.print(f"store: upgraded store.json from format version {writer.upgraded_from} to "
+                      f"{writer.format_version}; "
+                      + (f"recorded package {record['path']}" if record else "no package folder to record"),
+                      highlight=False)
         plan = plan_embedding(paths, writer.secret, writer.column_values("source_key"), exclude=store_root)
         if plan.skipped_sources:
             err.print(f"{plan.skipped_sources} source(s) already in the store: skipped", highlight=False)

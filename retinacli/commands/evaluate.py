@@ -1,6 +1,6 @@
 """`retina evaluate`: the paper's downstream protocol on a labelled cohort (docs/evaluation.md).
 
-Baseline / CLIP / CLOOB encoders × linear probe / fine-tune × CST, BCVA, TN with 5-fold
+Baseline / CLIP / CLOOB encoders × linear probe / fine-tune × every registry task with 5-fold
 patient-grouped cross-validation, modality swap, retrieval on held-out patients, figures, and
 optionally the final heads stored in each run. Needs the `train` extra (torch); imported lazily.
 
@@ -14,7 +14,9 @@ from pathlib import Path
 
 import typer
 
-TASKS = ("cst", "bcva", "tn")
+from retinacli.commands import options
+from retinacli.tasks import TASKS, parse_tasks, tasks_help
+
 MODES = ("probe", "finetune")
 MODALITIES = ("oct", "fundus")
 
@@ -55,9 +57,11 @@ class _RichReporter:
 def register(app: typer.Typer) -> None:
     @app.command("evaluate")
     def evaluate(
-        manifest: Path = typer.Option(
-            ..., "--manifest", "-m", help="Cohort manifest CSV with labels (cst_um, bcva_label, tn_label)."
+        manifest: Path = options.manifest_option(
+            "Cohort manifest CSV with the label column of each task ("
+            + ", ".join(f"{t.name}: {t.column}" for t in TASKS.values()) + "). Required.",
         ),
+        manifest_m: Path = options.hidden_alias("-m"),
         runs: list[Path] = typer.Option(
             ..., "--runs", "-r",
             help="Training run folders to evaluate (e.g. a CLIP and a CLOOB run): '--runs A B' or '--runs A "
@@ -83,8 +87,7 @@ def register(app: typer.Typer) -> None:
             help="Comma-separated: 'probe' (frozen encoder + linear layer), 'finetune' (end to end).",
         ),
         tasks: str = typer.Option(
-            "cst,bcva,tn", "--tasks",
-            help="Comma-separated tasks: cst (regression, µm), bcva and tn (binary).",
+            ",".join(TASKS), "--tasks", help=f"Comma-separated tasks: {tasks_help()}.",
         ),
         modalities: str = typer.Option(
             "oct,fundus", "--modalities",
@@ -122,9 +125,7 @@ def register(app: typer.Typer) -> None:
         figures: bool = typer.Option(True, "--figures/--no-figures", help="Write t-SNE and retrieval PNGs."),
         device: str = typer.Option("cpu", "--device", help="torch device: cpu, cuda or cuda:N."),
         threads: int = typer.Option(0, "--threads", help="torch CPU threads (0 = torch's default)."),
-        json_output: bool = typer.Option(
-            False, "--json", help="Print results.json to stdout instead of the results table."
-        ),
+        json_output: bool = options.json_option("Print results.json to stdout instead of the results table."),
     ) -> None:
         """Cross-validated linear probe / fine-tune / retrieval evaluation of trained encoders.
 
@@ -133,30 +134,26 @@ def register(app: typer.Typer) -> None:
         """
         import time
 
-        from retinacli.console import err, fail
+        from retinacli.console import err
         from retinacli.console import out as stdout
-        from retinacli.errors import EXIT_NOTHING_DONE, EXIT_USAGE, RetinaError
+        from retinacli.errors import MissingExtraError, RetinaError, UsageError
 
-        try:
-            picked_modes = _split_choice(modes, MODES, "--modes")
-            picked_tasks = _split_choice(tasks, TASKS, "--tasks")
-            picked_modalities = _split_choice(modalities, MODALITIES, "--modalities")
-            picked_ft_modalities = _split_choice(finetune_modalities, MODALITIES, "--finetune-modalities")
-            if finetune_scope not in ("auto", "full", "top"):
-                raise RetinaError(f"--finetune-scope: choose from auto, full, top (got {finetune_scope!r})")
-        except RetinaError as exc:
-            fail(str(exc), EXIT_USAGE)
+        manifest = options.resolve_manifest(manifest, manifest_m)
+        if manifest is None:
+            raise UsageError("missing option --manifest (the labelled cohort manifest CSV)")
+        picked_modes = _split_choice(modes, MODES, "--modes")
+        picked_tasks = parse_tasks(tasks)
+        picked_modalities = _split_choice(modalities, MODALITIES, "--modalities")
+        picked_ft_modalities = _split_choice(finetune_modalities, MODALITIES, "--finetune-modalities")
+        if finetune_scope not in ("auto", "full", "top"):
+            raise UsageError(f"--finetune-scope: choose from auto, full, top (got {finetune_scope!r})")
         try:
             import torch
 
             from training.evaluation import EvalConfig
             from training.evaluation.protocol import prepare, run_evaluation
         except ModuleNotFoundError as exc:
-            fail(
-                f"retina evaluate needs the training dependencies ({exc.name} is not installed): "
-                "pip install 'retina[train]'",
-                EXIT_NOTHING_DONE,
-            )
+            raise MissingExtraError("retina evaluate", "train", exc.name or "torch") from None
         if threads > 0:
             torch.set_num_threads(threads)
         cfg = EvalConfig(
@@ -179,10 +176,7 @@ def register(app: typer.Typer) -> None:
             figures=figures,
             device=device,
         )
-        try:
-            cohort, _ = prepare(cfg)  # every cheap check, before any model is loaded
-        except RetinaError as exc:
-            fail(str(exc), exc.exit_code)
+        cohort, _ = prepare(cfg)  # every cheap check, before any model is loaded
         err.print(
             f"evaluating {len(cfg.runs)} run(s) + baseline '{baseline or 'run init'}' on {len(cohort)} rows: "
             f"modes {','.join(cfg.modes)}, tasks {','.join(cfg.tasks)}, {folds} folds, seed {seed} -> {out}",
@@ -197,10 +191,10 @@ def register(app: typer.Typer) -> None:
                 console=err, transient=False,
             ) as progress:
                 results = run_evaluation(cfg, _RichReporter(progress))
-        except RetinaError as exc:
-            fail(str(exc), exc.exit_code)
+        except RetinaError:
+            raise
         except (ValueError, RuntimeError, FileNotFoundError) as exc:
-            fail(f"evaluation failed: {exc}", EXIT_NOTHING_DONE)
+            raise RetinaError(f"evaluation failed: {exc}") from None
         elapsed = time.perf_counter() - start
         if json_output:
             import sys

@@ -6,27 +6,13 @@ from pathlib import Path
 
 import typer
 
-from retinacli.errors import EXIT_NOTHING_DONE, EXIT_USAGE
-
-
-def _needs_torch(feature: str) -> None:
-    """Exit with one line on how to install the training extras when torch is missing."""
-    import importlib.util
-
-    from retinacli.console import fail
-    from retinacli.errors import MissingExtraError
-
-    for module in ("torch", "onnx"):
-        if importlib.util.find_spec(module) is None:
-            fail(str(MissingExtraError(feature, "train", module)), EXIT_NOTHING_DONE)
+from retinacli.commands import options
 
 
 def register(app: typer.Typer) -> None:
     @app.command("export")
     def export(
-        run_dir: Path = typer.Argument(
-            ..., help="Training run folder (from 'retina train').", show_default=False
-        ),
+        run_dir: Path = options.run_dir_argument(),
         out: Path = typer.Option(
             None, "--out", "-o", help="Package folder to write. Default: ./exported/<NAME>."
         ),
@@ -39,8 +25,8 @@ def register(app: typer.Typer) -> None:
         tolerance: float = typer.Option(
             1e-4, "--tolerance", help="Max |onnxruntime - torch| allowed by the parity check."
         ),
-        manifest: Path = typer.Option(
-            None, "--manifest", help="Cohort manifest for parity samples. Default: the run's manifest."
+        manifest: Path = options.manifest_option(
+            "Cohort manifest for parity samples. Default: the run's manifest."
         ),
         changelog: str = typer.Option(None, "--changelog", help="One line describing this version."),
         quantize: str = typer.Option(
@@ -52,20 +38,20 @@ def register(app: typer.Typer) -> None:
             32, "--calibration-items", min=1, help="Cohort items used to calibrate --quantize int8."
         ),
         force: bool = typer.Option(False, "--force", help="Replace an existing package folder."),
-        as_json: bool = typer.Option(False, "--json", help="Print the package manifest as JSON."),
+        as_json: bool = options.json_option("Print the package manifest as JSON."),
     ) -> None:
         """Export the run's encoders and task heads to ONNX, check parity, write retina.json."""
-        from retinacli.console import err, fail, print_json
+        from retinacli.commands.common import require_run_dir, require_training
+        from retinacli.console import err, print_json
         from retinacli.console import out as stdout
+        from retinacli.errors import RetinaError, UsageError
 
-        _needs_torch("retina export")
-        from retinacli.errors import RetinaError
+        require_training("retina export", "torch", "onnx")
         from training.export import export_run, package_name_for
 
         if quantize is not None and quantize != "int8":
-            fail(f"--quantize must be int8, not {quantize!r}", EXIT_USAGE)
-        if not (run_dir / "config.json").is_file():
-            fail(f"{run_dir}: not a training run (no config.json)", EXIT_USAGE)
+            raise UsageError(f"--quantize must be int8, not {quantize!r}")
+        require_run_dir(run_dir)
         name = name or package_name_for(run_dir)
         target = out or Path("exported") / name
         err.print(f"exporting {run_dir} -> {target} ({name}@{version}, opset {opset}, {exporter} exporter)")
@@ -85,8 +71,10 @@ def register(app: typer.Typer) -> None:
                 calibration_items=calibration_items,
                 log=lambda message: err.print(f"  {message}", highlight=False),
             )
-        except (RetinaError, ValueError, FileNotFoundError) as exc:
-            fail(str(exc), getattr(exc, "exit_code", EXIT_NOTHING_DONE))
+        except RetinaError:
+            raise  # with its own exit code
+        except (ValueError, FileNotFoundError) as exc:
+            raise RetinaError(str(exc)) from None
         m = result.manifest
         if as_json:
             print_json({"package": str(result.package_dir), **m})

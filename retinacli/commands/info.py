@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import typer
 
+from retinacli.commands import options
+
 
 def collect_info() -> dict:
     import os
@@ -15,12 +17,12 @@ def collect_info() -> dict:
     import onnxruntime as ort
 
     from retinacli import __version__
-    from retinacli.commands.models import _default_marker
+    from retinacli.commands.common import default_model_marker
     from retinacli.engine import physical_cores
     from retinacli.package import config_path, get_default_model, models_dir, retina_home, search_dirs
     from retinacli.store import default_store_path
 
-    used, why = _default_marker()
+    used, why = default_model_marker()
     try:
         default_model = get_default_model()
     except Exception as exc:  # a broken config file is reported, not fatal here
@@ -60,7 +62,7 @@ def _version(metadata, dist: str) -> str | None:
 def register(app: typer.Typer) -> None:
     @app.command("info")
     def info(
-        as_json: bool = typer.Option(False, "--json", help="Print the information as JSON."),
+        as_json: bool = options.json_option("Print the information as JSON."),
     ) -> None:
         """Show versions, onnxruntime providers, threads, the default model and where things are stored."""
         from retinacli.console import out, print_json

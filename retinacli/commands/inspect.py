@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from retinacli.commands import options
 from retinacli.errors import EXIT_NOTHING_DONE, EXIT_OK
 
 
@@ -97,16 +98,6 @@ def _print_table(items: list[dict], errors: list[dict], ignored: list[dict]) -> 
                   highlight=False)
 
 
-def _pass_undecodable_names_through() -> None:
-    """File names that are not valid UTF-8 (Python holds them as surrogate escapes) are written back
-    as their original bytes, as `ls` shows them, instead of crashing a strict UTF-8 stdout."""
-    import sys
-
-    reconfigure = getattr(sys.stdout, "reconfigure", None)
-    if reconfigure is not None and (sys.stdout.encoding or "").lower().replace("-", "") == "utf8":
-        reconfigure(errors="surrogateescape")
-
-
 def register(app: typer.Typer) -> None:
     @app.command("inspect")
     def inspect(
@@ -114,9 +105,8 @@ def register(app: typer.Typer) -> None:
             ...,
             help="Files or folders (walked recursively): DICOM, images, B-scan folders, TIFF, .npy, .vol.",
         ),
-        as_json: bool = typer.Option(
-            False, "--json",
-            help="Print one JSON object {items, errors, ignored, ignored_files} to stdout.",
+        as_json: bool = options.json_option(
+            "Print one JSON object {items, errors, ignored, ignored_files} to stdout."
         ),
     ) -> None:
         """Show what the readers see: modality, format, shape, eye, date and device of every item.
@@ -124,9 +114,10 @@ def register(app: typer.Typer) -> None:
         Unreadable files are listed with the reason; patient identifiers are never shown.
         Exit 0 when at least one item was read, 1 when nothing readable was found.
         """
+        from retinacli.commands.common import pass_undecodable_names_through
         from retinacli.console import err, print_json
 
-        _pass_undecodable_names_through()
+        pass_undecodable_names_through()
         items, errors, ignored = inspect_paths(paths)
         if as_json:
             print_json({"items": items, "errors": errors, "ignored": len(ignored), "ignored_files": ignored})

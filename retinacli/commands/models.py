@@ -4,20 +4,11 @@ from __future__ import annotations
 
 import typer
 
+from retinacli.commands import options
+from retinacli.commands.common import default_model_marker
 from retinacli.errors import EXIT_MODEL_INVALID
 
 NAME_HELP = "Package name (name or name@version) or folder. Default: the default package."
-
-
-def _default_marker() -> tuple[str | None, str | None]:
-    """(path of the package used when none is named, why) without failing when there is none."""
-    from retinacli.errors import ModelPackageError
-    from retinacli.package import resolve_package
-
-    try:
-        return str(resolve_package(None).resolve()), None
-    except ModelPackageError as exc:
-        return None, str(exc)
 
 
 def _metric_summary(head: dict) -> str:
@@ -40,14 +31,14 @@ def register(app: typer.Typer) -> None:
 
     @models.command("list")
     def list_(
-        as_json: bool = typer.Option(False, "--json", help="Print the list as JSON."),
+        as_json: bool = options.json_option("Print the list as JSON."),
     ) -> None:
         """Packages in ./exported and $RETINA_HOME/models (manifests only; 'verify' checks the files)."""
         from retinacli.console import err, out, print_json
         from retinacli.package import list_packages, search_dirs
 
         packages = list_packages()
-        default_path, _ = _default_marker()
+        default_path, _ = default_model_marker()
         records = [
             {
                 "name": p.name,
@@ -92,18 +83,14 @@ def register(app: typer.Typer) -> None:
     @models.command("show")
     def show(
         name: str = typer.Argument(None, help=NAME_HELP, show_default=False),
-        as_json: bool = typer.Option(False, "--json", help="Print the whole manifest as JSON."),
+        as_json: bool = options.json_option("Print the whole manifest as JSON."),
     ) -> None:
         """Show a package's manifest: inputs, heads and their metrics, training provenance, parity."""
-        from retinacli.console import fail, out, print_json
-        from retinacli.errors import ModelPackageError
+        from retinacli.console import out, print_json
         from retinacli.package import model_id_for, resolve_package, validated_manifest
 
-        try:
-            path = resolve_package(name)
-            m = validated_manifest(path)
-        except ModelPackageError as exc:
-            fail(str(exc), EXIT_MODEL_INVALID)
+        path = resolve_package(name)
+        m = validated_manifest(path)
         model_id = model_id_for(m)
         if as_json:
             print_json({"path": str(path), "model_id": model_id, **m})
@@ -156,13 +143,13 @@ def register(app: typer.Typer) -> None:
     @models.command("verify")
     def verify(
         name: str = typer.Argument(None, help=NAME_HELP, show_default=False),
-        as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+        as_json: bool = options.json_option("Print the result as JSON."),
     ) -> None:
         """Check the manifest schema, every file's size and sha256, and that onnxruntime loads each graph.
 
         Exit code 3 when the package is invalid.
         """
-        from retinacli.console import fail, out, print_json
+        from retinacli.console import out, print_json
         from retinacli.engine import Engine
         from retinacli.errors import ModelPackageError
         from retinacli.package import resolve_package
@@ -176,7 +163,7 @@ def register(app: typer.Typer) -> None:
             if as_json:
                 print_json({"path": str(path) if path else name, "ok": False, "error": str(exc)})
                 raise typer.Exit(EXIT_MODEL_INVALID) from None
-            fail(str(exc), EXIT_MODEL_INVALID)
+            raise
         files = engine.manifest["files"]
         if as_json:
             print_json({"path": str(path), "ok": True, "model_id": engine.model_id,
@@ -190,17 +177,13 @@ def register(app: typer.Typer) -> None:
         source: str = typer.Argument(..., help="Package folder (or name) to copy into the model store.",
                                      show_default=False),
         force: bool = typer.Option(False, "--force", help="Replace an installed copy of this version."),
-        as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+        as_json: bool = options.json_option("Print the result as JSON."),
     ) -> None:
         """Verify a package and copy it to $RETINA_HOME/models/<name>-<version> (usable from any folder)."""
-        from retinacli.console import fail, out, print_json
-        from retinacli.errors import ModelPackageError
+        from retinacli.console import out, print_json
         from retinacli.package import install_package, resolve_package
 
-        try:
-            target = install_package(resolve_package(source), force=force)
-        except ModelPackageError as exc:
-            fail(str(exc), EXIT_MODEL_INVALID)
+        target = install_package(resolve_package(source), force=force)
         if as_json:
             print_json({"installed": str(target)})
         else:
@@ -211,13 +194,12 @@ def register(app: typer.Typer) -> None:
         name: str = typer.Argument(None, help="Package name or folder to use when no --model is given.",
                                    show_default=False),
         clear: bool = typer.Option(False, "--clear", help="Forget the default."),
-        as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+        as_json: bool = options.json_option("Print the result as JSON."),
     ) -> None:
         """Set (or show, without NAME) the default package, stored in $RETINA_HOME/config.json."""
         from pathlib import Path
 
-        from retinacli.console import err, fail, out, print_json
-        from retinacli.errors import ModelPackageError
+        from retinacli.console import err, out, print_json
         from retinacli.package import (
             _looks_like_path,
             get_default_model,
@@ -232,17 +214,14 @@ def register(app: typer.Typer) -> None:
             return
         if name is None:
             current = get_default_model()
-            used, why = _default_marker()
+            used, why = default_model_marker()
             if as_json:
                 print_json({"default": current, "resolved": used, "problem": why})
             else:
                 out.print(f"default: {current or '(not set)'}; used when no --model is given: {used or why}")
             return
-        try:
-            path = resolve_package(name)
-            m = validated_manifest(path)
-        except ModelPackageError as exc:
-            fail(str(exc), EXIT_MODEL_INVALID)
+        path = resolve_package(name)
+        m = validated_manifest(path)
         # A folder is remembered as an absolute path, a name as the name (it follows new versions).
         is_folder = _looks_like_path(name) or Path(name).is_dir()
         value = str(Path(name).expanduser().resolve()) if is_folder else name

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from retinacli.cohort_manifest import LABEL_COLUMNS
+from retinacli.commands import options
 from retinacli.errors import EXIT_NOTHING_DONE, EXIT_OK
 
 
@@ -19,8 +21,8 @@ def register(app: typer.Typer) -> None:
         labels: Path | None = typer.Option(
             None,
             "--labels",
-            help="Labels CSV: patient_id, eye, date (or visit) and any of cst_um, bcva_letters, bcva_label, "
-            "tn_label; joined by patient, eye and date.",
+            help=f"Labels CSV: patient_id, eye, date (or visit) and any of {', '.join(LABEL_COLUMNS)}; "
+            "joined by patient, eye and date.",
         ),
         window_hours: float = typer.Option(
             24.0, "--window-hours", help="Fallback matching: largest OCT-fundus time difference in hours."
@@ -30,7 +32,7 @@ def register(app: typer.Typer) -> None:
             "--keep-identifiers",
             help="Write the real patient IDs instead of pseudonyms (keyed by secret.key beside the CSV).",
         ),
-        as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON to stdout."),
+        as_json: bool = options.json_option("Print the summary as JSON to stdout."),
     ) -> None:
         """Build the paired training manifest: each OCT volume with the fundus image of that eye and visit.
 
@@ -38,21 +40,17 @@ def register(app: typer.Typer) -> None:
         Reports what stayed unpaired and why. Patient IDs are pseudonymised unless asked otherwise.
         Exit 0 when at least one pair was written, 1 when none.
         """
-        from retinacli.commands.inspect import _pass_undecodable_names_through
-        from retinacli.console import err, fail, print_json
+        from retinacli.commands.common import pass_undecodable_names_through
+        from retinacli.console import err, print_json
         from retinacli.console import out as stdout
 
-        _pass_undecodable_names_through()
-        from retinacli.errors import RetinaError
+        pass_undecodable_names_through()
+        from retinacli.errors import UsageError
         from retinacli.pairing import pair_folders
 
         if labels is not None and not labels.is_file():
-            fail(f"{labels}: labels CSV not found", 2)
-        try:
-            report = pair_folders(paths, out, labels, window_hours, keep_identifiers)
-        except RetinaError as exc:
-            fail(str(exc), exc.exit_code)
-            return
+            raise UsageError(f"{labels}: labels CSV not found")
+        report = pair_folders(paths, out, labels, window_hours, keep_identifiers)
         result = report.result
         unpaired = [
             {"path": str(u.path), "modality": u.modality, "reason": u.reason} for u in result.unpaired

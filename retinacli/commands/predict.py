@@ -1,4 +1,5 @@
-"""`retina predict`: task-head predictions (CST µm, BCVA / TN probability and label) per item."""
+"""`retina predict`: task-head predictions per item (a value in the task's units for regression heads,
+a probability and label for binary heads); the tasks are those of :mod:`retinacli.tasks`."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ from typing import Any
 
 import typer
 
-TASKS = ("cst", "bcva", "tn")
+from retinacli.commands import options
+from retinacli.tasks import TASKS, tasks_help
+
 CSV_COLUMNS = ["id", "path", "modality", "laterality", "date", "task", "value", "units", "probability",
                "label", "threshold", "label_meaning"]
 PREDICT_CHUNK = 4096
@@ -21,43 +24,41 @@ def register(app: typer.Typer) -> None:
             "Default: every OCT item already in the store, from its stored embeddings.",
         ),
         task: str = typer.Option(
-            ..., "--task", "-t", help="Task head: cst (µm), bcva or tn (probability + label)."
+            ..., "--task", "-t", help=f"Task head: {tasks_help()}; binary heads give a probability + label."
         ),
-        model: str | None = typer.Option(
-            None, "--model", "-m",
-            help="Model package. Default: with PATHs, the default package ($RETINA_MODEL, 'retina models "
-            "default', else the newest); without, the known package whose id is the store's model id.",
+        model: str | None = options.model_option(
+            "Model package. Default: the store's package (the folder it records, else the known package "
+            "with its model id); with PATHs and no store, the default package ($RETINA_MODEL, 'retina "
+            "models default', else the newest).",
         ),
-        index: Path | None = typer.Option(
-            None, "--index", "-i", help="Embedding store (used without PATHs). Default: $RETINA_STORE, "
-            "else ./.retina/store.",
+        store: Path | None = options.store_option(
+            f"Embedding store (used without PATHs). {options.STORE_DEFAULT_HELP}"
         ),
+        index: Path | None = options.hidden_alias("--index", "-i"),
         modality: str | None = typer.Option(
             None, "--modality", help="Items to predict on: oct or fundus. Default: the modality the head was "
             "fitted on (its input_modality in the manifest, normally oct); the other one applies the head in "
             "the shared embedding space.",
         ),
         batch_size: int = typer.Option(16, "--batch-size", min=1, help="Items per model call (with PATHs)."),
-        json_output: bool = typer.Option(False, "--json", help="Print predictions as JSON."),
+        json_output: bool = options.json_option("Print predictions as JSON."),
         csv_output: bool = typer.Option(False, "--csv", help="Print predictions as CSV."),
     ) -> None:
         """Predict a clinical task per item with the package's head (units, threshold from its manifest)."""
-        from retinacli.console import err, fail, print_json
-        from retinacli.errors import EXIT_NOTHING_DONE, EXIT_OK, EXIT_USAGE, RetinaError
+        from retinacli.console import err, print_json
+        from retinacli.errors import EXIT_NOTHING_DONE, EXIT_OK, UsageError
 
+        store = options.resolve_store(store, index, "--index")
         if task not in TASKS:
-            fail(f"--task must be one of {', '.join(TASKS)}, not {task!r}", EXIT_USAGE)
+            raise UsageError(f"--task must be one of {', '.join(TASKS)}, not {task!r}")
         if modality not in (None, "oct", "fundus"):
-            fail(f"--modality must be oct or fundus, not {modality!r}", EXIT_USAGE)
+            raise UsageError(f"--modality must be oct or fundus, not {modality!r}")
         if json_output and csv_output:
-            fail("choose one of --json and --csv", EXIT_USAGE)
-        try:
-            if paths:
-                payload = _predict_files(paths, task, model, modality, batch_size, index)
-            else:
-                payload = _predict_store(task, model, index, modality)
-        except RetinaError as exc:
-            fail(str(exc), exc.exit_code)
+            raise UsageError("choose one of --json and --csv")
+        if paths:
+            payload = _predict_files(paths, task, model, modality, batch_size, store)
+        else:
+            payload = _predict_store(task, model, store, modality)
         for error in payload["errors"][:20]:
             err.print(f"[yellow]failed:[/] {error['path']}: {error['error']}", markup=True, highlight=False)
         if json_output:
@@ -70,15 +71,13 @@ def register(app: typer.Typer) -> None:
 
 
 def _check_task(engine: Any, task: str) -> None:
-    from retinacli.errors import EXIT_USAGE, RetinaError
+    from retinacli.errors import UsageError
 
     tasks = list(getattr(engine, "tasks", []) or [])
     if task not in tasks:
         have = ", ".join(tasks) or "none"
-        error = RetinaError(f"model {engine.model_id} has no '{task}' head (it has: {have}); "
-                            "fit one with 'retina probe' and re-export")
-        error.exit_code = EXIT_USAGE
-        raise error
+        raise UsageError(f"model {engine.model_id} has no '{task}' head (it has: {have}); "
+                         "fit one with 'retina probe' and re-export")
 
 
 def _head_modality(engine: Any, task: str, modality: str | None) -> str:
@@ -153,17 +152,23 @@ def _predict_files(paths: list[Path], task: str, model: str | None, modality: st
     import numpy as np
 
     from retinacli.console import err
-    from retinacli.pipeline import load_engine, plan_embedding, run_embedding
+    from retinacli.pipeline import engine_for_store, load_engine, plan_embedding, run_embedding
     from retinacli.privacy import SECRET_FILE, load_or_create_secret
-    from retinacli.store import store_path_and_origin
+    from retinacli.store import INDEX_FILE, EmbeddingStore, store_path_and_origin
 
-    engine, package = load_engine(model)
-    err.print(f"model: {engine.model_id} ({package}{'' if model else ', default'})", highlight=False)
+    store_root, _origin = store_path_and_origin(index)
+    # With a store, predictions use its package (so they join with it), not the default package.
+    existing = model is None and (store_root / INDEX_FILE).is_file()
+    if existing:
+        engine, package = engine_for_store(EmbeddingStore.open(store_root), None)
+    else:
+        engine, package = load_engine(model)
+    chosen_by = "" if model else ", the store's package" if existing else ", default"
+    err.print(f"model: {engine.model_id} ({package}{chosen_by})", highlight=False)
     _check_task(engine, task)
     modality = _head_modality(engine, task, modality)
     err.print(f"task: {task}; embedding {modality} items on the fly (nothing is written)", highlight=False)
     # Ids match the store's when a store exists (same secret), so predictions join with it.
-    store_root, _origin = store_path_and_origin(index)
     secret = (load_or_create_secret(store_root) if (store_root / SECRET_FILE).is_file()
               else secrets.token_bytes(32))
     plan = plan_embedding(paths, secret, set())

@@ -6,20 +6,23 @@ from pathlib import Path
 
 import typer
 
-from retinacli.errors import EXIT_NOTHING_DONE, EXIT_USAGE
+from retinacli.commands import options
+from retinacli.errors import EXIT_NOTHING_DONE, RetinaError
+from retinacli.tasks import TASKS, parse_tasks, tasks_help
 
 
-def _format_metrics(kind: str, metrics: dict) -> str:
+def _format_metrics(task: str, metrics: dict) -> str:
     def fmt(value, digits=3):
         return "-" if value is None else f"{value:.{digits}f}"
 
+    info = TASKS[task]
     parts = []
     for split in ("cv", "train"):
         m = metrics.get(split)
         if not m:
             continue
-        if kind == "regression":
-            parts.append(f"{split}: MAE {fmt(m['mae'], 1)} µm, R² {fmt(m['r2'])}")
+        if info.kind == "regression":
+            parts.append(f"{split}: MAE {fmt(m['mae'], 1)} {info.units}, R² {fmt(m['r2'])}")
         else:
             parts.append(f"{split}: AUROC {fmt(m['auroc'])}, bal. acc. {fmt(m['balanced_accuracy'])}")
     return "; ".join(parts)
@@ -28,31 +31,33 @@ def _format_metrics(kind: str, metrics: dict) -> str:
 def register(app: typer.Typer) -> None:
     @app.command("probe")
     def probe(
-        run_dir: Path = typer.Argument(
-            ..., help="Training run folder (from 'retina train').", show_default=False
+        run_dir: Path = options.run_dir_argument(),
+        manifest: Path = options.manifest_option(
+            "Labelled cohort manifest CSV. Default: the run's own manifest."
         ),
-        manifest: Path = typer.Option(
-            None, "--manifest", "-m", help="Labelled cohort manifest CSV. Default: the run's own manifest."
+        manifest_m: Path = options.hidden_alias("-m"),
+        tasks: str = typer.Option(
+            ",".join(TASKS), "--tasks",
+            help=f"Comma-separated tasks: {tasks_help()}. A task without labels in the manifest is skipped.",
         ),
-        tasks: str = typer.Option("cst,bcva,tn", "--tasks", help="Comma-separated tasks: cst, bcva, tn."),
         modality: str = typer.Option("oct", "--modality", help="Embeddings the heads read: oct or fundus."),
         seed: int = typer.Option(0, "--seed", help="Seed for the cross-validation folds."),
         batch_size: int = typer.Option(8, "--batch-size", help="Items per torch forward pass."),
-        as_json: bool = typer.Option(False, "--json", help="Print the fitted heads' metrics as JSON."),
+        as_json: bool = options.json_option("Print the fitted heads' metrics as JSON."),
     ) -> None:
         """Embed a labelled cohort with the run's encoder; fit one linear head per task -> RUN/heads.json."""
-        from retinacli.commands.export import _needs_torch
-        from retinacli.console import err, fail, print_json
+        from retinacli.commands.common import require_run_dir, require_training
+        from retinacli.console import err, print_json
         from retinacli.console import out as stdout
 
-        _needs_torch("retina probe")
+        manifest = options.resolve_manifest(manifest, manifest_m)
+        require_training("retina probe", "torch", "onnx")
         from rich.progress import Progress
 
         from training.probe import probe_run
 
-        task_list = [t.strip() for t in tasks.split(",") if t.strip()]
-        if not (run_dir / "config.json").is_file():
-            fail(f"{run_dir}: not a training run (no config.json)", EXIT_USAGE)
+        task_list = list(parse_tasks(tasks))
+        require_run_dir(run_dir)
         err.print(f"probing {run_dir} (tasks {', '.join(task_list)}, {modality} embeddings, seed {seed})")
         try:
             with Progress(console=err, transient=True) as bar:
@@ -66,8 +71,10 @@ def register(app: typer.Typer) -> None:
                     batch_size=batch_size,
                     progress=lambda done, total: bar.update(job, completed=done, total=total),
                 )
+        except RetinaError:
+            raise  # with its own exit code (an unknown task or modality is a UsageError)
         except (ValueError, FileNotFoundError) as exc:
-            fail(str(exc), EXIT_USAGE if "unknown" in str(exc) else EXIT_NOTHING_DONE)
+            raise RetinaError(str(exc)) from None
         for message in result.errors:
             err.print(f"[yellow]skipped:[/] {message}", highlight=False)
         if as_json:
@@ -78,7 +85,7 @@ def register(app: typer.Typer) -> None:
                 threshold = "" if head.threshold is None else f", threshold {head.threshold:.3f}"
                 stdout.print(
                     f"  {head.task} ({head.kind}, n={head.n_train}{threshold}): "
-                    f"{_format_metrics(head.kind, head.metrics)}",
+                    f"{_format_metrics(head.task, head.metrics)}",
                     highlight=False,
                 )
             for task, why in result.skipped.items():

@@ -7,6 +7,8 @@ from typing import Any
 
 import typer
 
+from retinacli.commands import options
+
 TARGETS = ("oct", "fundus")
 
 
@@ -16,14 +18,11 @@ def register(app: typer.Typer) -> None:
         query: str = typer.Argument(
             ..., help="An OCT volume / fundus image file (embedded on the fly), or an item id in the store."
         ),
-        index: Path | None = typer.Option(
-            None, "--index", "-i",
-            help="Embedding store to search. Default: $RETINA_STORE, else ./.retina/store."
-        ),
+        store: Path | None = options.store_option(f"Embedding store to search. {options.STORE_DEFAULT_HELP}"),
+        index: Path | None = options.hidden_alias("--index", "-i"),
         top: int = typer.Option(10, "--top", "-k", min=1, help="Number of results."),
-        model: str | None = typer.Option(
-            None, "--model", "-m",
-            help="Model package for embedding a query file; must be the store's model. "
+        model: str | None = options.model_option(
+            "Model package for embedding a query file; must be the store's model. "
             "Default: the known package whose id is the store's model id.",
         ),
         target: str | None = typer.Option(
@@ -38,22 +37,20 @@ def register(app: typer.Typer) -> None:
             help="exact (scan every vector), ann (approximate index, extra 'retina\\[faiss]', built on first "
             "use in STORE/ann) or auto (ann from 200,000 stored vectors when faiss is installed).",
         ),
-        json_output: bool = typer.Option(False, "--json", help="Print the query and results as JSON."),
+        json_output: bool = options.json_option("Print the query and results as JSON."),
     ) -> None:
         """Search the store by cosine similarity (fundus query -> OCT results and the reverse)."""
-        from retinacli.console import err, fail, print_json
-        from retinacli.errors import EXIT_OK, EXIT_USAGE, RetinaError
+        from retinacli.console import err, print_json
+        from retinacli.errors import EXIT_OK, UsageError
 
+        store = options.resolve_store(store, index, "--index")
         if target is not None and target not in TARGETS:
-            fail(f"--target must be oct or fundus, not {target!r}", EXIT_USAGE)
+            raise UsageError(f"--target must be oct or fundus, not {target!r}")
         if laterality is not None:
             laterality = laterality.upper()
             if laterality not in ("OD", "OS"):
-                fail(f"--laterality must be OD or OS, not {laterality!r}", EXIT_USAGE)
-        try:
-            payload = _retrieve(query, index, top, model, target, laterality, search_method)
-        except RetinaError as exc:
-            fail(str(exc), exc.exit_code)
+                raise UsageError(f"--laterality must be OD or OS, not {laterality!r}")
+        payload = _retrieve(query, store, top, model, target, laterality, search_method)
         if not payload["results"]:
             err.print(f"no {payload['target']} items in the store match the filters", highlight=False)
         if json_output:
@@ -67,7 +64,7 @@ def _retrieve(query: str, index: Path | None, top: int, model: str | None, targe
               laterality: str | None, search_method: str = "exact") -> dict[str, Any]:
     from retinacli.ann import resolve_method
     from retinacli.console import err
-    from retinacli.errors import EXIT_USAGE, RetinaError
+    from retinacli.errors import UsageError
     from retinacli.retrieval import OTHER_MODALITY, search
     from retinacli.store import EmbeddingStore, store_path_and_origin
 
@@ -82,9 +79,7 @@ def _retrieve(query: str, index: Path | None, top: int, model: str | None, targe
     else:
         found = store.find(query)
         if found is None:
-            error = RetinaError(f"{query}: not a file, and no item with this id in {store_root}")
-            error.exit_code = EXIT_USAGE
-            raise error
+            raise UsageError(f"{query}: not a file, and no item with this id in {store_root}")
         if model is not None:
             from retinacli.pipeline import load_engine
 

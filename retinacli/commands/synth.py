@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from retinacli.commands import options
+
 
 def register(app: typer.Typer) -> None:
     @app.command("synth")
@@ -16,8 +18,7 @@ def register(app: typer.Typer) -> None:
         ),
         visits: int = typer.Option(3, "--visits", help="Visits per eye."),
         oct_shape: str = typer.Option(
-            "25x224x256",
-            "--oct-shape",
+            "25x224x256", "--oct-shape",
             help="OCT volume size: B-scans x depth x width (Spectralis-like: 49x496x512).",
         ),
         fundus_size: int = typer.Option(
@@ -25,8 +26,7 @@ def register(app: typer.Typer) -> None:
         ),
         seed: int = typer.Option(0, "--seed", help="Random seed; the same seed writes the same bytes."),
         formats: str = typer.Option(
-            "dicom",
-            "--formats",
+            "dicom", "--formats",
             help="Comma-separated output formats: dicom, png. The manifest points at the first.",
         ),
         nir_fraction: float = typer.Option(
@@ -36,45 +36,26 @@ def register(app: typer.Typer) -> None:
         overwrite: bool = typer.Option(
             False, "--overwrite", help="Replace a cohort previously written to OUT."
         ),
-        as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
+        as_json: bool = options.json_option("Print the summary as JSON on stdout."),
     ) -> None:
         """Write a synthetic paired cohort: OCT volume + fundus image per visit, labels, manifest.csv."""
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        from retinacli.console import err, fail, print_json
+        from retinacli.console import err, print_json
         from retinacli.console import out as stdout
-        from retinacli.errors import EXIT_USAGE, UsageError
         from retinacli.synth.cohort import cohort_summary, generate_cohort, parse_oct_shape
 
-        try:
-            shape = parse_oct_shape(oct_shape)
-            format_list = [f for f in formats.split(",") if f.strip()]
-            with Progress(
-                TextColumn("[bold]synth[/]"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("visits"),
-                TimeElapsedColumn(),
-                console=err,
-                transient=True,
-            ) as progress:
-                task = progress.add_task("synth", total=None)
-                manifest = generate_cohort(
-                    out,
-                    patients=patients,
-                    visits=visits,
-                    seed=seed,
-                    oct_shape=shape,
-                    fundus_size=fundus_size,
-                    formats=format_list,
-                    nir_fraction=nir_fraction,
-                    workers=workers or None,
-                    overwrite=overwrite,
-                    progress=lambda n: progress.advance(task, n),
-                )
-        except UsageError as exc:
-            fail(str(exc), EXIT_USAGE)
-            return
+        shape = parse_oct_shape(oct_shape)  # a bad shape or format is a UsageError (exit 2)
+        format_list = [f for f in formats.split(",") if f.strip()]
+        columns = (TextColumn("[bold]synth[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("visits"),
+                   TimeElapsedColumn())
+        with Progress(*columns, console=err, transient=True) as progress:
+            task = progress.add_task("synth", total=None)
+            manifest = generate_cohort(
+                out, patients=patients, visits=visits, seed=seed, oct_shape=shape, fundus_size=fundus_size,
+                formats=format_list, nir_fraction=nir_fraction, workers=workers or None, overwrite=overwrite,
+                progress=lambda n: progress.advance(task, n),
+            )
         summary = cohort_summary(manifest)
         if as_json:
             print_json(summary)

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import typer
 
-from retinacli.errors import EXIT_NOTHING_DONE, EXIT_USAGE
+from retinacli.commands import options
+from retinacli.errors import EXIT_USAGE, RetinaError, UsageError
 
 DEFAULT_MANIFEST = Path("manifest.csv")
 DEFAULT_CONFIG = Path("train.toml")  # written by `retina demo`; a user may keep their settings there too
@@ -20,27 +21,6 @@ PRESET_HELP = (
     "Preset: tiny (tests, seconds), demo (CPU demo, <= 3 min on 2 cores), paper (GPU, published setting). "
     "Options left unset take the preset's value."
 )
-
-
-def _fail(message: str, code: int) -> None:
-    """One-line error (the message is literal text: '[train]' or paths are not Rich markup)."""
-    from rich.markup import escape
-
-    from retinacli.console import fail
-
-    fail(escape(message), code)
-
-
-def _needs_torch() -> None:
-    try:
-        import torch  # noqa: F401
-        import torchvision  # noqa: F401
-    except ImportError as exc:
-        missing = (exc.name or "torch").split(".")[0]
-        _fail(
-            f"retina train needs torch ({missing} is not installed): pip install 'retina[train]'",
-            EXIT_NOTHING_DONE,
-        )
 
 
 def _preset_default(key: str) -> str:
@@ -59,42 +39,13 @@ def _help(text: str, key: str) -> str:
         return f"{text} (default from preset)."
 
 
-def _progress_factory(console):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    def make():
-        return Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]:.4f}"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=console,
-            transient=True,
-            disable=not console.is_terminal,
-        )
-
-    return make
-
-
 def register(app: typer.Typer) -> None:
     @app.command("train")
     def train(
-        manifest: Path = typer.Option(
-            None,
-            "--manifest",
-            "-m",
-            help="Cohort manifest CSV (from 'retina synth' or 'retina pair'). "
-            "Default: ./manifest.csv if present.",
+        manifest: Path = options.manifest_option(
+            "Cohort manifest CSV (from 'retina synth' or 'retina pair'). Default: ./manifest.csv if present."
         ),
+        manifest_m: Path = options.hidden_alias("-m"),
         out: Path = typer.Option(
             None, "--out", "-o", help="Run folder to create. Default: ./runs/<objective>-<YYYYmmdd-HHMMSS>."
         ),
@@ -151,8 +102,10 @@ def register(app: typer.Typer) -> None:
         ),
     ) -> None:
         """Pre-train the fundus + OCT encoders contrastively (CLIP / CLOOB / SigLIP) into a run folder."""
+        from retinacli.commands.common import require_training, training_progress
         from retinacli.console import err
 
+        manifest = options.resolve_manifest(manifest, manifest_m)
         if config_file is None and not resume and DEFAULT_CONFIG.is_file():
             config_file = DEFAULT_CONFIG
             err.print(f"using settings from ./{DEFAULT_CONFIG}", highlight=False)
@@ -162,14 +115,14 @@ def register(app: typer.Typer) -> None:
             else:
                 err.print(START_HINT, markup=False, highlight=False)
                 raise typer.Exit(EXIT_USAGE)
-        _needs_torch()
+        require_training("retina train", "torch", "torchvision")
         from training.config import load_config_file, resolve_config
         from training.encoders import WeightsNotFoundError
         from training.loop import RunExistsError
         from training.loop import train as run_training
 
         if init is not None and init not in ("random", "pretrained"):
-            _fail(f"--init {init}: use random or pretrained (files: --fundus-init, --oct-init)", EXIT_USAGE)
+            raise UsageError(f"--init {init}: use random or pretrained (files: --fundus-init, --oct-init)")
         overrides = {
             "objective": objective,
             "preset": preset,
@@ -192,18 +145,18 @@ def register(app: typer.Typer) -> None:
         try:
             file_values = load_config_file(config_file) if config_file is not None else {}
         except (OSError, ValueError) as exc:
-            _fail(f"{config_file}: cannot read config ({exc})", EXIT_USAGE)
+            raise UsageError(f"{config_file}: cannot read config ({exc})") from None
         if manifest is None and "manifest" not in file_values and not resume and DEFAULT_MANIFEST.is_file():
             manifest = DEFAULT_MANIFEST
             overrides["manifest"] = str(manifest)
         try:
             config = resolve_config("demo", file_values, overrides)
         except (ValueError, TypeError) as exc:
-            _fail(str(exc), EXIT_USAGE)
+            raise UsageError(str(exc)) from None
         if resume and out is None:
-            _fail("--resume needs --out RUN_DIR (the run to continue)", EXIT_USAGE)
+            raise UsageError("--resume needs --out RUN_DIR (the run to continue)")
         if not resume and config.manifest is None:
-            _fail("no manifest: pass --manifest or set 'manifest' in the --config file", EXIT_USAGE)
+            raise UsageError("no manifest: pass --manifest or set 'manifest' in the --config file")
         if out is None:
             out = Path("runs") / f"{config.objective}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
@@ -216,11 +169,11 @@ def register(app: typer.Typer) -> None:
             err.print(message, markup=False, highlight=False)
 
         try:
-            run_training(config, out, resume=resume, echo=echo, progress_factory=_progress_factory(err))
+            run_training(config, out, resume=resume, echo=echo, progress_factory=training_progress(err))
         except RunExistsError as exc:
-            _fail(str(exc), EXIT_USAGE)
+            raise UsageError(str(exc)) from None
         except (FileNotFoundError, ValueError, WeightsNotFoundError) as exc:
-            _fail(str(exc), EXIT_NOTHING_DONE)
+            raise RetinaError(str(exc)) from None
         except KeyboardInterrupt:
             err.print(f"interrupted; continue with: retina train --out {out} --resume", highlight=False)
             raise typer.Exit(130) from None

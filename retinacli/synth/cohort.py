@@ -21,8 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
+from retinacli.cohort_manifest import MANIFEST_COLUMNS as CONTRACT_COLUMNS
 from retinacli.errors import UsageError
-from retinacli.manifest import MANIFEST_COLUMNS as CONTRACT_COLUMNS
+from retinacli.fsutil import atomic_path, atomic_write_text
 from retinacli.privacy import pseudonym
 from retinacli.synth.anatomy import EyeAnatomy, VisitState, sample_eye, sample_visits
 from retinacli.synth.fundus import DEVICES, FundusGeometry, fundus_canvas, render_fundus
@@ -245,7 +246,8 @@ def generate_cohort(
                 if progress:
                     progress(len(done))
     manifest = out / "manifest.csv"
-    with manifest.open("w", newline="") as f:
+    # Written last and atomically: a killed run leaves no manifest, so it is not taken for a cohort.
+    with atomic_path(manifest) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
@@ -260,7 +262,7 @@ def generate_cohort(
         "nir_fraction": float(nir_fraction),
         "manifest": "manifest.csv",
     }
-    (out / "cohort.json").write_text(json.dumps(info, indent=2) + "\n")
+    atomic_write_text(out / "cohort.json", json.dumps(info, indent=2) + "\n")
     return manifest
 
 

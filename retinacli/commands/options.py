@@ -1,0 +1,89 @@
+"""Option types shared by the commands, so each concept has one spelling everywhere (docs/cli.md).
+
+`--store/-s` is the embedding store, `-m` is `--model`, `--manifest` the cohort manifest CSV and
+`--json` prints data as JSON. The old spellings (`embed --out/-o`, `retrieve/predict --index/-i`,
+`-m` for `--manifest` on train/probe/evaluate) are hidden aliases that still work for one release and
+print a one-line deprecation warning on stderr (:func:`deprecated_alias`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, TypeVar
+
+import typer
+
+T = TypeVar("T")
+
+STORE_DEFAULT_HELP = "Default: $RETINA_STORE, else ./.retina/store."
+MODEL_DEFAULT_HELP = (
+    "Default: $RETINA_MODEL, else the 'retina models default', else the newest package in ./exported or "
+    "$RETINA_HOME/models."
+)
+
+
+def store_option(help: str = f"Embedding store folder. {STORE_DEFAULT_HELP}") -> Any:
+    """`--store/-s`: the embedding store folder."""
+    return typer.Option(None, "--store", "-s", help=help)
+
+
+def model_option(help: str = f"Model package (folder or name). {MODEL_DEFAULT_HELP}") -> Any:
+    """`--model/-m`: a model package, by folder or name."""
+    return typer.Option(None, "--model", "-m", help=help)
+
+
+def manifest_option(help: str) -> Any:
+    """`--manifest`: the cohort manifest CSV (no short form: `-m` is `--model`)."""
+    return typer.Option(None, "--manifest", help=help)
+
+
+def json_option(help: str = "Print the result as JSON.") -> Any:
+    """`--json`: print data as one JSON document on stdout."""
+    return typer.Option(False, "--json", help=help)
+
+
+def run_dir_argument() -> Any:
+    """RUN: a training run folder."""
+    return typer.Argument(..., help="Training run folder (from 'retina train').", show_default=False)
+
+
+def hidden_alias(*names: str) -> Any:
+    """A deprecated spelling of an option, kept out of --help; resolve it with :func:`deprecated_alias`."""
+    return typer.Option(None, *names, hidden=True)
+
+
+def deprecated_alias(value: T | None, old_value: T | None, old: str, new: str, *, meaning: str = "",
+                     note: str = "") -> T | None:
+    """The option's value, taking a deprecated spelling's value with a one-line warning on stderr.
+
+    `old` / `new` are the spellings (e.g. ``"--index"``, ``"--store"``); `meaning` follows `old` in
+    the warning (``"for --manifest"``) and `note` follows "is deprecated" (``" and will mean --model"``).
+    """
+    from retinacli.errors import UsageError
+
+    if old_value is None:
+        return value
+    if value is not None:
+        raise UsageError(f"give {new} or {old}, not both")
+    warn(f"{old}{' ' + meaning if meaning else ''} is deprecated{note}; use {new}")
+    return old_value
+
+
+def warn(message: str) -> None:
+    """One `warning: ...` line on stderr (literal text, not Rich markup)."""
+    from rich.markup import escape
+
+    from retinacli.console import err
+
+    err.print(f"[yellow]warning:[/] {escape(message)}", markup=True, highlight=False)
+
+
+def resolve_store(store: Path | None, old_value: Path | None, old: str) -> Path | None:
+    """`--store`, or its deprecated spelling `old` (`--out` on embed, `--index` elsewhere)."""
+    return deprecated_alias(store, old_value, old, "--store")
+
+
+def resolve_manifest(manifest: Path | None, short_m: Path | None) -> Path | None:
+    """`--manifest`, or `-m` (deprecated: `-m` will mean `--model`)."""
+    return deprecated_alias(manifest, short_m, "-m", "--manifest", meaning="for --manifest",
+                            note=" and will mean --model")
