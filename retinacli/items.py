@@ -29,14 +29,13 @@ class ImageMeta:
 
 
 @dataclass
-class OctVolume:
-    """A stack of B-scans, shape (n_bscans, height, width), slow axis first."""
+class _Pixels:
+    """What every reader returns: the file, its pixels, the format it was read as and its metadata."""
 
     path: str
     pixels: np.ndarray
     format: str
     meta: ImageMeta = field(default_factory=ImageMeta)
-    modality: Modality = "oct"
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -44,18 +43,17 @@ class OctVolume:
 
 
 @dataclass
-class FundusImage:
+class OctVolume(_Pixels):
+    """A stack of B-scans, shape (n_bscans, height, width), slow axis first."""
+
+    modality: Modality = "oct"
+
+
+@dataclass
+class FundusImage(_Pixels):
     """A colour fundus photo (H, W, 3) or a grayscale NIR/SLO image (H, W, 1)."""
 
-    path: str
-    pixels: np.ndarray
-    format: str
-    meta: ImageMeta = field(default_factory=ImageMeta)
     modality: Modality = "fundus"
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.pixels.shape)
 
 
 Item = OctVolume | FundusImage

@@ -33,6 +33,15 @@ def _code(value: str, scheme: str, meaning: str) -> DicomObject:
     return item
 
 
+
+def _localizer_reference(fundus_sop_uid: str) -> DicomObject:
+    """A ReferencedImageSequence item pointing at the visit's fundus image as the OCT's localizer."""
+    item = DicomObject()
+    item.ReferencedSOPClassUID = OP_8BIT
+    item.ReferencedSOPInstanceUID = fundus_sop_uid
+    item.PurposeOfReferenceCodeSequence = [_code(*LOCALIZER)]
+    return item
+
 EYE = ("81745001", "SCT", "Eye")
 FUNDUS_CAMERA = ("409898007", "SCT", "Fundus Camera")
 SLO = ("392001008", "SCT", "Scanning Laser Ophthalmoscope")
@@ -198,13 +207,9 @@ def oct_dataset(record: VisitRecord, uids: dict) -> DicomObject:
     # Acquisition Context (no context items).
     ds.AcquisitionContextSequence = []
     # Localizer: the visit's fundus image.
-    ref = DicomObject()
-    ref.ReferencedSOPClassUID = OP_8BIT
-    ref.ReferencedSOPInstanceUID = uids["fundus_sop"]
-    ref.PurposeOfReferenceCodeSequence = [_code(*LOCALIZER)]
     # Also at the top level (a standard extension) for simple readers; the standard place is the
     # shared functional groups below.
-    ds.ReferencedImageSequence = [ref]
+    ds.ReferencedImageSequence = [_localizer_reference(uids["fundus_sop"])]
 
     # Multi-frame Dimension: frames are ordered by position in one stack.
     org = DicomObject()
@@ -231,11 +236,7 @@ def oct_dataset(record: VisitRecord, uids: dict) -> DicomObject:
     # Rows run along the scan line (x), columns into the eye (z); frames step along y.
     orientation.ImageOrientationPatient = [1, 0, 0, 0, 0, 1]
     shared.PlaneOrientationSequence = [orientation]
-    shared_ref = DicomObject()
-    shared_ref.ReferencedSOPClassUID = OP_8BIT
-    shared_ref.ReferencedSOPInstanceUID = uids["fundus_sop"]
-    shared_ref.PurposeOfReferenceCodeSequence = [_code(*LOCALIZER)]
-    shared.ReferencedImageSequence = [shared_ref]
+    shared.ReferencedImageSequence = [_localizer_reference(uids["fundus_sop"])]
     anatomy = DicomObject()
     anatomy.AnatomicRegionSequence = [_code(*EYE)]
     anatomy.FrameLaterality = ds.ImageLaterality
