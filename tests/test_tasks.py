@@ -239,3 +239,25 @@ def test_bcva_letters_is_evaluated(tiny_cohort, tiny_run, tmp_path):
     assert results["cohort"]["labelled"]["bcva_letters"]["rows"] == len(_manifest_letters(tiny_cohort))
     table = (tmp_path / "ev" / "results.md").read_text()
     assert "BCVA_LETTERS MAE (letters)" in table and "BCVA_LETTERS R²" in table
+
+
+def test_demo_summary_has_a_column_for_every_registry_task(capsys):
+    """The demo's results table is built from the registry: a new task shows up without an edit."""
+    from types import SimpleNamespace
+
+    from retinacli.commands.demo import _print_summary
+
+    ranks = {"top1": 0.1, "top5": 0.4, "chance_top1": 0.01, "chance_top5": 0.06, "pool_size": 88}
+    heads = {"cst": {"mae": 61.0, "r2": 0.25}, "bcva": {"auroc": 0.71}, "tn": {"auroc": 0.66},
+             "bcva_letters": {"mae": 7.9, "r2": 0.31}}
+    result = {"retrieval": {"fundus_to_oct": ranks, "oct_to_fundus": ranks}, "heads_cv": heads}
+    summary = SimpleNamespace(
+        objectives={"clip": result}, cohort={"pairs": 10, "patients": 4}, seconds={"total": 1.0},
+        workdir="demo", card={"same_eye_top5": {"top5": 0.5, "queries": 4, "chance_top5": 0.2},
+                              "embed": {"embedded": 4}, "predict_records": 4, "default_model": "m"},
+    )
+    _print_summary(summary)
+    text = capsys.readouterr().out
+    cells = [cell.strip() for line in text.splitlines() for cell in line.split("│")]
+    assert set(TASKS) <= set(cells)  # one row a task, at the 80 columns of a plain terminal
+    assert {"8 / 0.31", "61 / 0.25", "0.71", "0.66"} <= set(cells)
