@@ -570,12 +570,12 @@ def main(argv: list[str] | None = None) -> int:
             args.threads, None, log)
         del model
     if "package" in only:
-        manifest = json.loads((args.package / "retina.json").read_text())
+        descriptor = json.loads((args.package / "retina.json").read_text())
         model = torch_model_for(args.package, args.run)
-        shapes = {m: tuple(manifest["inputs"][m]["shape"][1:]) for m in ("oct", "fundus")}
+        shapes = {m: tuple(descriptor["inputs"][m]["shape"][1:]) for m in ("oct", "fundus")}
         res["encoders_package"] = time_encoders(
             "package", args.package, model, shapes, 16, max(3, rounds - 2), args.threads,
-            cohort_arrays(args.run, manifest["preprocessing"], 16), log)
+            cohort_arrays(args.run, descriptor["preprocessing"], 16), log)
     if "e2e" in only:
         res["end_to_end"] = end_to_end(args.e2e_package or args.package, args.work,
                                        48 if args.quick else 200, 16, 1 if args.quick else 3, log)

@@ -402,7 +402,7 @@ TARGETS: dict[str, tuple[str, tuple[Callable[[bytes, random.Random], bytes], ...
 
 def add_package_seed(seeds: dict[str, dict[str, bytes]], package: Path, workdir: Path) -> None:
     """Seed the "package" target with a valid package's retina.json; its ONNX files are copied next
-    to where the mutated manifests are written (`workdir`), so verification checks real hashes."""
+    to where the mutated descriptors are written (`workdir`), so verification checks real hashes."""
     import shutil
 
     folder = workdir / "package"

@@ -2,7 +2,7 @@
 """The long fuzz run: `python fuzz/run_fuzz.py --cases 10000` (docs/reliability.md).
 
 Spreads the cases over the targets of fuzz/fuzz_targets.py (DICOM, images, .npy, labels CSV,
-training manifest CSV, model package manifest), each case a seeded mutation of a valid file, and
+cohort manifest CSV, package descriptor retina.json), each case a seeded mutation of a valid file, and
 checks the property: an item or a one-line ReadError / ValueError / RetinaError, nothing else.
 Every distinct failure (exception type + where it was raised) is printed once with the case number
 that reproduces it (`--only TARGET --first N --cases 1`). Exit 0 when no case failed, 1 otherwise.

@@ -52,15 +52,15 @@ def backend_installed(backend: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def int8_entry(manifest: dict[str, Any], modality: str) -> dict[str, Any] | None:
-    """The manifest's int8 record for one encoder (file + gate per backend), or None."""
-    return ((manifest.get("quantized") or {}).get("int8") or {}).get("encoders", {}).get(modality)
+def int8_entry(descriptor: dict[str, Any], modality: str) -> dict[str, Any] | None:
+    """The descriptor's int8 record for one encoder (file + gate per backend), or None."""
+    return ((descriptor.get("quantized") or {}).get("int8") or {}).get("encoders", {}).get(modality)
 
 
-def variants(manifest: dict[str, Any], modality: str) -> list[Variant]:
+def variants(descriptor: dict[str, Any], modality: str) -> list[Variant]:
     """Every (backend, precision) the package offers for this encoder, in PREFERENCE order."""
-    fp32_file = manifest["inputs"][modality]["file"]
-    entry = int8_entry(manifest, modality)
+    fp32_file = descriptor["inputs"][modality]["file"]
+    entry = int8_entry(descriptor, modality)
     found = []
     for backend, precision in PREFERENCE:
         if precision == "fp32":
@@ -73,7 +73,7 @@ def variants(manifest: dict[str, Any], modality: str) -> list[Variant]:
 
 
 def choose_variant(
-    manifest: dict[str, Any],
+    descriptor: dict[str, Any],
     modality: str,
     backend: str = "auto",
     precision: str = "auto",
@@ -99,10 +99,10 @@ def choose_variant(
     if backend != "auto" and not installed.get(backend):
         extra = " (pip install 'retina[openvino]')" if backend == "openvino" else ""
         raise UsageError(f"engine {backend} is not installed{extra}")
-    options = variants(manifest, modality)
+    options = variants(descriptor, modality)
     if precision == "int8" and not any(v.precision == "int8" for v in options):
         raise ModelPackageError(
-            f"model {manifest['name']}@{manifest['version']} has no int8 {modality} encoder "
+            f"model {descriptor['name']}@{descriptor['version']} has no int8 {modality} encoder "
             "(export it with 'retina export --quantize int8')"
         )
     for v in options:

@@ -1,6 +1,6 @@
-"""Validate a model package manifest (``retina.json``) against ``retinacli/retina.schema.json``.
+"""Validate a model package descriptor (``retina.json``) against ``retinacli/retina.schema.json``.
 
-A small validator for the JSON Schema subset the manifest schema uses (type, const, enum,
+A small validator for the JSON Schema subset the descriptor schema uses (type, const, enum,
 required, properties, additionalProperties, items, minItems, pattern, minimum, maximum, $ref
 into ``$defs``), so the base install needs no extra dependency. Errors name the bad field with
 its dotted path, e.g. ``heads.cst.threshold: must be number or null, got 'high'``.
@@ -33,7 +33,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
 
 @lru_cache(maxsize=1)
 def load_schema() -> dict[str, Any]:
-    """The manifest JSON Schema shipped inside the retinacli package."""
+    """The descriptor JSON Schema shipped inside the retinacli package."""
     text = resources.files("retinacli").joinpath(SCHEMA_FILE).read_text(encoding="utf-8")
     return json.loads(text)
 
@@ -54,7 +54,7 @@ def _validate(value: Any, schema: dict[str, Any], path: str, root: dict[str, Any
     if "$ref" in schema:
         ref = schema["$ref"]
         if not ref.startswith("#/$defs/"):
-            raise ValueError(f"unsupported $ref {ref!r} in the manifest schema")
+            raise ValueError(f"unsupported $ref {ref!r} in the descriptor schema")
         schema = root["$defs"][ref.split("/")[-1]]
     if "const" in schema and value != schema["const"]:
         errors.append(f"{_where(path)}: must be {schema['const']!r}, got {value!r}")
@@ -101,11 +101,11 @@ def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
-def manifest_errors(manifest: Any) -> list[str]:
-    """Every schema violation, one readable line each (empty when the manifest is valid)."""
+def descriptor_errors(descriptor: Any) -> list[str]:
+    """Every schema violation, one readable line each (empty when the descriptor is valid)."""
     schema = load_schema()
     errors: list[str] = []
-    version = manifest.get("schema_version") if isinstance(manifest, dict) else None
+    version = descriptor.get("schema_version") if isinstance(descriptor, dict) else None
     if version is not None and version not in READABLE_SCHEMA_VERSIONS:
         newer = isinstance(version, int) and not isinstance(version, bool) and version > SCHEMA_VERSION
         readable = ", ".join(map(str, READABLE_SCHEMA_VERSIONS))
@@ -114,13 +114,13 @@ def manifest_errors(manifest: Any) -> list[str]:
             f"schema_version: the package has schema version {version!r}, this retina reads schema "
             f"version {readable} ({action})"
         ]
-    _validate(manifest, schema, "", schema, errors)
+    _validate(descriptor, schema, "", schema, errors)
     return errors
 
 
-def validate_manifest(manifest: Any) -> None:
+def validate_descriptor(descriptor: Any) -> None:
     """Raise ValueError naming the first bad field (and how many more there are)."""
-    errors = manifest_errors(manifest)
+    errors = descriptor_errors(descriptor)
     if errors:
         more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
         raise ValueError(errors[0] + more)

@@ -90,7 +90,7 @@ class Engine:
     def __init__(
         self,
         path: Path,
-        manifest: dict[str, Any],
+        descriptor: dict[str, Any],
         blobs: dict[str, bytes],
         providers: list[str],
         threads: int,
@@ -98,7 +98,7 @@ class Engine:
         precision: str = "auto",
     ):
         self.path = Path(path)
-        self.manifest = manifest
+        self.descriptor = descriptor
         self.providers = providers
         self.threads = threads
         self._blobs = blobs
@@ -108,16 +108,16 @@ class Engine:
         gpu = any(p != "CPUExecutionProvider" for p in providers)
         # Chosen now (cheap, no session built) so that bad requests fail before any work starts.
         self.variants: dict[str, Variant] = {
-            m: choose_variant(manifest, m, backend, precision, gpu=gpu) for m in MODALITIES
+            m: choose_variant(descriptor, m, backend, precision, gpu=gpu) for m in MODALITIES
         }
         self._lock = threading.Lock()  # sessions are created lazily, possibly from worker threads
-        self.name: str = manifest["name"]
-        self.version: str = manifest["version"]
-        self.model_id: str = model_id_for(manifest)
-        self.spec: dict[str, Any] = manifest["preprocessing"]
+        self.name: str = descriptor["name"]
+        self.version: str = descriptor["version"]
+        self.model_id: str = model_id_for(descriptor)
+        self.spec: dict[str, Any] = descriptor["preprocessing"]
         self.spec_hash: str = spec_hash(self.spec)
-        self.embed_dim: int = int(manifest["embed_dim"])
-        self.tasks: tuple[str, ...] = tuple(sorted(manifest["heads"]))
+        self.embed_dim: int = int(descriptor["embed_dim"])
+        self.tasks: tuple[str, ...] = tuple(sorted(descriptor["heads"]))
 
     # --- construction ---------------------------------------------------------------------------
 
@@ -139,14 +139,14 @@ class Engine:
         accuracy gate (retinacli.backends).
         """
         path = resolve_package(name_or_path)
-        manifest, blobs = verify_package(path)
+        descriptor, blobs = verify_package(path)
         try:
-            validate_spec(manifest["preprocessing"])
+            validate_spec(descriptor["preprocessing"])
         except ValueError as exc:
             raise ModelPackageError(f"{path / 'retina.json'}: preprocessing: {exc}") from None
         if threads is not None and int(threads) < 1:
             raise UsageError(f"threads must be >= 1, got {threads}")
-        return cls(path, manifest, blobs, choose_providers(providers), int(threads or physical_cores()),
+        return cls(path, descriptor, blobs, choose_providers(providers), int(threads or physical_cores()),
                    backend, precision)
 
     def _session(self, file_name: str):
@@ -175,7 +175,7 @@ class Engine:
         with self._lock:
             runner = self._runners.get(modality)
             if runner is None:
-                variant, spec = self.variants[modality], self.manifest["inputs"][modality]
+                variant, spec = self.variants[modality], self.descriptor["inputs"][modality]
                 try:
                     runner = make_runner(variant, self._blobs[variant.file], spec["input_name"],
                                          spec["output_name"], self.threads, self.providers)
@@ -187,8 +187,8 @@ class Engine:
         return runner
 
     def check_graphs(self) -> None:
-        """Open every graph and check its input/output names and embedding size against the manifest."""
-        entries = [*self.manifest["inputs"].values(), *self.manifest["heads"].values()]
+        """Open every graph and check its input/output names and embedding size against the descriptor."""
+        entries = [*self.descriptor["inputs"].values(), *self.descriptor["heads"].values()]
         graphs = [(e["file"], e["input_name"], e["output_name"]) for e in entries]
         for file_name, input_name, output_name in graphs:
             session = self._session(file_name)
@@ -196,7 +196,7 @@ class Engine:
             outputs = {o.name: o.shape for o in session.get_outputs()}
             where = self.path / file_name
             if inputs != [input_name]:
-                raise ModelPackageError(f"{where}: graph inputs {inputs} differ from the manifest's")
+                raise ModelPackageError(f"{where}: graph inputs {inputs} differ from the descriptor's")
             if output_name not in outputs:
                 raise ModelPackageError(f"{where}: graph has no output '{output_name}' (has {list(outputs)})")
             shape = outputs[output_name]
@@ -211,7 +211,7 @@ class Engine:
 
     def input_shape(self, modality: str) -> tuple[int, ...]:
         """Shape of one preprocessed item for ``modality`` (without the batch axis)."""
-        return tuple(int(s) for s in self.manifest["inputs"][self._check_modality(modality)]["shape"][1:])
+        return tuple(int(s) for s in self.descriptor["inputs"][self._check_modality(modality)]["shape"][1:])
 
     def _check_modality(self, modality: str) -> str:
         if modality not in MODALITIES:
@@ -232,10 +232,10 @@ class Engine:
         return np.asarray(self._runner(modality).run(x), dtype=np.float32)
 
     def head(self, task: str) -> dict[str, Any]:
-        if task not in self.manifest["heads"]:
+        if task not in self.descriptor["heads"]:
             have = ", ".join(self.tasks) or "none"
             raise UsageError(f"model {self.name}@{self.version} has no '{task}' head (heads: {have})")
-        return self.manifest["heads"][task]
+        return self.descriptor["heads"][task]
 
     def predict_raw(self, task: str, embeddings: np.ndarray) -> np.ndarray:
         """Head output (N,): the value in the head's units, or the probability of label 1."""

@@ -1,4 +1,4 @@
-"""Model packages on disk: finding them by name or path, reading and verifying their manifest.
+"""Model packages on disk: finding them by name or path, reading and verifying their descriptor.
 
 A package is a folder holding ``retina.json`` plus the ONNX files it lists (docs/model-package.md).
 Packages are looked up in ``./exported/`` (next to a checkout or project) and in the model store
@@ -22,7 +22,7 @@ from typing import Any
 from retinacli.errors import ModelPackageError
 from retinacli.fsutil import atomic_write_json, building_dir
 
-MANIFEST_FILE = "retina.json"
+DESCRIPTOR_FILE = "retina.json"
 CONFIG_FILE = "config.json"
 ALLOWED_SUFFIXES = (".onnx", ".json")
 # Files that must never sit unlisted in a package: they could be loaded by other tools (pickle).
@@ -94,31 +94,31 @@ class PackageInfo:
     objective: str
     embed_dim: int | None
     tasks: tuple[str, ...]
-    problem: str | None = None  # why the manifest could not be read (listed, not hidden)
+    problem: str | None = None  # why the descriptor could not be read (listed, not hidden)
 
     @property
     def ref(self) -> str:
         return f"{self.name}@{self.version}"
 
 
-def read_manifest(package_dir: Path) -> dict[str, Any]:
+def read_descriptor(package_dir: Path) -> dict[str, Any]:
     """Parse ``retina.json`` (no validation); ModelPackageError names the file on failure."""
-    path = Path(package_dir) / MANIFEST_FILE
+    path = Path(package_dir) / DESCRIPTOR_FILE
     if not path.is_file():
-        raise ModelPackageError(f"{path}: missing package manifest (not a retina model package)")
+        raise ModelPackageError(f"{path}: missing package descriptor (not a retina model package)")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelPackageError(f"{path}: manifest is not valid JSON ({exc})") from None
+        raise ModelPackageError(f"{path}: descriptor is not valid JSON ({exc})") from None
     if not isinstance(data, dict):
-        raise ModelPackageError(f"{path}: manifest must be a JSON object")
+        raise ModelPackageError(f"{path}: descriptor must be a JSON object")
     return data
 
 
 def package_info(package_dir: Path) -> PackageInfo:
     package_dir = Path(package_dir)
     try:
-        m = read_manifest(package_dir)
+        m = read_descriptor(package_dir)
     except ModelPackageError as exc:
         return PackageInfo(package_dir, package_dir.name, "?", "", "", None, (), problem=str(exc))
     heads = m.get("heads") if isinstance(m.get("heads"), dict) else {}
@@ -141,7 +141,7 @@ def list_packages(dirs: list[Path] | None = None) -> list[PackageInfo]:
         if not base.is_dir():
             continue
         for child in sorted(base.iterdir()):
-            if child.is_dir() and (child / MANIFEST_FILE).is_file():
+            if child.is_dir() and (child / DESCRIPTOR_FILE).is_file():
                 real = child.resolve()
                 if real not in seen:
                     seen.add(real)
@@ -173,17 +173,17 @@ def _lookup_name(ref: str, dirs: list[Path]) -> Path | None:
 
 def _explicit_path(ref: str) -> Path | None:
     path = Path(ref).expanduser()
-    if path.is_file() and path.name == MANIFEST_FILE:
+    if path.is_file() and path.name == DESCRIPTOR_FILE:
         return path.parent
     if path.is_dir():
-        if not (path / MANIFEST_FILE).is_file():
-            raise ModelPackageError(f"{path}: no {MANIFEST_FILE} here (not a retina model package)")
+        if not (path / DESCRIPTOR_FILE).is_file():
+            raise ModelPackageError(f"{path}: no {DESCRIPTOR_FILE} here (not a retina model package)")
         return path
     return None
 
 
 def _looks_like_path(ref: str) -> bool:
-    return os.sep in ref or ref.startswith((".", "~")) or ref.endswith(MANIFEST_FILE)
+    return os.sep in ref or ref.startswith((".", "~")) or ref.endswith(DESCRIPTOR_FILE)
 
 
 def resolve_package(name_or_path: str | os.PathLike | None = None) -> Path:
@@ -232,7 +232,7 @@ def find_package_by_model_id(model_id: str, dirs: list[Path] | None = None) -> P
     for info in list_packages(dirs):
         if info.problem is None and model_id.startswith(f"{info.ref}+"):
             try:
-                if model_id_for(read_manifest(info.path)) == model_id:
+                if model_id_for(read_descriptor(info.path)) == model_id:
                     return info.path
             except (ModelPackageError, KeyError, TypeError):
                 continue
@@ -243,7 +243,7 @@ def package_model_id(package_dir: Path) -> str | None:
     """The model_id of the package in `package_dir` (from its retina.json alone), or None when the
     folder is gone or holds no readable package."""
     try:
-        return model_id_for(read_manifest(Path(package_dir)))
+        return model_id_for(read_descriptor(Path(package_dir)))
     except (ModelPackageError, KeyError, TypeError, AttributeError, OSError):
         return None
 
@@ -272,17 +272,17 @@ def locate_store_package(model_id: str, recorded: str | None) -> tuple[Path | No
 # --- identity and verification -----------------------------------------------------------------
 
 
-def model_id_for(manifest: dict[str, Any]) -> str:
+def model_id_for(descriptor: dict[str, Any]) -> str:
     """``name@version+<12 hex>``: the hash covers the encoder graphs and the preprocessing spec.
 
     Two packages with the same id produce the same embeddings; refitting heads keeps the id, so
     an embedding store stays valid after a new ``retina probe`` + export.
     """
-    digests = {f["path"]: f["sha256"] for f in manifest["files"]}
-    parts = [digests[manifest["inputs"][m]["file"]] for m in ("fundus", "oct")]
-    parts.append(json.dumps(manifest["preprocessing"], sort_keys=True, separators=(",", ":")))
+    digests = {f["path"]: f["sha256"] for f in descriptor["files"]}
+    parts = [digests[descriptor["inputs"][m]["file"]] for m in ("fundus", "oct")]
+    parts.append(json.dumps(descriptor["preprocessing"], sort_keys=True, separators=(",", ":")))
     short = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
-    return f"{manifest['name']}@{manifest['version']}+{short}"
+    return f"{descriptor['name']}@{descriptor['version']}+{short}"
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -297,79 +297,79 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def validated_manifest(package_dir: Path) -> dict[str, Any]:
+def validated_descriptor(package_dir: Path) -> dict[str, Any]:
     """Read and schema-check ``retina.json``; also check that every referenced file is listed."""
-    from retinacli.manifest_schema import manifest_errors
+    from retinacli.descriptor_schema import descriptor_errors
 
     package_dir = Path(package_dir)
-    manifest = read_manifest(package_dir)
-    errors = manifest_errors(manifest)
+    descriptor = read_descriptor(package_dir)
+    errors = descriptor_errors(descriptor)
     if errors:
         more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
-        raise ModelPackageError(f"{package_dir / MANIFEST_FILE}: {errors[0]}{more}")
-    listed = {f["path"] for f in manifest["files"]}
-    referenced = [("inputs." + m, spec["file"]) for m, spec in manifest["inputs"].items()]
-    referenced += [("heads." + t, h["file"]) for t, h in manifest["heads"].items()]
-    for precision, quantized in (manifest.get("quantized") or {}).items():
+        raise ModelPackageError(f"{package_dir / DESCRIPTOR_FILE}: {errors[0]}{more}")
+    listed = {f["path"] for f in descriptor["files"]}
+    referenced = [("inputs." + m, spec["file"]) for m, spec in descriptor["inputs"].items()]
+    referenced += [("heads." + t, h["file"]) for t, h in descriptor["heads"].items()]
+    for precision, quantized in (descriptor.get("quantized") or {}).items():
         for m, entry in (quantized.get("encoders") or {}).items():
             referenced.append((f"quantized.{precision}.encoders.{m}", entry["file"]))
     for field_name, file_name in referenced:
         if file_name not in listed:
             raise ModelPackageError(
-                f"{package_dir / MANIFEST_FILE}: {field_name}.file '{file_name}' is not in the files list"
+                f"{package_dir / DESCRIPTOR_FILE}: {field_name}.file '{file_name}' is not in the files list"
             )
-    return manifest
+    return descriptor
 
 
 def verify_package(package_dir: Path, read: bool = True) -> tuple[dict[str, Any], dict[str, bytes]]:
-    """Validate the manifest and check every listed file's size and sha256.
+    """Validate the descriptor and check every listed file's size and sha256.
 
-    Returns the manifest and (when ``read``) the verified bytes of every ONNX file, so callers
+    Returns the descriptor and (when ``read``) the verified bytes of every ONNX file, so callers
     build sessions from exactly the bytes that were checked. Raises ModelPackageError naming the
     file and the reason: missing, wrong size, sha256 mismatch, file type not allowed, or an
     unlisted model/pickle file inside the package.
     """
     package_dir = Path(package_dir)
-    manifest = validated_manifest(package_dir)
+    descriptor = validated_descriptor(package_dir)
     blobs: dict[str, bytes] = {}
     listed = set()
-    for entry in manifest["files"]:
+    for entry in descriptor["files"]:
         rel = entry["path"]
         listed.add(rel)
         path = package_dir / rel
         if Path(rel).suffix not in ALLOWED_SUFFIXES:
             raise ModelPackageError(f"{path}: file type not allowed in a package (only .onnx and .json)")
         if not path.is_file():
-            raise ModelPackageError(f"{path}: missing (listed in {MANIFEST_FILE})")
+            raise ModelPackageError(f"{path}: missing (listed in {DESCRIPTOR_FILE})")
         data = path.read_bytes()
         if len(data) != entry["bytes"]:
             raise ModelPackageError(
-                f"{path}: size {len(data)} bytes differs from the manifest ({entry['bytes']}); corrupt file"
+                f"{path}: size {len(data)} bytes differs from the descriptor ({entry['bytes']}); corrupt file"
             )
         if sha256_bytes(data) != entry["sha256"]:
-            raise ModelPackageError(f"{path}: sha256 mismatch with the manifest (corrupt or modified file)")
+            raise ModelPackageError(f"{path}: sha256 mismatch with the descriptor (corrupt or modified file)")
         if read and rel.endswith(".onnx"):
             blobs[rel] = data
     for child in sorted(package_dir.iterdir()):
-        if child.name == MANIFEST_FILE or child.name.startswith(".") or child.name in listed:
+        if child.name == DESCRIPTOR_FILE or child.name.startswith(".") or child.name in listed:
             continue
         if child.suffix.lower() in _SUSPECT_SUFFIXES:
-            raise ModelPackageError(f"{child}: not listed in {MANIFEST_FILE} (unlisted model file)")
-    return manifest, blobs
+            raise ModelPackageError(f"{child}: not listed in {DESCRIPTOR_FILE} (unlisted model file)")
+    return descriptor, blobs
 
 
 def install_package(source: Path, force: bool = False) -> Path:
     """Verify a package and copy it into the model store as ``$RETINA_HOME/models/<name>-<version>``."""
     import shutil
 
-    manifest, _ = verify_package(Path(source), read=False)
-    target = models_dir() / f"{manifest['name']}-{manifest['version']}"
+    descriptor, _ = verify_package(Path(source), read=False)
+    target = models_dir() / f"{descriptor['name']}-{descriptor['version']}"
     if Path(source).resolve() == target.resolve():
         return target
     if target.exists() and not force:
         raise ModelPackageError(f"{target}: already installed (use --force to replace it)")
     with building_dir(target) as staging:  # swapped in whole, only once the copy verified
-        for name in [MANIFEST_FILE, *(f["path"] for f in manifest["files"])]:
+        for name in [DESCRIPTOR_FILE, *(f["path"] for f in descriptor["files"])]:
             (staging / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(Path(source) / name, staging / name)
         verify_package(staging, read=False)  # the copy is what will be used: check it too

@@ -114,7 +114,7 @@ def make_toy_package(out: Path, name: str = "toy", version: str = "1.0.0", seed:
     for head in heads:
         export_head(head, out / f"head_{head.task}.onnx", 18)
     files = sorted(p for p in out.iterdir() if p.suffix == ".onnx")
-    manifest = {
+    descriptor = {
         "schema_version": 1,
         "format": "retina-model-package",
         "name": name,
@@ -137,7 +137,7 @@ def make_toy_package(out: Path, name: str = "toy", version: str = "1.0.0", seed:
         "packages": {"retina": "0", "torch": None, "onnx": "0", "onnxruntime": "0"},
         "export": {"exporter": "onnx.helper (test)", "opset": 18},
     }
-    (out / "retina.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+    (out / "retina.json").write_text(json.dumps(descriptor, indent=2), encoding="utf-8")
     return out
 
 

@@ -62,7 +62,7 @@ def test_predict_records_match_the_heads(toy_package):
     rng = np.random.default_rng(1)
     emb = rng.normal(size=(5, 4)).astype(np.float32)
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-    manifest = json.loads((toy_package / "retina.json").read_text())
+    descriptor = json.loads((toy_package / "retina.json").read_text())
 
     cst = engine.predict("cst", emb)
     assert [set(r) for r in cst] == [{"task", "value", "units"}] * 5
@@ -72,7 +72,7 @@ def test_predict_records_match_the_heads(toy_package):
 
     tn = engine.predict("tn", emb)
     assert [set(r) for r in tn] == [{"task", "probability", "label", "threshold", "label_meaning"}] * 5
-    threshold = manifest["heads"]["tn"]["threshold"]
+    threshold = descriptor["heads"]["tn"]["threshold"]
     for record in tn:
         assert 0.0 <= record["probability"] <= 1.0
         assert record["label"] == int(record["probability"] >= threshold)
@@ -126,7 +126,7 @@ def test_providers_and_threads():
 
 def test_engine_and_package_modules_do_not_import_torch():
     code = (
-        "import sys, retinacli.engine, retinacli.package, retinacli.manifest_schema; "
+        "import sys, retinacli.engine, retinacli.package, retinacli.descriptor_schema; "
         "print('torch' in sys.modules)"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -11,8 +11,8 @@ BOTH = {"onnxruntime": True, "openvino": True}
 ORT_ONLY = {"onnxruntime": True, "openvino": False}
 
 
-def manifest(int8_gates: dict[str, dict[str, bool]] | None = None) -> dict:
-    """A manifest skeleton; ``int8_gates``: modality -> backend -> gate passed."""
+def descriptor(int8_gates: dict[str, dict[str, bool]] | None = None) -> dict:
+    """A descriptor skeleton; ``int8_gates``: modality -> backend -> gate passed."""
     doc = {
         "name": "m",
         "version": "0.1.0",
@@ -27,13 +27,13 @@ def manifest(int8_gates: dict[str, dict[str, bool]] | None = None) -> dict:
 
 
 def test_fp32_package_runs_fp32_on_the_fastest_installed_backend():
-    assert choose_variant(manifest(), "oct", installed=BOTH).label == "openvino/fp32"
-    only_ort = choose_variant(manifest(), "oct", installed=ORT_ONLY)
+    assert choose_variant(descriptor(), "oct", installed=BOTH).label == "openvino/fp32"
+    only_ort = choose_variant(descriptor(), "oct", installed=ORT_ONLY)
     assert (only_ort.label, only_ort.file) == ("onnxruntime/fp32", "oct_encoder.onnx")
 
 
 def test_auto_uses_int8_only_where_the_gate_passed_on_that_backend():
-    m = manifest({
+    m = descriptor({
         "oct": {"onnxruntime": True, "openvino": True},
         "fundus": {"onnxruntime": True, "openvino": False},
     })
@@ -45,12 +45,12 @@ def test_auto_uses_int8_only_where_the_gate_passed_on_that_backend():
 
 
 def test_gate_not_measured_on_a_backend_means_not_chosen_automatically():
-    m = manifest({"oct": {"onnxruntime": True}})  # exported without OpenVINO installed
+    m = descriptor({"oct": {"onnxruntime": True}})  # exported without OpenVINO installed
     assert choose_variant(m, "oct", installed=BOTH).label == "openvino/fp32"
 
 
 def test_explicit_choices_override_auto():
-    m = manifest({"oct": {"onnxruntime": False, "openvino": False}, "fundus": {"onnxruntime": True}})
+    m = descriptor({"oct": {"onnxruntime": False, "openvino": False}, "fundus": {"onnxruntime": True}})
     assert choose_variant(m, "oct", "onnxruntime", "fp32", installed=BOTH).label == "onnxruntime/fp32"
     # an explicit int8 request runs the int8 graph even where the gate failed
     assert choose_variant(m, "oct", "openvino", "int8", installed=BOTH).label == "openvino/int8"
@@ -60,24 +60,24 @@ def test_explicit_choices_override_auto():
 
 def test_impossible_requests_fail_with_one_clear_line():
     with pytest.raises(UsageError, match="openvino is not installed"):
-        choose_variant(manifest(), "oct", "openvino", installed=ORT_ONLY)
+        choose_variant(descriptor(), "oct", "openvino", installed=ORT_ONLY)
     with pytest.raises(ModelPackageError, match=r"no int8 oct encoder.*--quantize int8"):
-        choose_variant(manifest(), "oct", precision="int8", installed=BOTH)
+        choose_variant(descriptor(), "oct", precision="int8", installed=BOTH)
     with pytest.raises(UsageError, match="unknown engine 'tensorrt'"):
-        choose_variant(manifest(), "oct", "tensorrt", installed=BOTH)
+        choose_variant(descriptor(), "oct", "tensorrt", installed=BOTH)
     with pytest.raises(UsageError, match="unknown precision 'fp16'"):
-        choose_variant(manifest(), "oct", precision="fp16", installed=BOTH)
+        choose_variant(descriptor(), "oct", precision="fp16", installed=BOTH)
 
 
 def test_gpu_runs_fp32_on_onnxruntime():
-    m = manifest({"oct": {"onnxruntime": True, "openvino": True}})
+    m = descriptor({"oct": {"onnxruntime": True, "openvino": True}})
     assert choose_variant(m, "oct", installed=BOTH, gpu=True).label == "onnxruntime/fp32"
     with pytest.raises(UsageError, match="runs on the CPU"):
         choose_variant(m, "oct", "openvino", installed=BOTH, gpu=True)
 
 
 def test_variants_follow_the_preference_order():
-    m = manifest({"oct": {"onnxruntime": True, "openvino": True}})
+    m = descriptor({"oct": {"onnxruntime": True, "openvino": True}})
     assert [(v.backend, v.precision) for v in variants(m, "oct")] == list(PREFERENCE)
     assert [v.precision for v in variants(m, "fundus")] == ["fp32", "fp32"]
 

@@ -1,4 +1,4 @@
-"""`retina probe` + `retina export` on the tiny run: ONNX parity with torch, manifest, heads, CLI."""
+"""`retina probe` + `retina export` on the tiny run: ONNX parity with torch, descriptor, heads, CLI."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from typer.testing import CliRunner  # noqa: E402
 
 from retinacli.cli import app  # noqa: E402
 from retinacli.cohort_manifest import read_cohort_manifest  # noqa: E402
+from retinacli.descriptor_schema import descriptor_errors  # noqa: E402
 from retinacli.engine import Engine  # noqa: E402
-from retinacli.manifest_schema import manifest_errors  # noqa: E402
 from retinacli.tasks import TASKS  # noqa: E402
 from training.data import load_pairs  # noqa: E402
 from training.export import ExportError, canonical_sha256, export_run  # noqa: E402
@@ -25,13 +25,13 @@ from training.heads import load_heads  # noqa: E402
 from training.probe import resolve_manifest_path  # noqa: E402
 
 
-def _manifest(package):
+def _descriptor(package):
     return json.loads((package / "retina.json").read_text())
 
 
-def test_package_holds_only_onnx_and_a_valid_manifest(tiny_package, tiny_loaded_run):
-    m = _manifest(tiny_package)
-    assert manifest_errors(m) == []
+def test_package_holds_only_onnx_and_a_valid_descriptor(tiny_package, tiny_loaded_run):
+    m = _descriptor(tiny_package)
+    assert descriptor_errors(m) == []
     on_disk = sorted(p.name for p in tiny_package.iterdir())
     listed = sorted(f["path"] for f in m["files"])
     assert on_disk == sorted([*listed, "retina.json"])
@@ -73,7 +73,7 @@ def test_onnxruntime_embeddings_match_torch_on_preprocessed_items(tiny_package, 
     manifest = resolve_manifest_path(run.config, tiny_package_run, None)
     rows = read_cohort_manifest(manifest)[:5]  # paths made absolute
     engine = Engine.load(tiny_package, threads=1)
-    tolerance = _manifest(tiny_package)["parity"]["tolerance_abs"]
+    tolerance = _descriptor(tiny_package)["parity"]["tolerance_abs"]
     for modality, reader, column in (("oct", read_oct, "oct_path"), ("fundus", read_fundus, "fundus_path")):
         batch = np.stack([engine.preprocess(reader(r[column])) for r in rows])
         with torch.no_grad():
@@ -163,7 +163,7 @@ def test_export_cli_then_verify(tiny_package_run, tmp_path, fast_encoder_export,
     )
     assert result.exit_code == 0, result.stderr
     assert "demo@1.2.3" in result.stdout and "max |Δ|" in result.stdout
-    m = _manifest(out)
+    m = _descriptor(out)
     assert (m["name"], m["version"]) == ("demo", "1.2.3")
     verify = runner.invoke(app, ["models", "verify", str(out), "--json"])
     assert verify.exit_code == 0 and json.loads(verify.stdout)["ok"] is True

@@ -54,8 +54,8 @@ def _head_values(package: Path, task: str, vectors: np.ndarray) -> np.ndarray:
     """The head applied directly with onnxruntime: what predict must report."""
     import onnxruntime as ort
 
-    manifest = json.loads((package / "retina.json").read_text())
-    head = manifest["heads"][task]
+    descriptor = json.loads((package / "retina.json").read_text())
+    head = descriptor["heads"][task]
     session = ort.InferenceSession(str(package / head["file"]), providers=["CPUExecutionProvider"])
     (out,) = session.run([head["output_name"]], {head["input_name"]: vectors.astype(np.float32)})
     return np.asarray(out).reshape(-1)
@@ -215,9 +215,9 @@ def test_newer_formats_are_refused_in_one_line(frozen):
     assert message == (f"error: {frozen / 'store' / 'store.json'}: store format version "
                        f"{STORE_FORMAT_VERSION + 1} is newer than this retina reads (up to "
                        f"{STORE_FORMAT_VERSION}); upgrade retina")
-    manifest = json.loads((frozen / "package" / "retina.json").read_text())
-    manifest["schema_version"] = 2
-    (frozen / "package" / "retina.json").write_text(json.dumps(manifest))
+    descriptor = json.loads((frozen / "package" / "retina.json").read_text())
+    descriptor["schema_version"] = 2
+    (frozen / "package" / "retina.json").write_text(json.dumps(descriptor))
     verify = run("models", "verify", frozen / "package")
     assert verify.exit_code != 0
     line = next(x for x in verify.output.splitlines() if "schema version" in x)

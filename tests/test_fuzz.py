@@ -1,7 +1,7 @@
 """Bounded property-based fuzzing (hypothesis) of every parser that takes user files: DICOM, images
-(PNG / JPEG / BMP / TIFF), .npy, the labels CSV (`retina pair --labels`), the training manifest CSV
-and the model package manifest. Mutations and the property live in fuzz/fuzz_targets.py; the long
-run is `python fuzz/run_fuzz.py --cases 10000` (docs/reliability.md).
+(PNG / JPEG / BMP / TIFF), .npy, the labels CSV (`retina pair --labels`), the cohort manifest CSV
+and the package descriptor (retina.json). Mutations and the property live in fuzz/fuzz_targets.py;
+the long run is `python fuzz/run_fuzz.py --cases 10000` (docs/reliability.md).
 
 Property: an item that keeps the item contract, or `ReadError` / `ValueError` / `RetinaError` with a
 one-line message (without the file's patient identifiers); never any other exception.
@@ -91,11 +91,11 @@ def test_fuzz_labels_csv(seeds, rnd):
 
 @fuzz_settings("manifest")
 @given(rnd=st.randoms(use_true_random=False))
-def test_fuzz_training_manifest_csv(seeds, rnd):
+def test_fuzz_cohort_manifest_csv(seeds, rnd):
     run("manifest", seeds, rnd)
 
 
 @fuzz_settings("package")
 @given(rnd=st.randoms(use_true_random=False))
-def test_fuzz_model_package_manifest(seeds, rnd):
+def test_fuzz_model_package_descriptor(seeds, rnd):
     run("package", seeds, rnd)

@@ -98,8 +98,8 @@ def test_training_checkpoints_refuse_pickled_objects(tmp_path):
 
 def corrupt(package: Path, how: str) -> tuple[str, ...]:
     """Break `package` one way; return what the error must name."""
-    manifest_path = package / "retina.json"
-    manifest = json.loads(manifest_path.read_text())
+    descriptor_path = package / "retina.json"
+    descriptor = json.loads(descriptor_path.read_text())
     if how == "flipped byte":
         target = package / "oct_encoder.onnx"
         data = bytearray(target.read_bytes())
@@ -110,21 +110,21 @@ def corrupt(package: Path, how: str) -> tuple[str, ...]:
         (package / "fundus_encoder.onnx").unlink()
         return ("fundus_encoder.onnx: missing",)
     if how == "missing field":
-        del manifest["embed_dim"]
+        del descriptor["embed_dim"]
     elif how == "wrong type":
-        manifest["embed_dim"] = "four"
+        descriptor["embed_dim"] = "four"
     elif how == "not json":
-        manifest_path.write_text("{ not json")
-        return ("retina.json: manifest is not valid JSON",)
+        descriptor_path.write_text("{ not json")
+        return ("retina.json: descriptor is not valid JSON",)
     elif how == "listed pickle":
         (package / "weights.pkl").write_bytes(b"\x80\x04N.")
-        manifest["files"].append({"path": "weights.pkl", "sha256": "0" * 64, "bytes": 4})
-        manifest_path.write_text(json.dumps(manifest))
+        descriptor["files"].append({"path": "weights.pkl", "sha256": "0" * 64, "bytes": 4})
+        descriptor_path.write_text(json.dumps(descriptor))
         return ("retina.json: files", "weights.pkl")
     elif how == "unlisted checkpoint":
         (package / "extra.pt").write_bytes(b"\x80\x04N.")
         return ("extra.pt: not listed in retina.json",)
-    manifest_path.write_text(json.dumps(manifest))
+    descriptor_path.write_text(json.dumps(descriptor))
     return "retina.json: ", "embed_dim"
 
 

@@ -49,7 +49,7 @@ def test_list_json_and_table(env):
     assert code == 0 and "toy" in stdout and "mine" in stdout
 
 
-def test_show_json_carries_the_manifest(env):
+def test_show_json_carries_the_descriptor(env):
     code, stdout, _ = run("models", "show", "toy@1.0.0", "--json")
     assert code == 0
     shown = json.loads(stdout)
@@ -76,13 +76,13 @@ def test_verify_ok_and_corrupt_byte_gives_exit_3_naming_the_file(env):
     assert report["ok"] is False and "oct_encoder.onnx" in report["error"]
 
 
-def test_manifest_missing_field_gives_exit_3_with_the_field(env):
-    manifest_path = env / "work" / "exported" / "mine" / "retina.json"
-    manifest = json.loads(manifest_path.read_text())
-    del manifest["preprocessing"]
-    manifest_path.write_text(json.dumps(manifest))
+def test_descriptor_missing_field_gives_exit_3_with_the_field(env):
+    descriptor_path = env / "work" / "exported" / "mine" / "retina.json"
+    descriptor = json.loads(descriptor_path.read_text())
+    del descriptor["preprocessing"]
+    descriptor_path.write_text(json.dumps(descriptor))
     for command in ("verify", "show"):
-        code, _, stderr = run("models", command, str(manifest_path.parent))
+        code, _, stderr = run("models", command, str(descriptor_path.parent))
         assert code == 3
         assert "missing required field 'preprocessing'" in stderr and "retina.json" in stderr
 

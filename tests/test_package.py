@@ -1,4 +1,4 @@
-"""Package lookup, manifest validation and integrity checks (torch-free; toy packages built with onnx)."""
+"""Package lookup, descriptor validation and integrity checks (torch-free; toy packages built with onnx)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import shutil
 import pytest
 from fixtures_packages import make_toy_package
 
+from retinacli.descriptor_schema import descriptor_errors
 from retinacli.errors import EXIT_MODEL_INVALID, ModelPackageError
-from retinacli.manifest_schema import manifest_errors
 from retinacli.package import (
     find_package_by_model_id,
     get_default_model,
@@ -42,8 +42,8 @@ def _flip_byte(path, offset=None):
 
 
 def test_valid_package_verifies_and_returns_the_checked_bytes(toy_package):
-    manifest, blobs = verify_package(toy_package)
-    assert manifest["name"] == "toy"
+    descriptor, blobs = verify_package(toy_package)
+    assert descriptor["name"] == "toy"
     assert set(blobs) == {"fundus_encoder.onnx", "oct_encoder.onnx", "head_cst.onnx", "head_tn.onnx"}
     assert blobs["oct_encoder.onnx"] == (toy_package / "oct_encoder.onnx").read_bytes()
 
@@ -77,38 +77,38 @@ def test_missing_truncated_and_unlisted_files_are_refused(toy_package, tmp_path)
 
 
 def test_listed_file_of_unknown_type_is_refused(toy_package):
-    manifest = json.loads((toy_package / "retina.json").read_text())
+    descriptor = json.loads((toy_package / "retina.json").read_text())
     (toy_package / "extra.pkl").write_bytes(b"x")
-    manifest["files"].append({"path": "extra.pkl", "sha256": "0" * 64, "bytes": 1})
-    (toy_package / "retina.json").write_text(json.dumps(manifest))
+    descriptor["files"].append({"path": "extra.pkl", "sha256": "0" * 64, "bytes": 1})
+    (toy_package / "retina.json").write_text(json.dumps(descriptor))
     # the schema itself only allows .onnx / .json entries
     with pytest.raises(ModelPackageError, match=r"files\[4\]\.path: 'extra\.pkl' does not match"):
         verify_package(toy_package)
 
 
-def test_manifest_missing_required_field_is_refused_with_its_name(toy_package):
-    manifest = json.loads((toy_package / "retina.json").read_text())
-    del manifest["embed_dim"]
-    del manifest["heads"]["cst"]["units"]
-    (toy_package / "retina.json").write_text(json.dumps(manifest))
+def test_descriptor_missing_required_field_is_refused_with_its_name(toy_package):
+    descriptor = json.loads((toy_package / "retina.json").read_text())
+    del descriptor["embed_dim"]
+    del descriptor["heads"]["cst"]["units"]
+    (toy_package / "retina.json").write_text(json.dumps(descriptor))
     with pytest.raises(ModelPackageError) as info:
         verify_package(toy_package)
     message = str(info.value)
     assert "retina.json" in message and "missing required field 'embed_dim'" in message
     assert "1 more problem" in message
-    errors = manifest_errors(manifest)
+    errors = descriptor_errors(descriptor)
     assert any("missing required field 'heads.cst.units'" in e for e in errors)
 
 
-def test_manifest_type_and_version_errors_are_readable(toy_package):
-    manifest = json.loads((toy_package / "retina.json").read_text())
-    manifest["heads"]["tn"]["threshold"] = "high"
-    manifest["version"] = "v1"
-    errors = manifest_errors(manifest)
+def test_descriptor_type_and_version_errors_are_readable(toy_package):
+    descriptor = json.loads((toy_package / "retina.json").read_text())
+    descriptor["heads"]["tn"]["threshold"] = "high"
+    descriptor["version"] = "v1"
+    errors = descriptor_errors(descriptor)
     assert "heads.tn.threshold: must be number or null, got str 'high'" in errors
     assert any(e.startswith("version: 'v1' does not match") for e in errors)
-    manifest["schema_version"] = 2
-    assert "schema version 1" in manifest_errors(manifest)[0]
+    descriptor["schema_version"] = 2
+    assert "schema version 1" in descriptor_errors(descriptor)[0]
 
 
 def test_bad_json_and_not_a_package(tmp_path):
@@ -158,7 +158,7 @@ def test_no_package_anywhere_says_where_it_looked(home):
         resolve_package(None)
 
 
-def test_listing_reports_broken_manifests_instead_of_hiding_them(home):
+def test_listing_reports_broken_descriptors_instead_of_hiding_them(home):
     store = home / "home" / "models"
     make_toy_package(store / "good")
     (store / "broken").mkdir()
@@ -169,13 +169,13 @@ def test_listing_reports_broken_manifests_instead_of_hiding_them(home):
 
 
 def test_model_id_tracks_encoders_not_heads(home, toy_package):
-    manifest = json.loads((toy_package / "retina.json").read_text())
-    model_id = model_id_for(manifest)
+    descriptor = json.loads((toy_package / "retina.json").read_text())
+    model_id = model_id_for(descriptor)
     assert model_id.startswith("toy@1.0.0+") and len(model_id.split("+")[1]) == 12
-    refit = json.loads(json.dumps(manifest))
+    refit = json.loads(json.dumps(descriptor))
     refit["heads"]["tn"]["threshold"] = 0.3
     assert model_id_for(refit) == model_id
-    other = json.loads(json.dumps(manifest))
+    other = json.loads(json.dumps(descriptor))
     entry = next(f for f in other["files"] if f["path"] == "fundus_encoder.onnx")
     entry["sha256"] = "f" * 64
     assert model_id_for(other) != model_id
@@ -188,7 +188,7 @@ def test_model_id_tracks_encoders_not_heads(home, toy_package):
 def test_documented_schema_is_the_shipped_schema():
     from pathlib import Path
 
-    from retinacli.manifest_schema import load_schema
+    from retinacli.descriptor_schema import load_schema
 
     repo = Path(__file__).resolve().parents[1]
     documented = json.loads((repo / "exported" / "retina.schema.json").read_text(encoding="utf-8"))

@@ -25,9 +25,9 @@ def test_int8_graphs_are_listed_verified_and_gated(int8_package):
     from retinacli.package import verify_package
     from training.export import GATE_MIN_COSINE, GATE_MIN_TOP5_AGREEMENT
 
-    manifest, blobs = verify_package(int8_package)  # schema + sha256 of every file, int8 included
+    descriptor, blobs = verify_package(int8_package)  # schema + sha256 of every file, int8 included
     assert {"fundus_encoder.int8.onnx", "oct_encoder.int8.onnx"} <= set(blobs)
-    q = manifest["quantized"]["int8"]
+    q = descriptor["quantized"]["int8"]
     assert q["calibration"]["items"] == 4
     assert q["gate"]["min_cosine"] == GATE_MIN_COSINE
     assert q["gate"]["min_top5_agreement"] == GATE_MIN_TOP5_AGREEMENT
@@ -63,7 +63,7 @@ def test_quantising_keeps_the_model_id(int8_package, tiny_package):
 
 def test_int8_engine_reproduces_the_recorded_gate(int8_package, tiny_loaded_run):
     """Run the int8 graph through the Engine on the gate's items: it is really int8 (not the fp32
-    graph) and its cosine to torch fp32 is the one written in the manifest."""
+    graph) and its cosine to torch fp32 is the one written in the descriptor."""
     from retinacli.engine import Engine
     from training.export import parity_inputs
 
@@ -71,7 +71,7 @@ def test_int8_engine_reproduces_the_recorded_gate(int8_package, tiny_loaded_run)
     fp32 = Engine.load(int8_package, backend="onnxruntime", precision="fp32")
     assert engine.variant("oct").file == "oct_encoder.int8.onnx"
     assert fp32.variant("oct").file == "oct_encoder.onnx"
-    q = engine.manifest["quantized"]["int8"]
+    q = engine.descriptor["quantized"]["int8"]
     arrays, _ = parity_inputs(tiny_loaded_run, 6 + 4 + 64, None)
     n_cal = q["calibration"]["items"]
     gate_items = slice(n_cal, None) if not q["gate"]["overlaps_calibration"] else slice(None)

@@ -123,9 +123,9 @@ def engine_retrieval(package_dir: Path, rows: list[dict[str, str]]) -> dict[str,
 
 
 def _head_metrics(package_dir: Path) -> dict[str, Any]:
-    manifest = json.loads((package_dir / "retina.json").read_text())
+    descriptor = json.loads((package_dir / "retina.json").read_text())
     out = {}
-    for task, head in (manifest.get("heads") or {}).items():
+    for task, head in (descriptor.get("heads") or {}).items():
         info = TASKS.get(task)
         if info is None:  # a head of a task this version does not know: nothing to report
             continue

@@ -38,7 +38,7 @@ def register(app: typer.Typer) -> None:
             32, "--calibration-items", min=1, help="Cohort items used to calibrate --quantize int8."
         ),
         force: bool = typer.Option(False, "--force", help="Replace an existing package folder."),
-        as_json: bool = options.json_option("Print the package manifest as JSON."),
+        as_json: bool = options.json_option("Print the package descriptor (retina.json) as JSON."),
     ) -> None:
         """Export the run's encoders and task heads to ONNX, check parity, write retina.json."""
         from retinacli.commands.common import require_run_dir, require_training
@@ -75,7 +75,7 @@ def register(app: typer.Typer) -> None:
             raise  # with its own exit code
         except (ValueError, FileNotFoundError) as exc:
             raise RetinaError(str(exc)) from None
-        m = result.manifest
+        m = result.descriptor
         if as_json:
             print_json({"package": str(result.package_dir), **m})
             return

@@ -33,7 +33,7 @@ def register(app: typer.Typer) -> None:
     def list_(
         as_json: bool = options.json_option("Print the list as JSON."),
     ) -> None:
-        """Packages in ./exported and $RETINA_HOME/models (manifests only; 'verify' checks the files)."""
+        """Packages in ./exported and $RETINA_HOME/models (reads descriptors only; 'verify' checks files)."""
         from retinacli.console import err, out, print_json
         from retinacli.package import list_packages, search_dirs
 
@@ -83,14 +83,14 @@ def register(app: typer.Typer) -> None:
     @models.command("show")
     def show(
         name: str = typer.Argument(None, help=NAME_HELP, show_default=False),
-        as_json: bool = options.json_option("Print the whole manifest as JSON."),
+        as_json: bool = options.json_option("Print the whole package descriptor (retina.json) as JSON."),
     ) -> None:
-        """Show a package's manifest: inputs, heads and their metrics, training provenance, parity."""
+        """Show a package's retina.json: inputs, heads and their metrics, training provenance, parity."""
         from retinacli.console import out, print_json
-        from retinacli.package import model_id_for, resolve_package, validated_manifest
+        from retinacli.package import model_id_for, resolve_package, validated_descriptor
 
         path = resolve_package(name)
-        m = validated_manifest(path)
+        m = validated_descriptor(path)
         model_id = model_id_for(m)
         if as_json:
             print_json({"path": str(path), "model_id": model_id, **m})
@@ -145,7 +145,7 @@ def register(app: typer.Typer) -> None:
         name: str = typer.Argument(None, help=NAME_HELP, show_default=False),
         as_json: bool = options.json_option("Print the result as JSON."),
     ) -> None:
-        """Check the manifest schema, every file's size and sha256, and that onnxruntime loads each graph.
+        """Check the descriptor schema, every file's size and sha256, and that onnxruntime loads each graph.
 
         Exit code 3 when the package is invalid.
         """
@@ -164,7 +164,7 @@ def register(app: typer.Typer) -> None:
                 print_json({"path": str(path) if path else name, "ok": False, "error": str(exc)})
                 raise typer.Exit(EXIT_MODEL_INVALID) from None
             raise
-        files = engine.manifest["files"]
+        files = engine.descriptor["files"]
         if as_json:
             print_json({"path": str(path), "ok": True, "model_id": engine.model_id,
                         "files": [{"path": f["path"], "sha256": f["sha256"]} for f in files]})
@@ -205,7 +205,7 @@ def register(app: typer.Typer) -> None:
             get_default_model,
             resolve_package,
             set_default_model,
-            validated_manifest,
+            validated_descriptor,
         )
 
         if clear:
@@ -221,7 +221,7 @@ def register(app: typer.Typer) -> None:
                 out.print(f"default: {current or '(not set)'}; used when no --model is given: {used or why}")
             return
         path = resolve_package(name)
-        m = validated_manifest(path)
+        m = validated_descriptor(path)
         # A folder is remembered as an absolute path, a name as the name (it follows new versions).
         is_folder = _looks_like_path(name) or Path(name).is_dir()
         value = str(Path(name).expanduser().resolve()) if is_folder else name

@@ -37,14 +37,14 @@ def register(app: typer.Typer) -> None:
         index: Path | None = options.hidden_alias("--index", "-i"),
         modality: str | None = typer.Option(
             None, "--modality", help="Items to predict on: oct or fundus. Default: the modality the head was "
-            "fitted on (its input_modality in the manifest, normally oct); the other one applies the head in "
+            "fitted on (its input_modality in retina.json, normally oct); the other one applies the head in "
             "the shared embedding space.",
         ),
         batch_size: int = typer.Option(16, "--batch-size", min=1, help="Items per model call (with PATHs)."),
         json_output: bool = options.json_option("Print predictions as JSON."),
         csv_output: bool = typer.Option(False, "--csv", help="Print predictions as CSV."),
     ) -> None:
-        """Predict a clinical task per item with the package's head (units, threshold from its manifest)."""
+        """Predict a clinical task per item with the package's head (units, threshold from the package)."""
         from retinacli.console import err, print_json
         from retinacli.errors import EXIT_NOTHING_DONE, EXIT_OK, UsageError
 
@@ -83,7 +83,7 @@ def _check_task(engine: Any, task: str) -> None:
 def _head_modality(engine: Any, task: str, modality: str | None) -> str:
     if modality is not None:
         return modality
-    head = (getattr(engine, "manifest", None) or {}).get("heads", {}).get(task, {})
+    head = (getattr(engine, "descriptor", None) or {}).get("heads", {}).get(task, {})
     return head.get("input_modality", "oct")
 
 

@@ -2,7 +2,7 @@
 
 The heads come from `training.heads.fit_linear_head` on the frozen OCT embeddings (the modality the
 deployed heads take, `input_modality="oct"`), and carry the cross-validated linear-probe metrics of
-this evaluation under ``metrics["evaluation"]`` so `retina export` ships them in the package manifest.
+this evaluation under ``metrics["evaluation"]`` so `retina export` ships them in retina.json.
 """
 
 from __future__ import annotations

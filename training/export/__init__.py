@@ -24,7 +24,7 @@ from training.export.graphs import (
     export_head,
 )
 from training.export.package import (
-    MANIFEST_FILE,
+    DESCRIPTOR_FILE,
     SCHEMA_VERSION,
     ExportResult,
     _head_entry,
@@ -62,13 +62,13 @@ __all__ = [
     "DEFAULT_OPSET",
     "DEFAULT_PARITY_ITEMS",
     "DEFAULT_TOLERANCE",
+    "DESCRIPTOR_FILE",
     "ENCODER_FILES",
     "EXPORTERS",
     "GATE_MIN_COSINE",
     "GATE_MIN_TOP5_AGREEMENT",
     "HEAD_OUTPUTS",
     "INT8_FILES",
-    "MANIFEST_FILE",
     "QUANTIZE_CHOICES",
     "SCHEMA_VERSION",
     "ExportError",

@@ -30,14 +30,14 @@ from training.export.parity import DEFAULT_PARITY_ITEMS, DEFAULT_TOLERANCE, Expo
 from training.export.quantize import DEFAULT_CALIBRATION_ITEMS, DEFAULT_GATE_ITEMS, QUANTIZE_CHOICES
 from training.export.quantize import quantize_package as write_int8_encoders
 
-MANIFEST_FILE = "retina.json"
+DESCRIPTOR_FILE = "retina.json"
 SCHEMA_VERSION = 1
 
 
 @dataclass
 class ExportResult:
     package_dir: Path
-    manifest: dict[str, Any]
+    descriptor: dict[str, Any]
     seconds: float
 
 
@@ -145,7 +145,7 @@ def export_run(
     """
     import torch
 
-    from retinacli.manifest_schema import validate_manifest
+    from retinacli.descriptor_schema import validate_descriptor
     from retinacli.preprocess import validate_spec
     from training.heads import load_heads
     from training.model import CHECKPOINT_DIR, LAST_CHECKPOINT, load_run
@@ -220,7 +220,7 @@ def export_run(
         seconds = time.perf_counter() - started
         objective = run.config.get("objective")
         default_changelog = f"Exported from run {run_dir.resolve().name} ({objective}, {epochs} epochs)."
-        manifest_doc = {
+        descriptor = {
             "schema_version": SCHEMA_VERSION,
             "format": "retina-model-package",
             "name": name,
@@ -266,6 +266,6 @@ def export_run(
                 "seconds": round(seconds, 2),
             },
         }
-        validate_manifest(manifest_doc)
-        atomic_write_json(staging / MANIFEST_FILE, manifest_doc)
-    return ExportResult(out_dir, manifest_doc, seconds)
+        validate_descriptor(descriptor)
+        atomic_write_json(staging / DESCRIPTOR_FILE, descriptor)
+    return ExportResult(out_dir, descriptor, seconds)
