@@ -1,4 +1,4 @@
-"""Pair OCT volumes with fundus images of the same eye and visit, and write the training manifest.
+"""Pair OCT volumes with fundus images of the same eye and visit, and write the cohort manifest.
 
 Matching, in order (docs/data-layout.md):
 1. same file: a Heidelberg .vol holds its B-scans and its IR-SLO localizer;

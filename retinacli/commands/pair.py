@@ -1,4 +1,4 @@
-"""`retina pair DIR... --out manifest.csv`: pair OCT volumes with fundus images into a training manifest."""
+"""`retina pair DIR... --out manifest.csv`: pair OCT volumes with fundus images into a cohort manifest."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def register(app: typer.Typer) -> None:
         ),
         as_json: bool = options.json_option("Print the summary as JSON to stdout."),
     ) -> None:
-        """Build the paired training manifest: each OCT volume with the fundus image of that eye and visit.
+        """Build the cohort manifest: each OCT volume with the fundus image of that eye and visit.
 
         Pairs by the OCT's localizer reference (DICOM), else by patient + eye + nearest time.
         Reports what stayed unpaired and why. Patient IDs are pseudonymised unless asked otherwise.
