@@ -36,9 +36,9 @@ def test_multiframe_opt_pixels_and_metadata(tmp_path):
     np.testing.assert_array_equal(item.pixels, volume)
     meta = item.meta
     assert meta.laterality == "OS"
-    assert meta.study_date == "20240215"
-    assert meta.acquisition_datetime == "20240215103000"
-    assert meta.device == "TestVendor Model X"
+    assert meta.study_date == "2024-02-15"  # validated, ISO (readers/sanitize.py)
+    assert meta.acquisition_datetime == "2024-02-15T10:30:00"
+    assert meta.device == "Carl Zeiss Meditec Cirrus"  # canonical, not the header's text
     assert meta.pixel_spacing_mm == pytest.approx((0.12, 0.0039, 0.0117))
     assert meta.patient_id == "SYN000123"  # kept internally (outputs pseudonymise it)
     assert meta.study_uid == written.StudyInstanceUID

@@ -34,8 +34,8 @@ def _base(sop_class: str, modality: str, patient: str, eye: str, when: str, stud
     ds.AcquisitionDateTime = when
     ds.Laterality = "R" if eye == "OD" else "L"
     ds.ImageLaterality = ds.Laterality
-    ds.Manufacturer = "TestVendor"
-    ds.ManufacturerModelName = "Model X"
+    ds.Manufacturer = "Carl Zeiss Meditec"  # a recognised vendor: device names come from a fixed table
+    ds.ManufacturerModelName = "CIRRUS HD-OCT 5000"
     return ds
 
 

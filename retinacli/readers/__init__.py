@@ -180,4 +180,5 @@ def iter_items(
         except MemoryError:
             yield ReadError(source.path, "not enough memory to read this item")
         except Exception as exc:  # a reader bug must not stop the batch; report it as this file's error
-            yield ReadError(source.path, f"unexpected read failure ({type(exc).__name__}: {exc})")
+            # the type only: a parser's message can quote a header value (a patient's name)
+            yield ReadError(source.path, f"unexpected read failure ({type(exc).__name__})")

@@ -11,6 +11,9 @@ import numpy as np
 from retinacli.errors import ReadError
 from retinacli.items import ImageMeta
 
+# re-exported for the readers: header text -> OD / OS lives with the other sanitising
+from retinacli.readers.sanitize import normalise_laterality as normalise_laterality
+
 # Decompression-bomb guard for DICOM, .npy, TIFF and B-scan folders: at most this many samples
 # (rows x columns x frames x samples per pixel) in one item. 2**30 samples is 1-2 GiB of pixels, far
 # above any real OCT volume (a 512 x 1536 x 512 swept-source cube is 0.4 G). Pillow has its own
@@ -72,18 +75,6 @@ def check_sample_budget(path: object, shape: tuple[int, ...], what: str = "pixel
         raise ReadError(path, f"{what} too large ({dims} = {total} samples > {MAX_SAMPLES} limit)")
 
 
-def normalise_laterality(value: object) -> str | None:
-    """DICOM 'R'/'L', vendor 'OD'/'OS', words -> 'OD' / 'OS'; anything else -> None."""
-    if value is None:
-        return None
-    text = str(value).strip().upper().rstrip("\x00")
-    if text in {"R", "OD", "RIGHT"}:
-        return "OD"
-    if text in {"L", "OS", "LEFT"}:
-        return "OS"
-    return None
-
-
 def to_grayscale(pixels: np.ndarray) -> np.ndarray:
     """(..., 3) RGB -> (...) luminance in the input's dtype family; used for RGB-rendered B-scans."""
     weights = np.array([0.299, 0.587, 0.114], dtype=np.float32)
@@ -107,12 +98,17 @@ def as_fundus_array(path: object, pixels: np.ndarray) -> np.ndarray:
     raise ReadError(path, f"unexpected fundus image shape {tuple(pixels.shape)}")
 
 
+_QUOTED = re.compile(r"b?'[^']*'|b?\"[^\"]*\"")
+
+
 def short(exc: BaseException, limit: int = 160) -> str:
-    """First line of an exception message, trimmed: reasons stay one short line. An OSError gives
-    its strerror only (the path is already the report's first field)."""
+    """First line of an exception message, trimmed, with quoted values taken out: reasons stay one short
+    line, and a parser's message may quote bytes or text from the file (a header value, a patient's
+    name). An OSError gives its strerror only (the path is already the report's first field)."""
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = _QUOTED.sub("'…'", text)
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
@@ -142,11 +138,14 @@ def normalise_pixels(path: object, pixels: np.ndarray) -> np.ndarray:
 
 
 def header_int(path: object, ds, keyword: str, default: int) -> int:
-    """An integer header value (Rows, Columns, SamplesPerPixel, ...) or a ReadError naming it."""
+    """An integer header value (Rows, Columns, SamplesPerPixel, ...) or a ReadError naming it.
+
+    The reason names the keyword and the expected kind only, never the value: a mistyped element
+    (Rows stored as text) can hold anything, a patient's name included."""
     value = ds.get(keyword, default)
     if value in (None, ""):
         return default
     try:
         return int(value)
-    except (TypeError, ValueError):
-        raise ReadError(path, f"invalid {keyword} in header ({str(value)[:40]!r})") from None
+    except (TypeError, ValueError, OverflowError):
+        raise ReadError(path, f"invalid {keyword} in header (not a whole number)") from None

@@ -233,10 +233,19 @@ class _Scanner:
                     if source is not None:
                         singles.append(source)
         sources = singles + _image_sources(directory, images, leaf=not subdirs)
-        for uid, members in series.items():
-            path = directory if len(series) == 1 else directory / f"{SERIES_PREFIX}{uid}"
+        for number, (uid, members) in enumerate(series.items(), 1):
+            label = _series_label(uid, number)
+            path = directory if len(series) == 1 else directory / f"{SERIES_PREFIX}{label}"
             sources.append(_series_source(path, members))
         return sources, subdirs
+
+
+def _series_label(uid: str, number: int) -> str:
+    """The series' name in its virtual path: its UID when it is one (digits and dots), else a number in
+    folder order (a SeriesInstanceUID holding other text could be anything, a patient's name included)."""
+    if uid == "unknown" or dicom_reader.is_uid(uid):  # "unknown": the files have no SeriesInstanceUID
+        return uid
+    return f"invalid-{number}"
 
 
 def _check_openable(path: Path) -> None:

@@ -9,6 +9,7 @@ which, unlike `eyepy.import_heyex_vol`, also parses circle scans (scan pattern 2
 from __future__ import annotations
 
 import datetime as dt
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,12 +19,14 @@ import numpy as np
 from retinacli.errors import ReadError
 from retinacli.items import FundusImage, ImageMeta, OctVolume
 from retinacli.readers.common import check_sample_budget, normalise_laterality, short
+from retinacli.readers.sanitize import iso_date, iso_datetime, scrub_texts, text_and_tokens
 
 MAGIC = b"HSF-OCT-"
 HEADER_SIZE = 2048
 DEVICE = "Heidelberg Engineering Spectralis"
 SCAN_PATTERNS = {0: "unknown", 1: "line", 2: "circle", 3: "volume (ART)", 4: "fast volume", 5: "radial"}
 # Layout of the file header up to the visit date (little-endian, packed); see eyepy's vol_reader.
+_VERSION = re.compile(r"^HSF-OCT-\d{1,4}$")
 _HEADER = struct.Struct("<12s3I3d2I2dId4sQiI16s16sI24sdI24sd")
 
 
@@ -116,31 +119,28 @@ def read_vol_header(path: Path) -> VolHeader:
     return header
 
 
-def _stamp(value: dt.datetime | None, digits: int) -> str | None:
-    return value.strftime("%Y%m%d%H%M%S")[:digits] if value else None
-
-
 def vol_metas(header: VolHeader) -> dict[str, ImageMeta]:
     """Header metadata for the OCT item and the SLO (fundus) item of one .vol file."""
     when = header.exam_time or header.visit_date
     common = {
         "laterality": header.laterality,
-        "study_date": _stamp(header.visit_date or header.exam_time, 8),
-        "acquisition_datetime": _stamp(when, 14),
+        "study_date": iso_date(header.visit_date or header.exam_time),
+        "acquisition_datetime": iso_datetime(when) if when else None,
         "device": DEVICE,
         "patient_id": header.patient_id,
     }
-    pattern = SCAN_PATTERNS.get(header.scan_pattern, str(header.scan_pattern))
+    pattern = SCAN_PATTERNS.get(header.scan_pattern, str(int(header.scan_pattern)))
+    version = header.version if _VERSION.match(header.version) else None  # header text: only its known form
     oct_meta = ImageMeta(
         pixel_spacing_mm=(float(header.distance), float(header.scale_y), float(header.scale_x)),
         photometric="MONOCHROME2",
-        extra={"scan_pattern": pattern, "vol_version": header.version},
+        extra={"scan_pattern": pattern, "vol_version": version},
         **common,
     )
     slo_meta = ImageMeta(
         pixel_spacing_mm=(float(header.scale_y_slo), float(header.scale_x_slo)),
         photometric="MONOCHROME2",
-        extra={"image_type": "IR-SLO localizer", "vol_version": header.version},
+        extra={"image_type": "IR-SLO localizer", "vol_version": version},
         **common,
     )
     return {"oct": oct_meta, "fundus": slo_meta}
@@ -174,7 +174,8 @@ def read_vol(path: Path) -> tuple[OctVolume, FundusImage]:
         bscans = np.stack([np.asarray(b.data, dtype=np.float32) for b in parsed.bscans])
         slo = np.asarray(parsed.localizer, dtype=np.uint8)
     except Exception as exc:
-        raise ReadError(path, f"cannot parse .vol file ({short(exc)})") from None
+        reason = scrub_texts(short(exc), text_and_tokens(header.patient_id))  # the parser may echo it
+        raise ReadError(path, f"cannot parse .vol file ({reason})") from None
     metas = vol_metas(header)
     oct_item = OctVolume(str(path), vol_intensity(bscans), "heidelberg-vol", metas["oct"])
     slo_pixels = np.ascontiguousarray(slo[:, :, None])
