@@ -8,8 +8,11 @@ cosines of the vectors it visits, so only recall (not the scores) is approximate
 exact search is measured by ``benchmarks/run.py`` and tested on a small synthetic store.
 
 One index per modality lives in ``STORE/ann/<modality>.faiss`` with ``<modality>.json`` (which shards
-it covers). It is built lazily by the first ANN query and extended with the shards committed since,
-so ``retina embed`` never pays for it. Index ids are global store row numbers (store order).
+it covers). Only writers build it: ``retina store index``, and ``retina embed`` after it commits (it
+extends an existing index with the new shards, and builds one once the store reaches AUTO_MIN_ROWS).
+Queries only read it, so a read-only command never writes into a store; a query finding no current
+index (missing, or not covering every shard) searches exactly under ``auto`` and is refused under an
+explicit ``ann``. Index ids are global store row numbers (store order).
 """
 
 from __future__ import annotations
@@ -148,11 +151,76 @@ def _modality_rows(store, shard, modality: str) -> np.ndarray:
     return np.flatnonzero(np.array([k == modality for k in kinds], dtype=bool))
 
 
-def store_index(store, modality: str, log=None):
-    """The store's index for ``modality``: loaded, extended with newer shards, or built.
+def _read_index(store, modality: str):
+    """(index, covered shard numbers) as stored, or (None, set()) when missing or unreadable."""
+    faiss = _faiss()
+    index_path, info_path = _paths(store, modality)
+    if not (index_path.is_file() and info_path.is_file()):
+        return None, set()
+    try:
+        info = json.loads(info_path.read_text())
+        if info.get("model_id") != store.model_id:
+            return None, set()
+        return faiss.read_index(str(index_path)), {int(i) for i in info["shards"]}
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError):
+        return None, set()  # unreadable: treated as missing, rebuilt by the next writer
 
-    Returns the faiss index (ids = global row numbers). Written atomically, so a concurrent
-    reader sees either the old or the new index file.
+
+def _current(store, modality: str):
+    """(index, None) when the stored index covers exactly the committed shards, else (None, why)."""
+    index, covered = _read_index(store, modality)
+    shards = {s.index for s in store.shards}
+    if index is not None and covered == shards:
+        return index, None
+    if index is None:
+        return None, f"no {modality} ANN index"
+    covers = f"covers {len(covered & shards)} of {len(shards)} shards"
+    return None, f"the {modality} ANN index is out of date ({covers})"
+
+
+def current_index(store, modality: str):
+    """The store's index for ``modality`` when it covers exactly the committed shards; else a
+    RetinaError saying why and how to build it. Only reads: queries never write into a store."""
+    index, why = _current(store, modality)
+    if index is None:
+        raise RetinaError(f"{store.root}: {why}; build it with 'retina store index --store {store.root}' "
+                          "(or search with --search exact)")
+    return index
+
+
+def search_plan(store, requested: str, target: str) -> tuple[str, str | None]:
+    """The search method for a query of ``target`` items, and a one-line note when ``auto`` fell back.
+
+    ``exact``: exact. ``ann``: the current index, or a RetinaError (no silent fallback: the user asked
+    for it). ``auto``: ann when resolve_method picks it and a current index exists, else exact with a
+    note naming the missing index."""
+    method = resolve_method(store, requested)
+    if method == "exact":
+        return "exact", None
+    if requested == "ann":
+        current_index(store, target)  # refused with the reason and the command that fixes it
+        return "ann", None
+    index, why = _current(store, target)
+    if index is None:
+        return "exact", f"note: {why}, so the search is exact ('retina store index' builds it)"
+    return "ann", None
+
+
+def store_modalities(store) -> dict[str, int]:
+    """Rows per modality in the committed shards."""
+    counts: dict[str, int] = {}
+    for shard in store.shards:
+        for kind in store.shard_metadata(shard, ["modality"])["modality"]:
+            counts[str(kind)] = counts.get(str(kind), 0) + 1
+    return counts
+
+
+def build_store_index(store, modality: str, log=None):
+    """Build (or extend with newer shards) and write the store's index for ``modality``.
+
+    Called only by writers holding the store's lock (``retina embed``, ``retina store index``).
+    Returns the faiss index (ids = global row numbers). Written atomically, so a concurrent reader
+    sees either the old or the new index file.
     """
     faiss = _faiss()
     index_path, info_path = _paths(store, modality)
@@ -160,14 +228,9 @@ def store_index(store, modality: str, log=None):
     for shard in store.shards:
         offsets[shard.index] = start
         start += shard.rows
-    index, covered = None, set()
-    if index_path.is_file() and info_path.is_file():
-        try:
-            info = json.loads(info_path.read_text())
-            if info.get("model_id") == store.model_id:
-                index, covered = faiss.read_index(str(index_path)), set(info["shards"])
-        except (OSError, ValueError, RuntimeError, KeyError):
-            index, covered = None, set()  # unreadable: rebuilt below
+    index, covered = _read_index(store, modality)
+    if not covered <= set(offsets):
+        index, covered = None, set()  # it covers shards the store no longer lists: ids would be wrong
     missing = [s for s in store.shards if s.index not in covered]
     if index is not None and not missing:
         return index
@@ -195,6 +258,28 @@ def store_index(store, modality: str, log=None):
             "nlist": int(index.nlist), "vectors": int(index.ntotal)}
     atomic_write_text(info_path, json.dumps(info) + "\n")
     return index
+
+
+def update_store_indexes(store, log=None, build_all: bool = False) -> dict[str, int]:
+    """Bring the store's ANN indexes up to date; returns {modality: vectors indexed} for those written.
+
+    ``build_all`` (``retina store index``): every modality with vectors; needs faiss. Otherwise
+    (``retina embed``): nothing without faiss; extend the indexes that exist, and build the missing
+    ones once the store holds AUTO_MIN_ROWS vectors (where ``--search auto`` picks ann).
+    """
+    if not build_all and not faiss_available():
+        return {}
+    if not build_all and len(store) < AUTO_MIN_ROWS and not (Path(store.root) / ANN_DIR).is_dir():
+        return {}  # small store, no index yet: nothing to read
+    _faiss()
+    built: dict[str, int] = {}
+    for modality, count in sorted(store_modalities(store).items()):
+        if not count:
+            continue
+        exists = all(p.is_file() for p in _paths(store, modality))
+        if build_all or exists or len(store) >= AUTO_MIN_ROWS:
+            built[modality] = int(build_store_index(store, modality, log=log).ntotal)
+    return built
 
 
 def rows_by_global_id(store, ids: list[int], columns: list[str]) -> dict[int, dict[str, Any]]:

@@ -9,9 +9,12 @@ import os
 import secrets
 from pathlib import Path
 
+from retinacli.errors import RetinaError
 from retinacli.fsutil import atomic_path
 
 SECRET_FILE = "secret.key"
+KEY_BYTES = 32  # what create_secret writes
+MIN_KEY_BYTES = 16  # shorter keys are refused: they can be guessed
 
 
 def pseudonym(value: str, key: bytes, prefix: str = "p", length: int = 12) -> str:
@@ -21,16 +24,59 @@ def pseudonym(value: str, key: bytes, prefix: str = "p", length: int = 12) -> st
     return f"{prefix}{digest[:length]}"
 
 
-def load_or_create_secret(directory: Path) -> bytes:
-    """The per-store (or per-manifest) secret, created once with owner-only permissions."""
+class SecretKeyError(RetinaError):
+    """A key file exists but cannot be used: unreadable, not hex, or too short to keep ids secret."""
+
+
+class SecretKeyMissingError(SecretKeyError):
+    """No key file where one is needed."""
+
+
+def load_secret(directory: Path) -> bytes:
+    """The secret in ``directory/secret.key``; never creates one.
+
+    Raises SecretKeyMissingError when the file is absent and SecretKeyError (naming the file) when it
+    is unreadable, not hex, or shorter than MIN_KEY_BYTES: a short key lets anyone recompute the ids.
+    """
     path = Path(directory) / SECRET_FILE
-    if path.exists():
-        return bytes.fromhex(path.read_text().strip())
+    try:
+        text = path.read_text(encoding="ascii").strip()
+    except FileNotFoundError:
+        raise SecretKeyMissingError(f"{path}: no key file") from None
+    except OSError as exc:
+        raise SecretKeyError(f"{path}: unreadable key file ({exc.strerror or type(exc).__name__})") from None
+    except UnicodeDecodeError:
+        text = "not hex"  # binary content: refused below like any other non-hex text
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        raise SecretKeyError(f"{path}: the key file is not hexadecimal; refusing to use it") from None
+    if len(key) < MIN_KEY_BYTES:
+        raise SecretKeyError(
+            f"{path}: the key is {len(key)} bytes, fewer than {MIN_KEY_BYTES}; anyone could recompute "
+            "the pseudonyms with it, so it is refused (restore the original key from a backup)"
+        )
+    return key
+
+
+def create_secret(directory: Path) -> bytes:
+    """A fresh 32-byte secret written to ``directory/secret.key`` with owner-only permissions."""
+    path = Path(directory) / SECRET_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    key = secrets.token_bytes(32)
+    key = secrets.token_bytes(KEY_BYTES)
     with atomic_path(path) as tmp:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # owner-only from the start
         with os.fdopen(fd, "w") as handle:
             handle.write(key.hex())
         tmp.chmod(0o600)  # the mode given to open is masked by the umask
     return key
+
+
+def load_or_create_secret(directory: Path) -> bytes:
+    """The secret in ``directory``, created when there is none (a new store or manifest folder).
+
+    An existing key that is unusable is refused (SecretKeyError), never replaced."""
+    try:
+        return load_secret(directory)
+    except SecretKeyMissingError:
+        return create_secret(directory)

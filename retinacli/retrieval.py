@@ -16,7 +16,7 @@ from retinacli.store import EmbeddingStore
 
 BLOCK_ROWS = 65536
 OTHER_MODALITY = {"oct": "fundus", "fundus": "oct"}
-RESULT_COLUMNS = ["id", "path", "modality", "laterality", "date"]
+RESULT_COLUMNS = ["id", "root", "path", "modality", "laterality", "date"]
 
 
 @dataclass
@@ -33,8 +33,15 @@ class Hit:
             "path": self.row.get("path"),
             "modality": self.row.get("modality"),
             "laterality": self.row.get("laterality"),
-            "date": self.row.get("date"),
+            "date": _iso_date(self.row.get("date")),
         }
+
+
+def _iso_date(value: Any) -> str | None:
+    """A stored date as YYYY-MM-DD (stores written by 0.1.0 hold YYYYMMDD)."""
+    from retinacli.readers.sanitize import iso_date
+
+    return iso_date(value)
 
 
 def display_path(path: str | None) -> str:
@@ -67,8 +74,9 @@ def search(
     """The `top_k` rows most similar to `query` among rows of modality `target` (all when None) and
     the given laterality, best first (ties broken by store order).
 
-    `method="ann"` searches the store's approximate index (retinacli.ann; needs a target modality)
-    and falls back to exact search when the filters leave fewer than `top_k` of its candidates."""
+    `method="ann"` searches the store's approximate index (retinacli.ann; needs a target modality;
+    a RetinaError when no current index exists) and falls back to exact search when the filters
+    leave fewer than `top_k` of its candidates."""
     query = normalise(query)
     if query.shape[0] != store.embed_dim:
         raise ValueError(f"query has {query.shape[0]} dimensions, the store {store.embed_dim}")
@@ -108,9 +116,9 @@ def search(
 def _ann_search(store: EmbeddingStore, query: np.ndarray, target: str, laterality: str | None, top_k: int,
                 exclude_ids: set[str], log: Any) -> list[Hit] | None:
     """Top-k from the ANN index, filtered; None when the filters leave too few candidates."""
-    from retinacli.ann import rows_by_global_id, search_index, store_index
+    from retinacli.ann import current_index, rows_by_global_id, search_index
 
-    index = store_index(store, target, log=log)
+    index = current_index(store, target)  # read only: indexes are built by writers (retinacli.ann)
     wanted = (top_k + len(exclude_ids)) * (4 if laterality else 1)
     scores, ids = search_index(index, query[None], min(wanted, index.ntotal))
     found = [(float(s), int(i)) for s, i in zip(scores[0], ids[0], strict=True) if i >= 0]

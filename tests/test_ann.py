@@ -50,7 +50,8 @@ def test_ivf_recall_at_10_against_exact():
 
 
 def test_store_ann_search_matches_exact_and_follows_new_shards(tmp_path):
-    from retinacli.ann import recall_at_k, resolve_method
+    from retinacli.ann import recall_at_k, resolve_method, update_store_indexes
+    from retinacli.errors import RetinaError
     from retinacli.retrieval import search
     from retinacli.store import EmbeddingStore, StoreWriter
 
@@ -59,6 +60,11 @@ def test_store_ann_search_matches_exact_and_follows_new_shards(tmp_path):
     write_store(root, vectors)
     store = EmbeddingStore.open(root)
     assert resolve_method(store, "auto") == "exact"  # small store: exact stays the default
+    # A query never builds the index (read-only commands write nothing into a store): refused, no ann/.
+    with pytest.raises(RetinaError, match="no oct ANN index; build it with 'retina store index"):
+        search(store, clustered_unit_vectors(1, 30, seed=2)[0], target="oct", top_k=10, method="ann")
+    assert not (root / "ann").exists()
+    assert update_store_indexes(store, build_all=True) == {"fundus": 500, "oct": 4500}
     queries = clustered_unit_vectors(30, 30, seed=2)
     recalls = []
     for q in queries:
@@ -81,6 +87,10 @@ def test_store_ann_search_matches_exact_and_follows_new_shards(tmp_path):
     with StoreWriter.open_for_model(root, model_id=store.model_id, embed_dim=DIM) as writer:
         add_rows(writer, newcomer, start=5001)  # odd row: OD, oct
     store = EmbeddingStore.open(root)
+    # the new shard makes the index out of date: refused until a writer extends it
+    with pytest.raises(RetinaError, match="out of date \\(covers 1 of 2 shards\\)"):
+        search(store, newcomer[0], target="oct", top_k=1, method="ann")
+    assert update_store_indexes(store) == {"fundus": 500, "oct": 4501}  # embed's call: extends existing
     top = search(store, newcomer[0], target="oct", top_k=1, method="ann")
     assert top[0].row["id"] == "i005001" and top[0].score == pytest.approx(1.0, abs=1e-5)
 
@@ -95,6 +105,13 @@ def test_retrieve_cli_search_option(tmp_path):
     root = tmp_path / "store"
     write_store(root, clustered_unit_vectors(2000, 20, seed=3))
     runner = CliRunner()
+    # explicit ann without an index: refused with a one-line hint, nothing written
+    missing = runner.invoke(app, ["retrieve", "i000010", "--store", str(root), "--search", "ann"])
+    assert missing.exit_code == 1 and "no oct ANN index; build it with 'retina store index" in missing.output
+    assert not (root / "ann").exists()
+    built = runner.invoke(app, ["store", "index", "--store", str(root), "--json"])
+    assert built.exit_code == 0, built.output
+    assert json.loads(built.stdout[built.stdout.index("{"):])["indexed"] == {"fundus": 200, "oct": 1800}
     outputs = {}
     for method in ("exact", "ann", "auto"):
         args = ["retrieve", "i000010", "--store", str(root), "--search", method, "--json"]
