@@ -13,7 +13,7 @@ import typer
 from typer.core import TyperGroup
 
 from retinacli import __version__
-from retinacli.errors import RetinaError
+from retinacli.errors import EXIT_BROKEN_PIPE, EXIT_NOTHING_DONE, RetinaError
 
 COMMAND_MODULES = (
     "synth",
@@ -34,12 +34,11 @@ COMMAND_MODULES = (
 
 def report_error(exc: RetinaError) -> typer.Exit:
     """Print the one-line ``error: ...`` for `exc` on stderr; return the Exit carrying its code."""
-    from rich.markup import escape
+    from retinacli.console import err, styled
 
-    from retinacli.console import err
-
-    # The message is literal text: '[train]' in a pip hint or brackets in a path are not Rich markup.
-    err.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, highlight=False)
+    # The message is literal text on one line: '[train]' in a pip hint or brackets, a newline or an
+    # escape sequence in a path are shown, never interpreted.
+    err.print(styled(("error:", "bold red"), " ", str(exc)), highlight=False)
     return typer.Exit(exc.exit_code)
 
 
@@ -87,17 +86,100 @@ for _name in COMMAND_MODULES:
     importlib.import_module(f"retinacli.commands.{_name}").register(app)
 
 
-def main() -> None:
+def configure_streams() -> None:
+    """Make stdout/stderr unable to fail on a character.
+
+    On a UTF-8 stream, file names that are not valid UTF-8 (common on old exports) are written back
+    as their original bytes (surrogateescape), as `ls` shows them. On any other encoding (ascii,
+    latin-1: PYTHONIOENCODING, an old locale) what the encoding cannot hold becomes a backslash
+    escape (µm -> \\xb5m) instead of a UnicodeEncodeError; Rich tables switch to ASCII borders there.
+    """
     import sys
 
-    # File names that are not valid UTF-8 (common on old exports) must print, not crash a batch.
     for stream in (sys.stdout, sys.stderr):
+        encoding = (getattr(stream, "encoding", None) or "").lower().replace("-", "").replace("_", "")
         if hasattr(stream, "reconfigure"):
-            stream.reconfigure(errors="surrogateescape")
+            stream.reconfigure(errors="surrogateescape" if encoding == "utf8" else "backslashreplace")
+
+
+class OutputError(Exception):
+    """Writing to stdout failed (a closed pipe, a full disk): carries the OSError."""
+
+    def __init__(self, cause: OSError):
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+class _GuardedStdout:
+    """sys.stdout, with a failed write or flush raised as OutputError, so `main` can tell "stdout is
+    gone" (one line, a documented exit code) from any other OSError (a bug: a traceback)."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text):
+        try:
+            return self._stream.write(text)
+        except OSError as exc:
+            raise OutputError(exc) from None
+
+    def flush(self):
+        try:
+            return self._stream.flush()
+        except OSError as exc:
+            raise OutputError(exc) from None
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def main() -> None:
+    """The `retina` entry point.
+
+    Exit status when stdout fails: EXIT_BROKEN_PIPE (141, as a shell reports a process killed by
+    SIGPIPE) and no message when the reader went away (`retina ... | head -1`); EXIT_NOTHING_DONE (1)
+    and one ``error: cannot write to stdout: <reason>`` line when writing failed otherwise (a full disk).
+    """
+    import errno
+    import os
+    import sys
+
+    configure_streams()
+    real_stdout = sys.stdout
+    if real_stdout is not None:  # None when started with stdout closed (`retina ... >&-`)
+        sys.stdout = _GuardedStdout(real_stdout)
+    code: int | str | None = 0
     try:
-        app()
-    except RetinaError as exc:  # raised outside a command (RetinaGroup.invoke handles the rest)
-        raise SystemExit(report_error(exc).exit_code) from None
+        try:
+            app()
+        except SystemExit as exc:
+            code = exc.code
+        except RetinaError as exc:  # raised outside a command (RetinaGroup.invoke handles the rest)
+            code = report_error(exc).exit_code
+        if sys.stdout is not None:
+            sys.stdout.flush()  # inside the try: a failure here would otherwise surface at shutdown
+    except OutputError as exc:
+        # Whatever is still buffered can never be written: point stdout at devnull so the
+        # interpreter's own flush at exit is silent (https://docs.python.org/3/library/signal.html).
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, real_stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        sys.stdout = real_stdout
+        if exc.cause.errno == errno.EPIPE:
+            code = EXIT_BROKEN_PIPE
+        else:
+            reason = exc.cause.strerror or str(exc.cause)
+            try:
+                from retinacli.console import err, styled
+
+                err.print(styled(("error:", "bold red"), f" cannot write to stdout: {reason}"),
+                          highlight=False)
+            except OSError:
+                pass
+            code = EXIT_NOTHING_DONE
+    raise SystemExit(code)
 
 
 if __name__ == "__main__":

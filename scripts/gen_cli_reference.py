@@ -26,9 +26,11 @@ stderr.
 |---|---|
 | 0 | done; for batch commands at least one input succeeded (failures are listed in the error report) |
 | 1 | nothing done: no readable input, every input failed, or the command failed as a whole |
+| 1 | ... or stdout cannot be written (`> /dev/full`): one line `error: cannot write to stdout: ...` |
 | 2 | usage error: bad option, missing argument, wrong modality or model for a store, unknown task |
 | 3 | model package missing, corrupt (sha256 mismatch), or not a valid package |
 | 4 | the embedding store is locked by another running `retina embed` |
+| 141 | stdout closed by its reader (piped into `head -1`): stops quietly, no message (128 + SIGPIPE) |
 
 ## Environment
 
