@@ -15,11 +15,14 @@ class ImageMeta:
     """Acquisition metadata. Identifiers here stay internal: outputs use pseudonyms (retinacli.privacy)."""
 
     laterality: str | None = None  # "OD" (right) or "OS" (left)
-    study_date: str | None = None  # YYYYMMDD
-    acquisition_datetime: str | None = None  # YYYYMMDDHHMMSS when known
-    device: str | None = None  # manufacturer / model
+    study_date: str | None = None  # YYYY-MM-DD, validated (readers/sanitize.py)
+    acquisition_datetime: str | None = None  # YYYY-MM-DDTHH:MM:SS when known, validated
+    device: str | None = None  # canonical vendor / model from a fixed table, never header text
     pixel_spacing_mm: tuple[float, ...] | None = None  # OCT: (slice, row, column); fundus: (row, column)
     patient_id: str | None = None  # internal only, never written out unless the user asks
+    # internal only, never written out: what retinacli.redaction looks for in path components
+    patient_name: str | None = None
+    accession_number: str | None = None
     study_uid: str | None = None
     series_uid: str | None = None
     sop_instance_uid: str | None = None

@@ -25,6 +25,7 @@ from retinacli.cohort_manifest import LABEL_COLUMNS, MANIFEST_COLUMNS
 from retinacli.errors import ReadError, UsageError
 from retinacli.fsutil import atomic_path
 from retinacli.items import ImageMeta
+from retinacli.redaction import PathRedactor
 
 EXTRA_COLUMNS = [
     "visit_date",
@@ -75,7 +76,8 @@ class PairingResult:
 
 
 def parse_stamp(value: str | None) -> dt.datetime | None:
-    """YYYYMMDD[HHMMSS] -> datetime (None when absent or malformed)."""
+    """YYYY-MM-DD[THH:MM:SS] (what the readers give) or YYYYMMDD[HHMMSS] -> datetime (None when absent or
+    malformed): the digits are what count."""
     if not value:
         return None
     digits = "".join(ch for ch in value if ch.isdigit())
@@ -279,12 +281,18 @@ def manifest_rows(
     manifest_dir: Path,
     key: bytes | None,
     labels: Labels | None = None,
+    path_of=None,
 ) -> tuple[list[dict[str, object]], list[Unpaired]]:
-    """Rows of the manifest (paths relative to `manifest_dir`); pairs with no known eye are dropped."""
+    """Rows of the manifest (paths relative to `manifest_dir`, or `path_of(path)`: --redact-paths);
+    pairs with no known eye are dropped."""
     from retinacli.privacy import pseudonym
 
     rows: list[dict[str, object]] = []
     dropped: list[Unpaired] = []
+
+    def relative(path: Path) -> str:
+        return _relative(path, manifest_dir)
+
     visit_dates: dict[tuple[str, str], set[str]] = defaultdict(set)
     prepared = []
     for pair in pairs:
@@ -304,8 +312,8 @@ def manifest_rows(
             "patient_id": shown_id,
             "eye": eye,
             "visit": visit,
-            "oct_path": _relative(pair.oct.path, manifest_dir),
-            "fundus_path": _relative(pair.fundus.path, manifest_dir),
+            "oct_path": (path_of or relative)(pair.oct.path),
+            "fundus_path": (path_of or relative)(pair.fundus.path),
             **dict.fromkeys(LABEL_COLUMNS, ""),
             "visit_date": date,
             "pair_method": pair.method,
@@ -350,6 +358,7 @@ class PairReport:
     result: PairingResult
     labels_rows: int = 0
     labels_matched: int = 0
+    shown: PathRedactor | None = None  # output paths for the summary (retinacli.redaction)
 
     def by_method(self) -> dict[str, int]:
         counts: dict[str, int] = defaultdict(int)
@@ -364,8 +373,15 @@ def pair_folders(
     labels_csv: Path | None = None,
     window_hours: float = 24.0,
     keep_identifiers: bool = False,
+    redact_paths: bool = False,
 ) -> PairReport:
-    """Discover, pair, join labels and write the manifest at `out` (nothing written when no pair)."""
+    """Discover, pair, join labels and write the manifest at `out` (nothing written when no pair).
+
+    The manifest's oct_path / fundus_path stay openable (relative to it) so training can read the
+    files; `redact_paths` replaces every component there too (a manifest to share, not to train on).
+    The report's `shown` gives the summary's paths: relative to the PATH named, components naming
+    the file's patient replaced by its manifest pseudonym (keyed with the manifest's secret.key,
+    else a per-run key), or every component with `redact_paths`."""
     if window_hours <= 0:
         raise UsageError(f"--window-hours must be positive, got {window_hours:g}")
     out = Path(out)
@@ -373,12 +389,15 @@ def pair_folders(
     entries, errors, ignored = collect_entries(paths)
     pairs, unpaired = pair_entries(entries, window_hours)
     result = PairingResult(pairs=pairs, unpaired=unpaired, errors=errors, ignored=ignored)
-    if not pairs:
-        return PairReport(None, [], result, labels.rows if labels else 0, 0)
     from retinacli.privacy import load_or_create_secret
 
-    key = None if keep_identifiers else load_or_create_secret(out.parent)
-    rows, dropped = manifest_rows(pairs, out.parent, key, labels)
+    key = None if keep_identifiers or not pairs else load_or_create_secret(out.parent)
+    shown = PathRedactor.for_paths(list(paths), key, redact_all=redact_paths)
+    for entry in entries:
+        shown.learn(entry.meta)
+    if not pairs:
+        return PairReport(None, [], result, labels.rows if labels else 0, 0, shown)
+    rows, dropped = manifest_rows(pairs, out.parent, key, labels, shown.show if redact_paths else None)
     result.unpaired.extend(dropped)
     if rows:
         write_manifest(rows, out)
@@ -388,4 +407,5 @@ def pair_folders(
         result,
         labels.rows if labels else 0,
         len(labels.used) if labels else 0,
+        shown,
     )

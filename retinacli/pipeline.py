@@ -6,7 +6,8 @@ decoders and onnxruntime release the GIL for their heavy loops, so the two overl
 `2 * workers` sources are in flight and a source's pixels are dropped as soon as it is preprocessed,
 so memory stays bounded however big the folder is.
 
-Resume: a source is identified by a keyed hash of its absolute path, size and mtime (`source_key`).
+Resume: a source is identified by a keyed hash of its resolved path, size and mtime (`source_key`;
+stores before format 3 hashed the absolute path, which kept `..`: those keys are still honoured).
 All the items one source yields are committed to the store together, so a source whose key is in
 the store is complete and is skipped on the next run.
 """
@@ -30,6 +31,7 @@ import numpy as np
 from retinacli.errors import ReadError
 from retinacli.items import FundusImage, OctVolume
 from retinacli.privacy import pseudonym
+from retinacli.redaction import PathRedactor
 
 ReadSource = Callable[[Any, "str | None"], Iterable["OctVolume | FundusImage | ReadError"]]
 
@@ -82,19 +84,24 @@ def source_path(source: Any) -> Path:
     return Path(getattr(source, "path", source))
 
 
-def source_identity(source: Any) -> str:
-    """What makes a source "the same input" for resume: absolute path + size + mtime.
+def source_identity(source: Any, legacy: bool = False) -> str:
+    """What makes a source "the same input" for resume: resolved path + size + mtime.
 
     A volume made of several files (B-scan images, a single-frame DICOM series) is identified by its
     path and its files' names, sizes and mtimes, so adding or replacing a B-scan makes it new.
+    `legacy`: the identity older versions computed (the absolute path, `..` and links kept), so a
+    store they wrote still skips what it holds.
     """
-    path = source_path(source).absolute()
+    def where(p: Path) -> Path:
+        return p.absolute() if legacy else p.resolve()
+
+    path = where(source_path(source))
     members = tuple(getattr(source, "members", ()) or ())
     if members:
         listing = hashlib.sha256()
         for member in members:
             st = Path(member).stat()
-            listing.update(f"{Path(member).absolute()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+            listing.update(f"{where(Path(member))}|{st.st_size}|{st.st_mtime_ns}\n".encode())
         return f"set:{path}|{listing.hexdigest()}"
     stat = path.stat()
     if not path.is_dir():
@@ -125,17 +132,23 @@ def source_key(identity: str, secret: bytes) -> str:
 
 
 def metadata_row(
-    item: OctVolume | FundusImage, identity: str, skey: str, secret: bytes, keep_identifiers: bool
+    item: OctVolume | FundusImage, identity: str, skey: str, secret: bytes, keep_identifiers: bool,
+    paths: PathRedactor | None = None,
 ) -> dict[str, Any]:
-    """The store's metadata for one item: pseudonyms instead of identifiers (see store.METADATA_COLUMNS)."""
+    """The store's metadata for one item: pseudonyms instead of identifiers (see store.METADATA_COLUMNS).
+
+    `paths`: the run's roots; the row gets the root id and the output path (retinacli.redaction).
+    Without it (library callers) the path is absolute and there is no root."""
+    from retinacli.readers.sanitize import date_of
+
     meta = item.meta
-    date = meta.study_date or (meta.acquisition_datetime or "")[:8] or None
+    date = date_of(meta.study_date, meta.acquisition_datetime)  # YYYY-MM-DD, validated
     references = [item_id(f"sop:{uid}", secret) for uid in meta.referenced_sop_uids if uid]
     return {
         "id": item_id(identity, secret),
         "source_key": skey,
         "modality": item.modality,
-        "path": str(Path(item.path).absolute()),
+        **_path_fields(item, paths),
         "format": item.format,
         "laterality": meta.laterality,
         "date": date,
@@ -146,6 +159,13 @@ def metadata_row(
         "references": " ".join(references) or None,
         "patient_identifier": meta.patient_id if keep_identifiers else None,
     }
+
+
+def _path_fields(item: OctVolume | FundusImage, paths: PathRedactor | None) -> dict[str, Any]:
+    if paths is None:
+        return {"root": None, "path": str(Path(item.path).absolute())}
+    root, shown = paths.output(item.path, item.meta)
+    return {"root": root, "path": shown}
 
 
 # --- reading + preprocessing (worker side) -------------------------------------------------------
@@ -163,6 +183,7 @@ class Prepared:
     modality: str
     array: np.ndarray
     row: dict[str, Any]
+    path: str = ""  # the item's file, for error reports (the row holds the output path)
 
 
 @dataclass
@@ -183,6 +204,7 @@ def prepare_items(
     skey: str,
     secret: bytes,
     keep_identifiers: bool,
+    paths: PathRedactor | None = None,
 ) -> SourceResult:
     """Read every item of one source and preprocess it; failures become ReadErrors, never exceptions."""
     result = SourceResult(source, skey)
@@ -192,7 +214,7 @@ def prepare_items(
         result.errors.append(exc)
         return result
     except Exception as exc:  # a reader bug must not stop the batch
-        reason = f"could not be read ({type(exc).__name__}: {_first_line(exc)})"
+        reason = f"could not be read ({type(exc).__name__})"  # a message can quote header values
         result.errors.append(ReadError(source, reason))
         return result
     good = [x for x in read if not isinstance(x, ReadError) and (modality is None or x.modality == modality)]
@@ -204,8 +226,8 @@ def prepare_items(
             result.errors.append(ReadError(item.path, f"preprocessing failed ({_first_line(exc)})"))
             continue
         identity = item_identity(item, source_id, ordinal, len(good))
-        row = metadata_row(item, identity, skey, secret, keep_identifiers)
-        result.items.append(Prepared(item.modality, array, row))
+        row = metadata_row(item, identity, skey, secret, keep_identifiers, paths)
+        result.items.append(Prepared(item.modality, array, row, str(item.path)))
     return result
 
 
@@ -239,9 +261,17 @@ def plan_embedding(
     *,
     exclude: Path | None = None,
     discover: Callable[[Sequence[Path]], tuple[list[Any], list[ReadError]]] | None = None,
+    old_paths: Iterable[str] = (),
 ) -> EmbedPlan:
-    """Discover the sources under `paths` and drop those the store already holds."""
+    """Discover the sources under `paths` and drop those the store already holds.
+
+    `old_paths`: the absolute paths of rows written before store format 3, whose keys hashed the
+    path as it was spelled (`..` kept): a source at the same place, unchanged, is matched to them
+    however it is spelled now, so upgrading a store never embeds its sources again."""
     sources, errors = (discover or discover_with_readers)([Path(p) for p in paths])
+    spelled: dict[str, list[str]] = {}
+    for old in old_paths:
+        spelled.setdefault(str(Path(old).resolve()), []).append(old)
     excluded = Path(exclude).absolute() if exclude is not None else None
     todo, skipped, seen = [], 0, set()
     for source in sources:
@@ -257,11 +287,40 @@ def plan_embedding(
         if key in seen:
             continue  # the same source named twice on the command line
         seen.add(key)
-        if key in done_keys:
+        if key in done_keys or (done_keys and _legacy_key(source, secret) in done_keys) or (
+                spelled and _matches_old_row(source, secret, done_keys, spelled)):
             skipped += 1
         else:
             todo.append((source, identity, key))
     return EmbedPlan(todo, skipped, list(errors))
+
+
+def _legacy_key(source: Any, secret: bytes) -> str | None:
+    try:
+        return source_key(source_identity(source, legacy=True), secret)
+    except OSError:
+        return None
+
+
+def _matches_old_row(source: Any, secret: bytes, done_keys: set[str], spelled: dict[str, list[str]]) -> bool:
+    """Whether an older row names this source under another spelling with the same legacy key (the
+    key also hashes size and mtime, so a changed file does not match)."""
+    here = source_path(source)
+    for old in spelled.get(str(here.resolve()), ()):
+        try:
+            members = [Path(old) / Path(m).relative_to(here) for m in getattr(source, "members", ()) or ()]
+            proxy = _Spelled(Path(old), members)
+            if source_key(source_identity(proxy, legacy=True), secret) in done_keys:
+                return True
+        except (OSError, ValueError):
+            continue
+    return False
+
+
+@dataclass
+class _Spelled:
+    path: Path
+    members: list[Path]
 
 
 class _OpenSource:
@@ -285,8 +344,11 @@ def run_embedding(
     keep_identifiers: bool = False,
     read_source: ReadSource | None = None,
     on_source_done: Callable[[SourceResult], None] | None = None,
+    paths: PathRedactor | None = None,
 ) -> EmbedReport:
-    """Embed the plan's sources into `writer` (a StoreWriter). Never raises for a bad input."""
+    """Embed the plan's sources into `writer` (a StoreWriter). Never raises for a bad input.
+
+    `paths`: the run's roots and redaction; rows and the report's errors then carry output paths."""
     started = time.perf_counter()
     read_source = read_source or read_with_readers
     workers = max(1, int(workers or default_workers()))
@@ -303,9 +365,11 @@ def run_embedding(
         try:
             items = read_source(source, modality)
         except Exception as exc:
-            items = [exc if isinstance(exc, ReadError) else ReadError(path, f"could not be read ({exc})")]
+            # the type only, not the message: a parser's message can quote a header value
+            reason = f"could not be read ({type(exc).__name__})"
+            items = [exc if isinstance(exc, ReadError) else ReadError(path, reason)]
         return prepare_items(items, engine.preprocess, modality=modality, source=path, source_id=identity,
-                             skey=key, secret=secret, keep_identifiers=keep_identifiers)
+                             skey=key, secret=secret, keep_identifiers=keep_identifiers, paths=paths)
 
     def finish_source(key: str) -> None:
         state = open_sources.pop(key)
@@ -325,7 +389,8 @@ def run_embedding(
         except Exception as exc:  # e.g. onnxruntime refusing an input: report, retry next run
             vectors = None
             reason = f"the model failed on it ({_first_line(exc)})"
-            report.errors.extend(ReadError(prepared.row["path"], reason) for _, prepared in batch)
+            report.errors.extend(ReadError(prepared.path or prepared.row["path"], reason)
+                                 for _, prepared in batch)
         for i, (key, prepared) in enumerate(batch):
             state = open_sources[key]
             if vectors is None:
@@ -377,6 +442,8 @@ def run_embedding(
         pool.shutdown(wait=True, cancel_futures=True)
         report.seconds = time.perf_counter() - started
         report.failed = len(report.errors)
+    if paths is not None:  # after every read, so identifiers learnt from any file apply
+        report.errors = [ReadError(*paths.error(e.path, e.reason)) for e in report.errors]
     return report
 
 

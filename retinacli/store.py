@@ -8,6 +8,7 @@ Layout (clip-retrieval's, plus an index and a lock)::
     STORE/errors.csv                   inputs the last `retina embed` run could not embed (path, reason)
     STORE/secret.key                   per-store key for the pseudonymous ids (never leaves the store)
     STORE/.lock                        held (flock) by the one process writing the store
+    STORE/ann/                         optional ANN indexes, written only by writers (retinacli.ann)
 
 A shard is committed when its vectors, then its metadata, were written (temp file, fsync, rename) and
 the index lists it; files the index does not list are debris of a killed run and are removed by the
@@ -33,12 +34,15 @@ import numpy as np
 
 from retinacli.errors import EXIT_USAGE, RetinaError, StoreBusyError
 from retinacli.fsutil import atomic_write_bytes
-from retinacli.privacy import load_or_create_secret
+from retinacli.privacy import SECRET_FILE, SecretKeyMissingError, create_secret, load_secret
+from retinacli.redaction import Root, roots_for
 
 STORE_FORMAT = "retina-embedding-store"
-# store.json layout version (docs/store.md): 2 added the `package` record. A reader opens every version
-# up to its own and refuses newer ones; a writer upgrades an older store's index when it next writes.
-STORE_FORMAT_VERSION = 2
+# store.json layout version (docs/store.md): 2 added the `package` record; 3 the `roots` list and the
+# rows' `root` column (paths relative to a root; older rows keep their absolute paths). A reader opens
+# every version up to its own and refuses newer ones; a writer upgrades an older store's index when it
+# next writes.
+STORE_FORMAT_VERSION = 3
 INDEX_FILE = "store.json"
 ERRORS_FILE = "errors.csv"
 LOCK_FILE = ".lock"
@@ -51,12 +55,14 @@ METADATA_COLUMNS: dict[str, str] = {
     "id": "pseudonymous item id: keyed hash of the file's identity (SOPInstanceUID, else path+size+mtime)",
     "source_key": "keyed hash of the source's path+size+mtime: what `retina embed` skips on a re-run",
     "modality": "oct or fundus",
-    "path": "absolute path of the source file or folder",
+    "root": "id of the root (a PATH given to `retina embed`, listed in store.json `roots`) the path is under",
+    "path": "the item's file or folder relative to its root's parent folder, components naming the patient "
+            "replaced by its pseudonym (format 1 and 2 rows: the absolute path, no root)",
     "format": "reader format (dicom, png, npy, vol, ...)",
     "laterality": "OD (right) or OS (left), when known",
-    "date": "acquisition / study date YYYYMMDD, when known",
-    "acquisition_datetime": "YYYYMMDDHHMMSS, when known",
-    "device": "manufacturer / model, when known",
+    "date": "study / acquisition date YYYY-MM-DD, when known (rows written by retina 0.1.0: YYYYMMDD)",
+    "acquisition_datetime": "YYYY-MM-DDTHH:MM:SS, when known (0.1.0: YYYYMMDDHHMMSS)",
+    "device": "canonical vendor / model from a fixed table (never header text), when recognised",
     "patient": "pseudonymous patient id (keyed hash), when the file names a patient",
     "study": "pseudonymous study id (keyed hash of StudyInstanceUID), when known",
     "references": "ids of referenced items (an OCT's localizer fundus), space-separated",
@@ -69,6 +75,10 @@ METADATA_COLUMNS: dict[str, str] = {
 
 class StoreError(RetinaError):
     """The store is missing, unreadable, or does not fit the request."""
+
+
+class StoreKeyMissingError(StoreError):
+    """A store with rows but no secret.key: appending would re-key it and duplicate every source."""
 
 
 class StoreModelMismatchError(StoreError):
@@ -180,6 +190,12 @@ class EmbeddingStore:
         return record if isinstance(record, dict) else None
 
     @property
+    def roots(self) -> list[Root]:
+        """The PATHs given to `retina embed` (format 3); rows name theirs in the `root` column."""
+        return [Root(str(r["id"]), str(r["path"]), r.get("path_key")) for r in self.index.get("roots") or []
+                if isinstance(r, dict) and r.get("id") and r.get("path")]
+
+    @property
     def model_id(self) -> str:
         return self.index["model_id"]
 
@@ -216,10 +232,17 @@ class EmbeddingStore:
     def shard_metadata(self, shard: Shard, columns: list[str] | None = None) -> dict[str, list[Any]]:
         import pyarrow.parquet as pq
 
+        missing: list[str] = []
+        if columns is not None:  # a column added by a later format (e.g. `root`) reads as empty
+            present = set(pq.read_schema(shard.metadata).names)
+            missing = [c for c in columns if c not in present]
+            columns = [c for c in columns if c in present]
         table = pq.read_table(shard.metadata, columns=columns)
         if table.num_rows != shard.rows:
             raise StoreError(f"{shard.metadata}: {table.num_rows} rows, the index says {shard.rows}")
-        return table.to_pydict()
+        data = table.to_pydict()
+        data.update({c: [None] * shard.rows for c in missing})
+        return data
 
     def iter_shards(self, columns: list[str] | None = None) -> Iterator[tuple[Shard, np.ndarray, dict]]:
         for shard in self.shards:
@@ -247,6 +270,14 @@ class EmbeddingStore:
         for shard in self.shards:
             values.update(v for v in self.shard_metadata(shard, [column])[column] if v is not None)
         return values
+
+    def paths_without_root(self) -> list[str]:
+        """The stored (absolute) paths of rows written before format 3, which name no root."""
+        found: list[str] = []
+        for shard in self.shards:
+            meta = self.shard_metadata(shard, ["root", "path"])
+            found.extend(p for r, p in zip(meta["root"], meta["path"], strict=True) if r is None and p)
+        return found
 
     def find(self, item_id: str) -> tuple[np.ndarray, dict[str, Any]] | None:
         """The vector and metadata row of one item id, or None."""
@@ -311,6 +342,26 @@ class _Lock:
             self._fh = None
 
 
+def writer_secret(root: Path, index: dict[str, Any], create: bool = True) -> bytes | None:
+    """The key a writer hashes ids with: the store's own, or a fresh one for a store without rows.
+
+    A store that has rows but lost its key is refused: a new key would give every source new ids,
+    so the next run would embed them all again as duplicates that cannot be linked to the old rows.
+    `create=False` only checks: None where a fresh key would be made.
+    """
+    try:
+        return load_secret(root)
+    except SecretKeyMissingError:
+        if index.get("shards") or int(index.get("rows") or 0):
+            raise StoreKeyMissingError(
+                f"{Path(root) / SECRET_FILE}: the store's key is missing, but the store holds "
+                f"{int(index.get('rows') or 0)} rows; without it the pseudonyms of its rows cannot be "
+                "recomputed and every source would be embedded again as a duplicate. Restore secret.key "
+                "from a backup, or embed into a new store with --out"
+            ) from None
+        return create_secret(root) if create else None
+
+
 _SHARD_RE = re.compile(r"^(emb|meta)_(\d{5,})\.(npy|parquet)$")
 
 
@@ -328,7 +379,7 @@ class StoreWriter(EmbeddingStore):
         self.shard_rows = max(1, int(shard_rows))
         self._rows: list[dict[str, Any]] = []
         self._vectors: list[np.ndarray] = []
-        self.secret = load_or_create_secret(self.root)
+        self.secret = writer_secret(self.root, index)
         self.on_commit: Any = None  # optional callback(shard_index), e.g. for progress or tests
         self.upgraded_from: int | None = None  # the format version this writer upgraded the index from
 
@@ -352,6 +403,9 @@ class StoreWriter(EmbeddingStore):
         the model; an older store's index is upgraded to this format version (`upgraded_from`).
         """
         root = Path(root)
+        if (root / INDEX_FILE).is_file():
+            # Checked before the lock too, so a refused store is left exactly as it was (not even .lock).
+            writer_secret(root, EmbeddingStore.open(root).index, create=False)
         root.mkdir(parents=True, exist_ok=True)
         lock = _Lock(root)
         lock.acquire()
@@ -367,6 +421,7 @@ class StoreWriter(EmbeddingStore):
                     raise StoreModelMismatchError(
                         f"{root}: the store's vectors have {index['embed_dim']} dimensions, not {embed_dim}"
                     )
+                writer_secret(root, index)  # refuse a missing or bad key before anything is written
                 upgraded_from, updated = _upgraded_index(index, package, model_id, model_name, model_version)
                 if updated is not None:
                     atomic_write_bytes(root / INDEX_FILE, _index_bytes(updated))
@@ -382,6 +437,7 @@ class StoreWriter(EmbeddingStore):
                     "embed_dim": int(embed_dim),
                     "spec_hash": spec_hash,
                     "package": _package_record(package, model_id, model_name, model_version),
+                    "roots": [],
                     "created": _now(),
                     "updated": _now(),
                     "rows": 0,
@@ -467,6 +523,27 @@ class StoreWriter(EmbeddingStore):
             self.on_commit(shard_index)
         return shard_index
 
+    def add_roots(self, paths: list[Path]) -> list[Root]:
+        """Record the PATHs of this run as roots (known ones keep their id); returns this run's roots
+        with their real paths (for locating files; store.json gets them via `record_roots`)."""
+        roots, run = roots_for(paths, self.roots, self.secret)
+        self._record_roots(roots)
+        return run
+
+    def record_roots(self, run: list[Root], shown: Any) -> None:
+        """Rewrite this run's roots in store.json as `shown` (a PathRedactor) prints a path, now
+        that the run's identifiers are known: a root named after a patient does not name them."""
+        paths = {r.id: shown.redact(r.path) for r in run}
+        self._record_roots([Root(r.id, paths.get(r.id, r.path), r.path_key) for r in self.roots])
+
+    def _record_roots(self, roots: list[Root]) -> None:
+        records = [r.to_record() for r in roots]
+        if records != self.index.get("roots"):
+            index = dict(self.index)
+            index["roots"] = records
+            atomic_write_bytes(self.root / INDEX_FILE, _index_bytes(index))
+            self.index = index
+
     def write_errors(self, errors: Iterable[tuple[str, str]]) -> Path:
         """Replace errors.csv with this run's failures: one row per input (path, reason)."""
         buf = io.StringIO()
@@ -505,6 +582,7 @@ def _upgraded_index(
     updated = dict(index)
     updated["format_version"] = STORE_FORMAT_VERSION
     updated["package"] = new_record if stale and new_record is not None else record
+    updated.setdefault("roots", [])  # rows written before format 3 keep absolute paths and no root
     return (old_version if old_version < STORE_FORMAT_VERSION else None), updated
 
 

@@ -56,12 +56,12 @@ def test_embed_defaults_to_dot_retina_store_and_echoes_them(standins, tmp_path):
     assert summary["embedded"] == 6 and summary["skipped"] == 0 and summary["failed"] == 1
     assert summary["store"] == str(Path(".retina") / "store")
     assert summary["model"] == "standin@0.1.0+000000000000"
-    assert summary["errors"] == [{"path": str(data / "bad0.npy"), "error": "truncated pixel data"}]
+    assert summary["errors"] == [{"path": "data/bad0.npy", "error": "truncated pixel data"}]  # root-relative
     assert "store: .retina/store (default ./.retina/store)" in result.stderr
     assert "model: standin@0.1.0+000000000000" in result.stderr
     assert "failed:" in result.stderr and "bad0.npy: truncated pixel data" in result.stderr
     assert len(EmbeddingStore.open(Path(".retina/store"))) == 6
-    assert read_errors(Path(".retina/store")) == [(str(data / "bad0.npy"), "truncated pixel data")]
+    assert read_errors(Path(".retina/store")) == [("data/bad0.npy", "truncated pixel data")]
     again = json.loads(run("embed", data, "--json").stdout)
     assert (again["embedded"], again["skipped"]) == (0, 6)
 
@@ -93,22 +93,24 @@ def test_retrieve_json_other_modality_laterality_and_self(standins, tmp_path):
     assert payload["query"]["modality"] == "fundus" and payload["query"]["laterality"] == "OD"
     results = payload["results"]
     assert [r["rank"] for r in results] == [1, 2, 3, 4, 5]
-    assert set(results[0]) == {"rank", "score", "id", "path", "modality", "laterality", "date"}
+    assert set(results[0]) == {"rank", "score", "id", "root", "path", "modality", "laterality", "date"}
     assert all(r["modality"] == "oct" for r in results)
     assert [r["score"] for r in results] == sorted((r["score"] for r in results), reverse=True)
     # The query file's id is its id in the store: retrieving by id with --target gives itself at ~1.
     by_id = json.loads(run("retrieve", payload["query"]["id"], "--target", "fundus", "--json").stdout)
     assert by_id["results"][0]["id"] == payload["query"]["id"]
     assert by_id["results"][0]["score"] == pytest.approx(1.0, abs=1e-5)
-    assert by_id["query"]["path"] == str(data / "eye0_OD_fundus.npy")
+    # stored paths are relative to the root given to embed (data), with its id
+    assert (by_id["query"]["root"], by_id["query"]["path"]) == ("r0", "data/eye0_OD_fundus.npy")
     left = json.loads(run("retrieve", data / "eye0_OD_fundus.npy", "--laterality", "os", "--json").stdout)
     assert len(left["results"]) == 3 and {r["laterality"] for r in left["results"]} == {"OS"}
     table = run("retrieve", payload["query"]["id"])
     assert table.exit_code == 0 and "rank" in table.stdout and results[0]["id"] in table.stdout
-    # The title names the query as given and shows only the metadata it has (no "?" placeholders).
+    # The title names the query relative to its folder (a folder name can name the patient) and
+    # shows only the metadata it has (no "?" placeholders).
     title = " ".join(run("retrieve", data / "eye0_OD_fundus.npy", "--top", "2").stdout.split())
     known = ", ".join(v for v in ("fundus", "OD", payload["query"]["date"]) if v)
-    assert f"oct items nearest to {data / 'eye0_OD_fundus.npy'} ({known})" in title
+    assert f"oct items nearest to eye0_OD_fundus.npy ({known})" in title and str(data) not in title
     assert "?" not in title
 
 

@@ -171,11 +171,11 @@ def test_retrieve_fundus_finds_oct_with_filters_and_self(embedded, tiny_cohort, 
     # How often the same eye's OCT of that visit is among the top 5 (reported, not asserted: tiny model).
     store = EmbeddingStore.open(store_root)
     meta, vectors = store.metadata(), store.vectors()
-    row_of = {m["path"]: i for i, m in enumerate(meta)}
+    row_of = {m["path"]: i for i, m in enumerate(meta)}  # relative to the folder holding the root
     hits = 0
     for row in rows:
-        fundus = row_of[str((tiny_cohort / row["fundus_path"]).absolute())]
-        oct_id = meta[row_of[str((tiny_cohort / row["oct_path"]).absolute())]]["id"]
+        fundus = row_of[f"{tiny_cohort.name}/{row['fundus_path']}"]
+        oct_id = meta[row_of[f"{tiny_cohort.name}/{row['oct_path']}"]]["id"]
         hits += oct_id in {h.row["id"] for h in search(store, vectors[fundus], target="oct", top_k=5)}
     print(f"\nfundus->OCT top-5 with the tiny package: {hits}/{len(rows)} (chance {5 / len(rows):.2f})")
 
@@ -205,7 +205,8 @@ def test_predict_on_files_matches_the_store(embedded, tiny_cohort, tiny_package,
                               store_root, "--json").stdout)["predictions"]
     from_store = {p["id"]: p for p in json.loads(cli("predict", "--task", "bcva", "--store", store_root,
                                                      "--json").stdout)["predictions"]}
-    assert [Path(p["path"]) for p in on_files] == [f.absolute() for f in files]
+    # each file is its own root (r0, r1): shown relative to the folder holding it
+    assert [(p["root"], p["path"]) for p in on_files] == [("r0", files[0].name), ("r1", files[1].name)]
     for p in on_files:
         assert p["probability"] == pytest.approx(from_store[p["id"]]["probability"], abs=1e-4)
     assert len(EmbeddingStore.open(store_root)) == 2 * len(rows)  # nothing was written

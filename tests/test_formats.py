@@ -78,14 +78,18 @@ def test_0_1_0_package_verifies_and_embeds(frozen, tmp_path, monkeypatch):
     summary = json.loads(result.stdout)
     assert summary["embedded"] == 4 and summary["failed"] == 0 and summary["model"] == FROZEN_MODEL
     store = EmbeddingStore.open(tmp_path / "new")
-    assert store.format_version == STORE_FORMAT_VERSION == 2
+    assert store.format_version == STORE_FORMAT_VERSION == 3
+    # format 3: the root given is recorded; rows name it and a path relative to its parent folder
+    assert [(r.id, r.path) for r in store.roots] == [("r0", str((frozen / "source").absolute()))]
+    assert {r["root"] for r in store.metadata()} == {"r0"}
     assert store.package_record == {"model_id": FROZEN_MODEL, "name": "toy", "version": "0.1.0",
                                     "path": str((frozen / "package").resolve())}
     # The frozen package still computes the frozen store's vectors (same files, same preprocessing).
     frozen_store = EmbeddingStore.open(frozen / "store")
     old = {r["path"].split("/png/")[1]: v for r, v in zip(frozen_store.metadata(), frozen_store.vectors(),
                                                           strict=True)}
-    new = {r["path"].split("/source/")[1]: v for r, v in zip(store.metadata(), store.vectors(), strict=True)}
+    new = {r["path"].removeprefix("source/"): v
+           for r, v in zip(store.metadata(), store.vectors(), strict=True)}
     assert sorted(old) == sorted(new)
     for key, vector in old.items():
         np.testing.assert_allclose(new[key], vector, atol=1e-6)
@@ -124,10 +128,10 @@ def test_0_1_0_store_is_upgraded_by_the_next_embed(frozen, monkeypatch):
     shutil.copytree(frozen / "package", Path("exported") / "toy")
     result = run("embed", frozen / "source", "--workers", 1)
     assert result.exit_code == 0, result.output
-    assert "upgraded store.json from format version 1 to 2" in result.stderr
+    assert "upgraded store.json from format version 1 to 3" in result.stderr
     assert "the store's package" in result.stderr
     index = _store_json(store_dir)
-    assert index["format_version"] == 2 and index["rows"] == 8
+    assert index["format_version"] == 3 and index["rows"] == 8
     assert index["package"]["path"] == str((Path("exported") / "toy").resolve())
     assert index["package"]["model_id"] == FROZEN_MODEL
 

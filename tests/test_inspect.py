@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -48,22 +47,24 @@ def mixed_folder(tmp_path):
 def test_mixed_folder_lists_good_items_and_bad_files(mixed_folder):
     result, payload = _inspect_json(mixed_folder)
     assert result.exit_code == 0
-    items = {item["path"].replace(str(mixed_folder) + "/", ""): item for item in payload["items"]}
+    # paths are relative to the folder holding the PATH given (so they start with its name), root r0
+    items = {item["path"].removeprefix("mixed/"): item for item in payload["items"]}
     assert set(items) == {"oct.dcm", "fundus.dcm", "series", "photo.png"}
     assert items["oct.dcm"] == {
-        "path": str(mixed_folder / "oct.dcm"),
+        "root": "r0",
+        "path": "mixed/oct.dcm",
         "modality": "oct",
         "format": "dicom",
         "shape": [4, 32, 32],
         "dtype": "uint8",
         "laterality": "OD",
         "study_date": "2024-01-02",
-        "device": "TestVendor Model X",
+        "device": "Carl Zeiss Meditec Cirrus",
         "pixel_spacing_mm": [0.12, 0.0039, 0.0117],
     }
     assert items["series"]["shape"] == [3, 16, 16] and items["series"]["modality"] == "oct"
     assert items["photo.png"]["modality"] == "fundus" and items["photo.png"]["shape"] == [64, 64, 3]
-    errors = {e["path"].replace(str(mixed_folder) + "/", ""): e["error"] for e in payload["errors"]}
+    errors = {e["path"].removeprefix("mixed/"): e["error"] for e in payload["errors"]}
     assert errors == {
         "zero.dcm": "empty file (0 bytes)",
         "renamed.dcm": "not a DICOM file",
@@ -125,7 +126,7 @@ def test_tiny_cohort_reads_every_file(request, fixture):
     cohort = _cohort_or_skip(request, fixture)
     result, payload = _inspect_json(cohort)
     assert result.exit_code == 0 and payload["errors"] == []
-    seen = {str(Path(i["path"]).resolve()): i["modality"] for i in payload["items"]}
+    seen = {str((cohort.parent / i["path"]).resolve()): i["modality"] for i in payload["items"]}
     assert seen == _manifest_paths(cohort)  # every OCT and fundus of the manifest, nothing else
     oct_shapes = {tuple(i["shape"]) for i in payload["items"] if i["modality"] == "oct"}
     assert oct_shapes == {(8, 64, 64)}

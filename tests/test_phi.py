@@ -162,7 +162,7 @@ def test_pseudonyms_are_stable_within_a_store_and_unlinkable_across_stores(input
         patients[name] = {r["path"]: r["patient"] for r in rows}
         by_patient: dict[str, set[str]] = {}
         for path, pseudonym in patients[name].items():
-            relative = Path(path).relative_to(data / "cohort").as_posix()
+            relative = Path(path).relative_to("cohort").as_posix()  # stored relative to the root's folder
             by_patient.setdefault(patient_of[relative], set()).add(pseudonym)
         # one patient -> one pseudonym; different patients -> different pseudonyms
         assert all(len(p) == 1 for p in by_patient.values())

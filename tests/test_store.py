@@ -66,7 +66,7 @@ def standin_read(source, modality):
         return [ReadError(source, "truncated pixel data")]
     pixels = np.load(source)
     lat = "OD" if "_OD" in source.name else "OS"
-    meta = ImageMeta(laterality=lat, study_date="20240102", patient_id="SYN000042")
+    meta = ImageMeta(laterality=lat, study_date="2024-01-02", patient_id="SYN000042")
     if pixels.ndim == 3 and pixels.shape[-1] != 3:
         items = [OctVolume(str(source), pixels, "npy", meta)]
     else:
@@ -126,7 +126,7 @@ def test_embed_writes_shards_metadata_and_index(tmp_path):
     assert len({r["id"] for r in rows}) == 10
     assert {r["patient"] for r in rows} == {rows[0]["patient"]} and rows[0]["patient"] != "SYN000042"
     assert all(r["patient_identifier"] is None for r in rows)
-    assert {r["laterality"] for r in rows} == {"OD", "OS"} and {r["date"] for r in rows} == {"20240102"}
+    assert {r["laterality"] for r in rows} == {"OD", "OS"} and {r["date"] for r in rows} == {"2024-01-02"}
     # Each vector is the engine's embedding of that row's file.
     engine = StandInEngine()
     vectors = store.vectors()

@@ -210,7 +210,7 @@ def test_bcva_letters_is_probed_exported_and_predicted(tiny_cohort, tiny_package
     )
     assert result.exit_code == 0, result.output
     preds = json.loads(result.stdout)["predictions"]
-    assert [p["path"] for p in preds] == files
+    assert [p["path"] for p in preds] == [Path(f).name for f in files]  # relative to each file's folder
     from retinacli.readers import read_oct
 
     batch = np.stack([engine.preprocess(read_oct(f)) for f in files])

@@ -109,7 +109,7 @@ def register(app: typer.Typer) -> None:
         and prints retrieval top-1/top-5 against chance and the task metrics.
         """
         from retinacli.commands.common import require_training, training_progress
-        from retinacli.console import err, print_json
+        from retinacli.console import err, print_json, safe
         from retinacli.errors import UsageError
 
         require_training("retina demo")
@@ -121,7 +121,8 @@ def register(app: typer.Typer) -> None:
             workdir=workdir, patients=patients, visits=visits, seed=seed, preset=preset, epochs=epochs,
             oct_shape=_parse_shape(oct_shape), fundus_size=fundus_size,
         )
-        err.print(f"retina demo: workdir {workdir.resolve()}, preset {preset}, seed {seed}", highlight=False)
+        err.print(f"retina demo: workdir {safe(workdir.resolve())}, preset {preset}, seed {seed}",
+                  highlight=False)
         summary = run_demo(  # a DemoFolderError (non-demo files in WORKDIR) is a usage error, exit 2
             settings,
             echo=lambda line: err.print(line, highlight=False, markup=False),

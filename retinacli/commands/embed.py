@@ -52,9 +52,14 @@ def register(app: typer.Typer) -> None:
         json_output: bool = options.json_option(
             "Print a JSON summary (embedded, skipped, failed, store, model)."
         ),
+        redact_paths: bool = options.redact_paths_option(
+            "Store and print every file path with each component replaced by a pseudonym keyed with the "
+            "store's key (for a store or outputs that leave the site). Without it, paths are relative to "
+            "the PATH given and only components naming the file's patient are replaced."
+        ),
     ) -> None:
         """Embed files into a store; re-runs skip what is already in it; failures go to STORE/errors.csv."""
-        from retinacli.console import err, print_json
+        from retinacli.console import err, print_json, safe, styled
         from retinacli.console import out as stdout
         from retinacli.errors import EXIT_NOTHING_DONE, EXIT_OK, RetinaError, UsageError
 
@@ -62,23 +67,24 @@ def register(app: typer.Typer) -> None:
         if modality not in MODALITIES:
             raise UsageError(f"--modality must be one of {', '.join(MODALITIES)}, not {modality!r}")
         try:
-            report, store_root, engine, errors_file, total_rows = _run(
+            report, store_root, engine, errors_file, total_rows, shown = _run(
                 paths, model, store, None if modality == "auto" else modality, batch_size, workers,
-                shard_size, keep_identifiers, engine_name, precision,
+                shard_size, keep_identifiers, engine_name, precision, redact_paths,
             )
         except OSError as exc:  # disk full, read-only or vanished store: committed shards stay valid
             where = f" ({exc.filename})" if exc.filename else ""
             raise RetinaError(f"cannot write the embedding store: {exc.strerror or exc}{where}; the shards "
                               "committed so far are kept, and a re-run continues from them") from None
         for error in report.errors[:MAX_ERRORS_SHOWN]:
-            err.print(f"[yellow]failed:[/] {error}", markup=True, highlight=False)
+            err.print(styled(("failed:", "yellow"), f" {error}"), highlight=False)
         if len(report.errors) > MAX_ERRORS_SHOWN:
             err.print(f"... and {len(report.errors) - MAX_ERRORS_SHOWN} more", highlight=False)
         if report.errors:
-            err.print(f"failures listed in {errors_file}", highlight=False)
+            err.print(f"failures listed in {safe(errors_file)}", highlight=False)
         if report.embedded + report.skipped + report.failed == 0:
             wanted = "OCT volumes or fundus images" if modality == "auto" else f"{modality} items"
-            err.print(f"no {wanted} found under {', '.join(map(str, paths))}", highlight=False)
+            where = ", ".join(shown.show(p) for p in paths)
+            err.print(f"no {wanted} found under {safe(where)}", highlight=False)
         summary = {
             "embedded": report.embedded,
             "skipped": report.skipped,
@@ -94,19 +100,19 @@ def register(app: typer.Typer) -> None:
         if json_output:
             print_json(summary)
         else:
-            stdout.print(
+            stdout.print(safe(
                 f"embedded {report.embedded}, skipped {report.skipped} (already in the store), "
-                f"failed {report.failed} -> {store_root} ({total_rows} vectors, model {engine.model_id})",
+                f"failed {report.failed} -> {store_root} ({total_rows} vectors, model {engine.model_id})"),
                 highlight=False,
             )
         raise typer.Exit(EXIT_OK if report.embedded + report.skipped > 0 else EXIT_NOTHING_DONE)
 
 
 def _run(paths, model, out, modality, batch_size, workers, shard_size, keep_identifiers,
-         backend="auto", precision="auto"):
+         backend="auto", precision="auto", redact_paths=False):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from retinacli.console import err
+    from retinacli.console import err, safe, styled
     from retinacli.pipeline import (
         default_workers,
         engine_for_store,
@@ -114,6 +120,7 @@ def _run(paths, model, out, modality, batch_size, workers, shard_size, keep_iden
         plan_embedding,
         run_embedding,
     )
+    from retinacli.redaction import PathRedactor
     from retinacli.store import INDEX_FILE, EmbeddingStore, StoreWriter, store_path_and_origin
 
     store_root, store_origin = store_path_and_origin(out, "--store")
@@ -125,17 +132,17 @@ def _run(paths, model, out, modality, batch_size, workers, shard_size, keep_iden
         engine, package = load_engine(model, backend, precision)
     workers = workers or default_workers()
     chosen_by = "" if model else ", the store's package" if existing else ", default"
-    err.print(f"model: {engine.model_id} ({package}{chosen_by})", highlight=False)
+    err.print(safe(f"model: {engine.model_id} ({package}{chosen_by})"), highlight=False)
     chosen = ", ".join(f"{m} {v.label}" for m, v in getattr(engine, "variants", {}).items())
     if chosen:
-        err.print(f"engine: {chosen}", highlight=False)
+        err.print(f"engine: {safe(chosen)}", highlight=False)
     for m, v in getattr(engine, "variants", {}).items():
         if v.precision == "int8" and not v.gate_passed:
             verdict = "failed" if v.gate_passed is False else "was not checked against"
-            err.print(f"[yellow]note:[/] the {m} int8 encoder {verdict} the package's accuracy gate on "
-                      f"{v.backend}; used because --precision int8 asked for it",
-                      markup=True, highlight=False)
-    err.print(f"store: {store_root} ({store_origin})", highlight=False)
+            err.print(styled(("note:", "yellow"), f" the {m} int8 encoder {verdict} the package's accuracy "
+                             f"gate on {v.backend}; used because --precision int8 asked for it"),
+                      highlight=False)
+    err.print(f"store: {safe(store_root)} ({store_origin})", highlight=False)
     err.print(f"modality: {modality or 'auto'}, batch size {batch_size}, workers {workers}", highlight=False)
     with StoreWriter.open_for_model(
         store_root,
@@ -151,9 +158,14 @@ def _run(paths, model, out, modality, batch_size, workers, shard_size, keep_iden
             record = writer.package_record
             err.print(f"store: upgraded store.json from format version {writer.upgraded_from} to "
                       f"{writer.format_version}; "
-                      + (f"recorded package {record['path']}" if record else "no package folder to record"),
+                      + (f"recorded package {safe(record['path'])}" if record
+                         else "no package folder to record"),
                       highlight=False)
-        plan = plan_embedding(paths, writer.secret, writer.column_values("source_key"), exclude=store_root)
+        # Rows name their root (a PATH given, recorded in store.json) and a path relative to it.
+        run_roots = writer.add_roots(paths)
+        shown = PathRedactor(run_roots, writer.secret, redact_all=redact_paths)
+        plan = plan_embedding(paths, writer.secret, writer.column_values("source_key"), exclude=store_root,
+                              old_paths=writer.paths_without_root())
         if plan.skipped_sources:
             err.print(f"{plan.skipped_sources} source(s) already in the store: skipped", highlight=False)
         progress = Progress(
@@ -165,11 +177,23 @@ def _run(paths, model, out, modality, batch_size, workers, shard_size, keep_iden
             report = run_embedding(
                 engine, plan, writer, modality=modality, batch_size=batch_size, workers=workers,
                 keep_identifiers=keep_identifiers, on_source_done=lambda _r: progress.advance(task),
+                paths=shown,
             )
         writer.commit()
+        writer.record_roots(run_roots, shown)
         errors_file = writer.write_errors((e.path, e.reason) for e in report.errors)
+        # Derived search indexes are built here, under the lock, never by a query (retinacli.ann).
+        from retinacli.ann import update_store_indexes
+        from retinacli.errors import RetinaError
+
+        try:
+            update_store_indexes(writer, log=lambda message: err.print(message, highlight=False))
+        except (RetinaError, RuntimeError, OSError) as exc:  # the vectors are committed; only the index lags
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            err.print(f"warning: the ANN index was not updated ({safe(reason)}); run 'retina store index' "
+                      "to rebuild it", highlight=False)
         total_rows = len(writer)
-    return report, store_root, engine, errors_file, total_rows
+    return report, store_root, engine, errors_file, total_rows, shown
 
 
 def _spec_hash(engine) -> str | None:

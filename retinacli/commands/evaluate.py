@@ -40,7 +40,9 @@ class _RichReporter:
         self.task = None
 
     def message(self, text: str) -> None:
-        self.progress.console.print(text, highlight=False)
+        from retinacli.console import safe
+
+        self.progress.console.print(safe(text), highlight=False)
 
     def stage(self, name: str, total: int) -> None:
         if self.task is not None:

@@ -42,7 +42,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Export the run's encoders and task heads to ONNX, check parity, write retina.json."""
         from retinacli.commands.common import require_run_dir, require_training
-        from retinacli.console import err, print_json
+        from retinacli.console import err, print_json, safe, styled
         from retinacli.console import out as stdout
         from retinacli.errors import RetinaError, UsageError
 
@@ -54,7 +54,8 @@ def register(app: typer.Typer) -> None:
         require_run_dir(run_dir)
         name = name or package_name_for(run_dir)
         target = out or Path("exported") / name
-        err.print(f"exporting {run_dir} -> {target} ({name}@{version}, opset {opset}, {exporter} exporter)")
+        err.print(safe(f"exporting {run_dir} -> {target} ({name}@{version}, opset {opset}, "
+                       f"{exporter} exporter)"))
         try:
             result = export_run(
                 run_dir,
@@ -69,7 +70,7 @@ def register(app: typer.Typer) -> None:
                 overwrite=force,
                 quantize=quantize,
                 calibration_items=calibration_items,
-                log=lambda message: err.print(f"  {message}", highlight=False),
+                log=lambda message: err.print(f"  {safe(message)}", highlight=False),
             )
         except RetinaError:
             raise  # with its own exit code
@@ -80,7 +81,8 @@ def register(app: typer.Typer) -> None:
             print_json({"package": str(result.package_dir), **m})
             return
         parity = m["parity"]
-        stdout.print(f"package [bold]{m['name']}@{m['version']}[/] written to {result.package_dir}")
+        stdout.print(styled("package ", (f"{m['name']}@{m['version']}", "bold"),
+                            f" written to {result.package_dir}"))
         for modality in ("fundus", "oct"):
             p = parity[modality]
             stdout.print(
@@ -99,6 +101,7 @@ def register(app: typer.Typer) -> None:
         for task, p in parity["heads"].items():
             stdout.print(f"  head {task}: max |Δ| {p['max_abs_diff']:.2e}", highlight=False)
         if not m["heads"]:
-            stdout.print(f"  no task heads (run 'retina probe {run_dir}' before exporting to include them)")
+            stdout.print(f"  no task heads (run 'retina probe {safe(run_dir)}' before exporting to "
+                         "include them)")
         took = f"{result.seconds:.1f} s"
         stdout.print(f"  parity inputs: {parity['inputs']}; export took {took}", highlight=False)

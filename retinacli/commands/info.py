@@ -65,7 +65,7 @@ def register(app: typer.Typer) -> None:
         as_json: bool = options.json_option("Print the information as JSON."),
     ) -> None:
         """Show versions, onnxruntime providers, threads, the default model and where things are stored."""
-        from retinacli.console import out, print_json
+        from retinacli.console import out, print_json, styled
 
         data = collect_info()
         if as_json:
@@ -96,4 +96,5 @@ def register(app: typer.Typer) -> None:
                 value = f"{value} ({data['retina_home_source']})"
             if key == "model_used_by_default" and value is None:
                 value = f"none ({data['model_problem']})"
-            out.print(f"[bold]{label:>24}[/]  {value if value is not None else '-'}", highlight=False)
+            shown = value if value is not None else "-"
+            out.print(styled((f"{label:>24}", "bold"), f"  {shown}"), highlight=False)

@@ -11,18 +11,21 @@ from retinacli.errors import EXIT_NOTHING_DONE, EXIT_OK
 
 
 def _date(value: str | None) -> str | None:
-    """YYYYMMDD -> YYYY-MM-DD (ISO) for display and JSON."""
-    if value and len(value) >= 8 and value[:8].isdigit():
-        return f"{value[:4]}-{value[4:6]}-{value[6:8]}"
-    return None
+    """The validated study date, YYYY-MM-DD (ISO) for display and JSON."""
+    from retinacli.readers.sanitize import iso_date
+
+    return iso_date(value)
 
 
-def item_record(item) -> dict:
-    """The public view of one item: no patient identifiers, ever."""
+def item_record(item, shown=None) -> dict:
+    """The public view of one item: no patient identifiers, ever. `shown`: the run's PathRedactor
+    (root id and output path); without it the path is the reader's."""
     meta = item.meta
     spacing = meta.pixel_spacing_mm
+    root, path = shown.output(item.path, meta) if shown is not None else (None, item.path)
     return {
-        "path": item.path,
+        "root": root,
+        "path": path,
         "modality": item.modality,
         "format": item.format,
         "shape": list(item.shape),
@@ -34,32 +37,44 @@ def item_record(item) -> dict:
     }
 
 
-def inspect_paths(paths: list[Path]) -> tuple[list[dict], list[dict], list[dict]]:
-    """Read every source under `paths`: (item records, error records, ignored-file records)."""
+def inspect_paths(paths: list[Path], redact_paths: bool = False) -> tuple[list[dict], list[dict], list[dict]]:
+    """Read every source under `paths`: (item records, error records, ignored-file records).
+
+    Paths are relative to the PATH named (root `r0` is the first), components naming the file's
+    patient replaced by a pseudonym keyed with a per-run key (no store here), or every component
+    with `redact_paths` (retinacli.redaction)."""
     from rich.progress import Progress
 
     from retinacli.console import err
     from retinacli.readers import scan
+    from retinacli.redaction import PathRedactor
 
+    shown = PathRedactor.for_paths(paths, redact_all=redact_paths)
     found = scan(paths)
     items: list[dict] = []
     errors = [{"path": e.path, "error": e.reason} for e in found.errors]
     with Progress(console=err, transient=True, disable=not err.is_terminal) as progress:
         task = progress.add_task("reading", total=len(found.sources))
         for source in found.sources:
-            _read_one(source, items, errors)
+            _read_one(source, items, errors, shown)
             progress.advance(task)
-    ignored = [{"path": str(path), "reason": why} for path, why in found.ignored]
-    return items, errors, ignored
+    # After every read: identifiers learnt from any file also hide the paths of unreadable ones.
+    records = []
+    for error in errors:
+        path, reason = shown.error(error["path"], error["error"])
+        records.append({"root": shown.locate(error["path"])[0], "path": path, "error": reason})
+    ignored = [{"root": shown.locate(path)[0], "path": shown.show(path), "reason": why}
+               for path, why in found.ignored]
+    return items, records, ignored
 
 
-def _read_one(source, items: list[dict], errors: list[dict]) -> None:
+def _read_one(source, items: list[dict], errors: list[dict], shown=None) -> None:
     """Decode one source into `items`, or its failure into `errors` (one bad file never stops the rest)."""
     from retinacli.errors import ReadError
     from retinacli.readers import read_source
 
     try:
-        items.extend(item_record(item) for item in read_source(source))
+        items.extend(item_record(item, shown) for item in read_source(source))
     except ReadError as exc:
         errors.append({"path": exc.path, "error": exc.reason})
     except MemoryError:
@@ -71,7 +86,7 @@ def _read_one(source, items: list[dict], errors: list[dict]) -> None:
 def _print_table(items: list[dict], errors: list[dict], ignored: list[dict]) -> None:
     from rich.table import Table
 
-    from retinacli.console import err, out, print_error_table
+    from retinacli.console import err, out, print_error_table, safe
 
     if items:
         table = Table(title=f"{len(items)} item(s)", title_justify="left")
@@ -80,7 +95,7 @@ def _print_table(items: list[dict], errors: list[dict], ignored: list[dict]) -> 
             table.add_column(column, overflow="fold")
         for record in items:
             spacing = record["pixel_spacing_mm"]
-            table.add_row(
+            table.add_row(*map(safe, (
                 record["path"],
                 record["modality"],
                 record["format"],
@@ -89,7 +104,7 @@ def _print_table(items: list[dict], errors: list[dict], ignored: list[dict]) -> 
                 record["study_date"] or "-",
                 record["device"] or "-",
                 " x ".join("-" if v is None else f"{v:.4g}" for v in spacing) if spacing else "-",
-            )
+            )))
         out.print(table)
     if errors:
         print_error_table(errors)
@@ -108,6 +123,11 @@ def register(app: typer.Typer) -> None:
         as_json: bool = options.json_option(
             "Print one JSON object {items, errors, ignored, ignored_files} to stdout."
         ),
+        redact_paths: bool = options.redact_paths_option(
+            "Print every path with each component replaced by a pseudonym keyed with a per-run key (for "
+            "outputs that leave the site). Without it, paths are relative to the PATH given and only "
+            "components naming the file's patient are replaced."
+        ),
     ) -> None:
         """Show what the readers see: modality, format, shape, eye, date and device of every item.
 
@@ -115,16 +135,17 @@ def register(app: typer.Typer) -> None:
         Exit 0 when at least one item was read, 1 when nothing readable was found.
         """
         from retinacli.commands.common import pass_undecodable_names_through
-        from retinacli.console import err, print_json
+        from retinacli.console import err, print_json, styled
 
         pass_undecodable_names_through()
-        items, errors, ignored = inspect_paths(paths)
+        items, errors, ignored = inspect_paths(paths, redact_paths)
         if as_json:
             print_json({"items": items, "errors": errors, "ignored": len(ignored), "ignored_files": ignored})
         else:
             _print_table(items, errors, ignored)
         if not items:
             if not as_json:
-                err.print("[bold red]error:[/] no readable OCT volume or fundus image found", highlight=False)
+                err.print(styled(("error:", "bold red"), " no readable OCT volume or fundus image found"),
+                          highlight=False)
             raise typer.Exit(EXIT_NOTHING_DONE)
         raise typer.Exit(EXIT_OK)

@@ -34,7 +34,7 @@ def register(app: typer.Typer) -> None:
         as_json: bool = options.json_option("Print the list as JSON."),
     ) -> None:
         """Packages in ./exported and $RETINA_HOME/models (reads descriptors only; 'verify' checks files)."""
-        from retinacli.console import err, out, print_json
+        from retinacli.console import err, out, print_json, safe, styled
         from retinacli.package import list_packages, search_dirs
 
         packages = list_packages()
@@ -58,7 +58,8 @@ def register(app: typer.Typer) -> None:
             return
         if not records:
             where = ", ".join(str(d) for d in search_dirs())
-            err.print(f"no model packages found (searched {where}); create one with 'retina export RUN'")
+            err.print(f"no model packages found (searched {safe(where)}); "
+                      "create one with 'retina export RUN'")
             return
         from rich.table import Table
 
@@ -66,15 +67,11 @@ def register(app: typer.Typer) -> None:
         for column in ("", "name", "version", "objective", "dim", "tasks", "created", "path"):
             table.add_column(column, overflow="fold")
         for r in records:
+            # Names, versions and problems come from each package's retina.json: data, never markup.
             table.add_row(
-                "*" if r["default"] else "",
-                r["name"],
-                r["version"],
-                r["objective"] or "-",
-                str(r["embed_dim"] or "-"),
-                ",".join(r["tasks"]) or "-",
-                r["created"] or "-",
-                r["path"] + (f" [red]({r['problem']})[/]" if r["problem"] else ""),
+                *map(safe, ("*" if r["default"] else "", r["name"], r["version"], r["objective"] or "-",
+                            str(r["embed_dim"] or "-"), ",".join(r["tasks"]) or "-", r["created"] or "-")),
+                styled(r["path"], (f" ({r['problem']})", "red")) if r["problem"] else safe(r["path"]),
             )
         out.print(table)
         if default_path:
@@ -86,7 +83,7 @@ def register(app: typer.Typer) -> None:
         as_json: bool = options.json_option("Print the whole package descriptor (retina.json) as JSON."),
     ) -> None:
         """Show a package's retina.json: inputs, heads and their metrics, training provenance, parity."""
-        from retinacli.console import out, print_json
+        from retinacli.console import out, print_json, styled
         from retinacli.package import model_id_for, resolve_package, validated_descriptor
 
         path = resolve_package(name)
@@ -95,7 +92,7 @@ def register(app: typer.Typer) -> None:
         if as_json:
             print_json({"path": str(path), "model_id": model_id, **m})
             return
-        out.print(f"[bold]{m['name']}@{m['version']}[/]  ({model_id})")
+        out.print(styled((f"{m['name']}@{m['version']}", "bold"), f"  ({model_id})"))
         rows = [
             ("path", str(path)),
             ("created", m["created"]),
@@ -138,7 +135,7 @@ def register(app: typer.Typer) -> None:
         size = sum(f["bytes"] for f in m["files"])
         rows.append(("files", f"{len(m['files'])} files, {size / 1e6:.1f} MB"))
         for key, value in rows:
-            out.print(f"  [bold]{key:>13}[/]  {value}", highlight=False)
+            out.print(styled((f"  {key:>13}", "bold"), f"  {value}"), highlight=False)
 
     @models.command("verify")
     def verify(
@@ -149,7 +146,7 @@ def register(app: typer.Typer) -> None:
 
         Exit code 3 when the package is invalid.
         """
-        from retinacli.console import out, print_json
+        from retinacli.console import out, print_json, styled
         from retinacli.engine import Engine
         from retinacli.errors import ModelPackageError
         from retinacli.package import resolve_package
@@ -169,8 +166,8 @@ def register(app: typer.Typer) -> None:
             print_json({"path": str(path), "ok": True, "model_id": engine.model_id,
                         "files": [{"path": f["path"], "sha256": f["sha256"]} for f in files]})
             return
-        out.print(f"[green]ok[/] {engine.model_id}: {len(files)} files verified (sha256), "
-                  f"{len(files)} graphs load in onnxruntime ({path})")
+        out.print(styled(("ok", "green"), f" {engine.model_id}: {len(files)} files verified (sha256), "
+                         f"{len(files)} graphs load in onnxruntime ({path})"))
 
     @models.command("install")
     def install(
@@ -180,14 +177,14 @@ def register(app: typer.Typer) -> None:
         as_json: bool = options.json_option("Print the result as JSON."),
     ) -> None:
         """Verify a package and copy it to $RETINA_HOME/models/<name>-<version> (usable from any folder)."""
-        from retinacli.console import out, print_json
+        from retinacli.console import out, print_json, safe
         from retinacli.package import install_package, resolve_package
 
         target = install_package(resolve_package(source), force=force)
         if as_json:
             print_json({"installed": str(target)})
         else:
-            out.print(f"installed {target}")
+            out.print(f"installed {safe(target)}")
 
     @models.command("default")
     def default(
@@ -199,7 +196,7 @@ def register(app: typer.Typer) -> None:
         """Set (or show, without NAME) the default package, stored in $RETINA_HOME/config.json."""
         from pathlib import Path
 
-        from retinacli.console import err, out, print_json
+        from retinacli.console import err, out, print_json, safe
         from retinacli.package import (
             _looks_like_path,
             get_default_model,
@@ -210,7 +207,7 @@ def register(app: typer.Typer) -> None:
 
         if clear:
             config = set_default_model(None)
-            err.print(f"default model cleared ({config})")
+            err.print(f"default model cleared ({safe(config)})")
             return
         if name is None:
             current = get_default_model()
@@ -218,7 +215,8 @@ def register(app: typer.Typer) -> None:
             if as_json:
                 print_json({"default": current, "resolved": used, "problem": why})
             else:
-                out.print(f"default: {current or '(not set)'}; used when no --model is given: {used or why}")
+                out.print(safe(f"default: {current or '(not set)'}; "
+                               f"used when no --model is given: {used or why}"))
             return
         path = resolve_package(name)
         m = validated_descriptor(path)
@@ -229,4 +227,5 @@ def register(app: typer.Typer) -> None:
         if as_json:
             print_json({"default": value, "resolved": str(path), "config": str(config)})
         else:
-            out.print(f"default model: {value} -> {m['name']}@{m['version']} ({path}); saved in {config}")
+            out.print(safe(f"default model: {value} -> {m['name']}@{m['version']} ({path}); "
+                           f"saved in {config}"))

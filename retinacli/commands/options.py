@@ -42,6 +42,18 @@ def json_option(help: str = "Print the result as JSON.") -> Any:
     return typer.Option(False, "--json", help=help)
 
 
+REDACT_PATHS_HELP = (
+    "Replace every component of every printed or written file path with a keyed pseudonym (for outputs "
+    "that leave the site). Without it, paths are relative to the PATH given and only components naming "
+    "the file's patient are replaced."
+)
+
+
+def redact_paths_option(help: str = REDACT_PATHS_HELP) -> Any:
+    """`--redact-paths`: every path component in outputs becomes a keyed pseudonym (retinacli.redaction)."""
+    return typer.Option(False, "--redact-paths", help=help)
+
+
 def run_dir_argument() -> Any:
     """RUN: a training run folder."""
     return typer.Argument(..., help="Training run folder (from 'retina train').", show_default=False)
@@ -70,12 +82,10 @@ def deprecated_alias(value: T | None, old_value: T | None, old: str, new: str, *
 
 
 def warn(message: str) -> None:
-    """One `warning: ...` line on stderr (literal text, not Rich markup)."""
-    from rich.markup import escape
+    """One `warning: ...` line on stderr (literal text on one line, not Rich markup)."""
+    from retinacli.console import err, styled
 
-    from retinacli.console import err
-
-    err.print(f"[yellow]warning:[/] {escape(message)}", markup=True, highlight=False)
+    err.print(styled(("warning:", "yellow"), f" {message}"), highlight=False)
 
 
 def resolve_store(store: Path | None, old_value: Path | None, old: str) -> Path | None:

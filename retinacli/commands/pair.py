@@ -33,6 +33,12 @@ def register(app: typer.Typer) -> None:
             help="Write the real patient IDs instead of pseudonyms (keyed by secret.key beside the CSV).",
         ),
         as_json: bool = options.json_option("Print the summary as JSON to stdout."),
+        redact_paths: bool = options.redact_paths_option(
+            "Print every path with each component replaced by a pseudonym keyed with the manifest's "
+            "secret.key (a per-run key when none is written), and write the manifest's oct_path / "
+            "fundus_path so too: a manifest to share, which no longer opens the files. Without it, printed "
+            "paths are relative to the PATH given, components naming the patient replaced."
+        ),
     ) -> None:
         """Build the cohort manifest: each OCT volume with the fundus image of that eye and visit.
 
@@ -50,12 +56,16 @@ def register(app: typer.Typer) -> None:
 
         if labels is not None and not labels.is_file():
             raise UsageError(f"{labels}: labels CSV not found")
-        report = pair_folders(paths, out, labels, window_hours, keep_identifiers)
-        result = report.result
+        report = pair_folders(paths, out, labels, window_hours, keep_identifiers, redact_paths)
+        result, shown = report.result, report.shown
         unpaired = [
-            {"path": str(u.path), "modality": u.modality, "reason": u.reason} for u in result.unpaired
+            {"root": shown.locate(u.path)[0], "path": shown.show(u.path), "modality": u.modality,
+             "reason": u.reason} for u in result.unpaired
         ]
-        errors = [{"path": e.path, "error": e.reason} for e in result.errors]
+        errors = []
+        for error in result.errors:
+            path, reason = shown.error(error.path, error.reason)
+            errors.append({"root": shown.locate(error.path)[0], "path": path, "error": reason})
         if as_json:
             print_json(
                 {
@@ -77,11 +87,12 @@ def register(app: typer.Typer) -> None:
 def _print_summary(report, unpaired: list[dict], errors: list[dict], stdout, err) -> None:
     from rich.table import Table
 
-    from retinacli.console import print_error_table
+    from retinacli.console import print_error_table, safe, styled
 
     if report.rows:
         methods = ", ".join(f"{n} by {m}" for m, n in sorted(report.by_method().items()))
-        stdout.print(f"wrote {len(report.rows)} pair(s) to {report.manifest} ({methods})", highlight=False)
+        stdout.print(f"wrote {len(report.rows)} pair(s) to {safe(report.manifest)} ({methods})",
+                     highlight=False)
         if report.labels_rows:
             stdout.print(
                 f"labels: {report.labels_matched} of {report.labels_rows} label row(s) matched a pair",
@@ -92,9 +103,10 @@ def _print_summary(report, unpaired: list[dict], errors: list[dict], stdout, err
         for column in ("path", "modality", "reason"):
             table.add_column(column, overflow="fold")
         for record in unpaired:
-            table.add_row(record["path"], record["modality"], record["reason"])
+            table.add_row(safe(record["path"]), safe(record["modality"]), safe(record["reason"]))
         err.print(table)
     if errors:
         print_error_table(errors)
     if not report.rows:
-        err.print("[bold red]error:[/] no OCT-fundus pair found; nothing written", highlight=False)
+        err.print(styled(("error:", "bold red"), " no OCT-fundus pair found; nothing written"),
+                  highlight=False)

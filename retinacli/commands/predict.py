@@ -12,7 +12,7 @@ from retinacli.commands import options
 from retinacli.tasks import TASKS, tasks_help
 
 CSV_COLUMNS = ["id", "path", "modality", "laterality", "date", "task", "value", "units", "probability",
-               "label", "threshold", "label_meaning"]
+               "label", "threshold", "label_meaning", "root"]
 PREDICT_CHUNK = 4096
 
 
@@ -43,9 +43,14 @@ def register(app: typer.Typer) -> None:
         batch_size: int = typer.Option(16, "--batch-size", min=1, help="Items per model call (with PATHs)."),
         json_output: bool = options.json_option("Print predictions as JSON."),
         csv_output: bool = typer.Option(False, "--csv", help="Print predictions as CSV."),
+        redact_paths: bool = options.redact_paths_option(
+            "Print every path with each component replaced by a pseudonym keyed with the store's key (a "
+            "per-run key without a store), for outputs that leave the site. Without it, paths are relative "
+            "to the root given (to 'retina embed', or PATH here), components naming the patient replaced."
+        ),
     ) -> None:
         """Predict a clinical task per item with the package's head (units, threshold from the package)."""
-        from retinacli.console import err, print_json
+        from retinacli.console import err, print_json, styled
         from retinacli.errors import EXIT_NOTHING_DONE, EXIT_OK, UsageError
 
         store = options.resolve_store(store, index, "--index")
@@ -56,11 +61,11 @@ def register(app: typer.Typer) -> None:
         if json_output and csv_output:
             raise UsageError("choose one of --json and --csv")
         if paths:
-            payload = _predict_files(paths, task, model, modality, batch_size, store)
+            payload = _predict_files(paths, task, model, modality, batch_size, store, redact_paths)
         else:
-            payload = _predict_store(task, model, store, modality)
+            payload = _predict_store(task, model, store, modality, redact_paths)
         for error in payload["errors"][:20]:
-            err.print(f"[yellow]failed:[/] {error['path']}: {error['error']}", markup=True, highlight=False)
+            err.print(styled(("failed:", "yellow"), f" {error['path']}: {error['error']}"), highlight=False)
         if json_output:
             print_json(payload)
         elif csv_output:
@@ -88,39 +93,50 @@ def _head_modality(engine: Any, task: str, modality: str | None) -> str:
 
 
 def _records(engine: Any, task: str, rows: list[dict[str, Any]], vectors: Any) -> list[dict[str, Any]]:
+    from retinacli.readers.sanitize import iso_date
+
     records = []
     for start in range(0, len(rows), PREDICT_CHUNK):
         chunk = rows[start : start + PREDICT_CHUNK]
         preds = engine.predict(task, vectors[start : start + PREDICT_CHUNK])
         for row, pred in zip(chunk, preds, strict=True):
-            record = {k: row.get(k) for k in ("id", "path", "modality", "laterality", "date")}
+            record = {k: row.get(k) for k in ("id", "root", "path", "modality", "laterality", "date")}
+            record["date"] = iso_date(record["date"])  # 0.1.0 stores hold YYYYMMDD
             record.update(pred)
             records.append(record)
     return records
 
 
-def _predict_store(task: str, model: str | None, index: Path | None, modality: str | None) -> dict[str, Any]:
+def _predict_store(task: str, model: str | None, index: Path | None, modality: str | None,
+                   redact_paths: bool = False) -> dict[str, Any]:
     import numpy as np
 
-    from retinacli.console import err
+    from retinacli.console import err, safe
     from retinacli.pipeline import engine_for_store
     from retinacli.store import EmbeddingStore, store_path_and_origin
 
     store_root, origin = store_path_and_origin(index)
-    err.print(f"store: {store_root} ({origin})", highlight=False)
+    err.print(f"store: {safe(store_root)} ({origin})", highlight=False)
     store = EmbeddingStore.open(store_root)
     engine, package = engine_for_store(store, model)
-    err.print(f"model: {engine.model_id} ({package}{'' if model else ', the store model'})", highlight=False)
+    err.print(safe(f"model: {engine.model_id} ({package}{'' if model else ', the store model'})"),
+              highlight=False)
     _check_task(engine, task)
     modality = _head_modality(engine, task, modality)
     err.print(f"task: {task}; predicting every {modality} item in the store from its stored embedding",
               highlight=False)
     rows, parts = [], []
-    for _shard, vectors, meta in store.iter_shards(["id", "path", "modality", "laterality", "date"]):
+    from retinacli.commands.retrieve import _read_key
+    from retinacli.redaction import stored_path
+
+    key = _read_key(store_root)
+    for _shard, vectors, meta in store.iter_shards(["id", "root", "path", "modality", "laterality", "date"]):
         keep = np.array([m == modality for m in meta["modality"]], dtype=bool)
         parts.append(np.asarray(vectors[keep]))
         names = list(meta)
         rows.extend({n: meta[n][i] for n in names} for i in np.flatnonzero(keep))
+    for row in rows:  # as stored (relative and redacted from format 3 on), or every component
+        row["path"] = stored_path(row, key, redact_paths)
     vectors = np.concatenate(parts) if parts else np.zeros((0, store.embed_dim), np.float32)
     if not rows:
         err.print(f"the store holds no {modality} items", highlight=False)
@@ -146,14 +162,14 @@ class _MemoryWriter:
 
 
 def _predict_files(paths: list[Path], task: str, model: str | None, modality: str | None, batch_size: int,
-                   index: Path | None) -> dict[str, Any]:
+                   index: Path | None, redact_paths: bool = False) -> dict[str, Any]:
     import secrets
 
     import numpy as np
 
-    from retinacli.console import err
+    from retinacli.console import err, safe
     from retinacli.pipeline import engine_for_store, load_engine, plan_embedding, run_embedding
-    from retinacli.privacy import SECRET_FILE, load_or_create_secret
+    from retinacli.privacy import SecretKeyMissingError, load_secret
     from retinacli.store import INDEX_FILE, EmbeddingStore, store_path_and_origin
 
     store_root, _origin = store_path_and_origin(index)
@@ -164,19 +180,29 @@ def _predict_files(paths: list[Path], task: str, model: str | None, modality: st
     else:
         engine, package = load_engine(model)
     chosen_by = "" if model else ", the store's package" if existing else ", default"
-    err.print(f"model: {engine.model_id} ({package}{chosen_by})", highlight=False)
+    err.print(safe(f"model: {engine.model_id} ({package}{chosen_by})"), highlight=False)
     _check_task(engine, task)
     modality = _head_modality(engine, task, modality)
     err.print(f"task: {task}; embedding {modality} items on the fly (nothing is written)", highlight=False)
-    # Ids match the store's when a store exists (same secret), so predictions join with it.
-    secret = (load_or_create_secret(store_root) if (store_root / SECRET_FILE).is_file()
-              else secrets.token_bytes(32))
+    # Ids match the store's when a store exists (same secret), so predictions join with it. The key is
+    # only read, never created: predict writes nothing into a store.
+    try:
+        secret = load_secret(store_root)
+    except SecretKeyMissingError:
+        secret = secrets.token_bytes(32)
+        if (store_root / INDEX_FILE).is_file():
+            err.print(f"note: {safe(store_root)} has no secret.key; the ids below are this run's only and "
+                      "do not match the store's", highlight=False)
+    from retinacli.redaction import PathRedactor
+
+    shown = PathRedactor.for_paths(paths, secret, redact_all=redact_paths)  # r0 is the first PATH
     plan = plan_embedding(paths, secret, set())
     writer = _MemoryWriter(engine.embed_dim, secret)
-    report = run_embedding(engine, plan, writer, modality=modality, batch_size=batch_size)
+    report = run_embedding(engine, plan, writer, modality=modality, batch_size=batch_size, paths=shown)
     vectors = np.stack(writer.vectors) if writer.vectors else np.zeros((0, engine.embed_dim), np.float32)
     if not writer.rows and not report.errors:
-        err.print(f"no {modality} items found under {', '.join(map(str, paths))}", highlight=False)
+        where = ", ".join(shown.show(p) for p in paths)
+        err.print(f"no {modality} items found under {safe(where)}", highlight=False)
     return {"task": task, "model": engine.model_id, "source": "files",
             "predictions": _records(engine, task, writer.rows, vectors),
             "errors": [{"path": e.path, "error": e.reason} for e in report.errors]}
@@ -196,12 +222,12 @@ def _print_csv(payload: dict[str, Any]) -> None:
 def _print_table(payload: dict[str, Any]) -> None:
     from rich.table import Table
 
-    from retinacli.console import out
+    from retinacli.console import out, safe
     from retinacli.retrieval import display_path
 
     preds = payload["predictions"]
     regression = bool(preds) and "value" in preds[0]
-    table = Table(title=f"{payload['task']} predictions ({payload['model']})", title_justify="left")
+    table = Table(title=safe(f"{payload['task']} predictions ({payload['model']})"), title_justify="left")
     columns = ["id", "source", "laterality", "date"]
     columns += [f"value ({preds[0].get('units', '')})"] if regression else ["probability", "label"]
     for column in columns:
@@ -213,5 +239,5 @@ def _print_table(payload: dict[str, Any]) -> None:
             cells.append(f"{p['value']:.1f}")
         else:
             cells += [f"{p['probability']:.3f}", str(p.get("label"))]
-        table.add_row(*cells)
+        table.add_row(*map(safe, cells))
     out.print(table)

@@ -47,7 +47,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Embed a labelled cohort with the run's encoder; fit one linear head per task -> RUN/heads.json."""
         from retinacli.commands.common import require_run_dir, require_training
-        from retinacli.console import err, print_json
+        from retinacli.console import err, print_json, safe, styled
         from retinacli.console import out as stdout
 
         manifest = options.resolve_manifest(manifest, manifest_m)
@@ -58,7 +58,8 @@ def register(app: typer.Typer) -> None:
 
         task_list = list(parse_tasks(tasks))
         require_run_dir(run_dir)
-        err.print(f"probing {run_dir} (tasks {', '.join(task_list)}, {modality} embeddings, seed {seed})")
+        err.print(f"probing {safe(run_dir)} (tasks {', '.join(task_list)}, {modality} embeddings, "
+                  f"seed {seed})")
         try:
             with Progress(console=err, transient=True) as bar:
                 job = bar.add_task("embedding", total=None)
@@ -76,11 +77,12 @@ def register(app: typer.Typer) -> None:
         except (ValueError, FileNotFoundError) as exc:
             raise RetinaError(str(exc)) from None
         for message in result.errors:
-            err.print(f"[yellow]skipped:[/] {message}", highlight=False)
+            err.print(styled(("skipped:", "yellow"), f" {message}"), highlight=False)
         if as_json:
             print_json(result.to_dict())
         else:
-            stdout.print(f"{result.n_embedded}/{result.n_rows} manifest rows embedded ({result.manifest})")
+            stdout.print(f"{result.n_embedded}/{result.n_rows} manifest rows embedded "
+                         f"({safe(result.manifest)})")
             for head in result.heads:
                 threshold = "" if head.threshold is None else f", threshold {head.threshold:.3f}"
                 stdout.print(
@@ -89,8 +91,8 @@ def register(app: typer.Typer) -> None:
                     highlight=False,
                 )
             for task, why in result.skipped.items():
-                stdout.print(f"  {task}: no head ({why})", highlight=False)
+                stdout.print(f"  {task}: no head ({safe(why)})", highlight=False)
             if result.heads_path:
-                stdout.print(f"heads written to {result.heads_path}")
+                stdout.print(f"heads written to {safe(result.heads_path)}")
         if not result.heads:
             raise typer.Exit(EXIT_NOTHING_DONE)

@@ -34,10 +34,17 @@ def register(app: typer.Typer) -> None:
         ),
         search_method: str = typer.Option(
             "auto", "--search",
-            help="exact (scan every vector), ann (approximate index, extra 'retina\\[faiss]', built on first "
-            "use in STORE/ann) or auto (ann from 200,000 stored vectors when faiss is installed).",
+            help="exact (scan every vector), ann (approximate index in STORE/ann, extra 'retina\\[faiss]'; "
+            "built by 'retina store index' or 'retina embed', never by a query: refused when missing or out "
+            "of date) or auto (ann from 200,000 stored vectors when faiss is installed and the index is "
+            "current, else exact with a note).",
         ),
         json_output: bool = options.json_option("Print the query and results as JSON."),
+        redact_paths: bool = options.redact_paths_option(
+            "Print every path with each component replaced by a pseudonym keyed with the store's key (for "
+            "outputs that leave the site). Without it, paths are shown as stored: relative to the root "
+            "given to 'retina embed', components naming the patient replaced."
+        ),
     ) -> None:
         """Search the store by cosine similarity (fundus query -> OCT results and the reverse)."""
         from retinacli.console import err, print_json
@@ -50,7 +57,7 @@ def register(app: typer.Typer) -> None:
             laterality = laterality.upper()
             if laterality not in ("OD", "OS"):
                 raise UsageError(f"--laterality must be OD or OS, not {laterality!r}")
-        payload = _retrieve(query, store, top, model, target, laterality, search_method)
+        payload = _retrieve(query, store, top, model, target, laterality, search_method, redact_paths)
         if not payload["results"]:
             err.print(f"no {payload['target']} items in the store match the filters", highlight=False)
         if json_output:
@@ -61,21 +68,25 @@ def register(app: typer.Typer) -> None:
 
 
 def _retrieve(query: str, index: Path | None, top: int, model: str | None, target: str | None,
-              laterality: str | None, search_method: str = "exact") -> dict[str, Any]:
-    from retinacli.ann import resolve_method
-    from retinacli.console import err
+              laterality: str | None, search_method: str = "exact", redact_paths: bool = False
+              ) -> dict[str, Any]:
+    from retinacli.ann import resolve_method, search_plan
+    from retinacli.console import err, safe
     from retinacli.errors import UsageError
     from retinacli.retrieval import OTHER_MODALITY, search
     from retinacli.store import EmbeddingStore, store_path_and_origin
 
     store_root, origin = store_path_and_origin(index)
-    err.print(f"store: {store_root} ({origin})", highlight=False)
+    err.print(f"store: {safe(store_root)} ({origin})", highlight=False)
     store = EmbeddingStore.open(store_root)
     method = resolve_method(store, search_method)
-    err.print(f"model: {store.model_id} (the store's)", highlight=False)
+    err.print(f"model: {safe(store.model_id)} (the store's)", highlight=False)
+    from retinacli.redaction import stored_path
+
+    key = _read_key(store.root)
     query_path = Path(query).expanduser()
     if query_path.exists():
-        vector, info = _embed_query(store, query_path, model, target)
+        vector, info = _embed_query(store, query_path, model, target, redact_paths)
     else:
         found = store.find(query)
         if found is None:
@@ -85,25 +96,41 @@ def _retrieve(query: str, index: Path | None, top: int, model: str | None, targe
 
             store.require_model(load_engine(model)[0].model_id)
         vector, row = found
-        info = {k: row.get(k) for k in ("id", "path", "modality", "laterality", "date")}
+        info = {k: row.get(k) for k in ("id", "root", "path", "modality", "laterality", "date")}
+        info["path"] = stored_path(row, key, redact_paths)
     target = target or OTHER_MODALITY[info["modality"]]
+    method, note = search_plan(store, search_method, target)  # reads the index, never builds it
+    if note:
+        err.print(safe(note), highlight=False)
     err.print(f"searching {target} items, top {top}, {method} search"
               + (f", laterality {laterality}" if laterality else ""), highlight=False)
     hits = search(store, vector, target=target, laterality=laterality, top_k=top, method=method,
-                  log=lambda message: err.print(message, highlight=False))
+                  log=lambda message: err.print(safe(message), highlight=False))
     return {
         "query": info,
         "model": store.model_id,
         "store": str(store_root),
         "target": target,
         "search": method,
-        "results": [hit.to_dict() for hit in hits],
+        "results": [{**hit.to_dict(), "root": hit.row.get("root"),
+                     "path": stored_path(hit.row, key, redact_paths)} for hit in hits],
     }
 
 
-def _embed_query(store: Any, path: Path, model: str | None, target: str | None) -> tuple[Any, dict]:
+def _read_key(root: Path) -> bytes | None:
+    """The store's key, read only (None without one): it keys --redact-paths' pseudonyms."""
+    from retinacli.privacy import SecretKeyMissingError, load_secret
+
+    try:
+        return load_secret(root)
+    except SecretKeyMissingError:
+        return None
+
+
+def _embed_query(store: Any, path: Path, model: str | None, target: str | None,
+                 redact_paths: bool = False) -> tuple[Any, dict]:
     """Read and embed the query file with the store's model; its id is the one it has (or would
-    have) in the store."""
+    have) in the store. Its path is shown relative to the folder holding it (retinacli.redaction)."""
     from retinacli.errors import ReadError, RetinaError
     from retinacli.pipeline import (
         discover_with_readers,
@@ -113,34 +140,46 @@ def _embed_query(store: Any, path: Path, model: str | None, target: str | None) 
         read_with_readers,
         source_identity,
     )
-    from retinacli.privacy import load_or_create_secret
+    from retinacli.privacy import SecretKeyMissingError, load_secret
+    from retinacli.readers.sanitize import date_of
+    from retinacli.redaction import PathRedactor
 
     engine, _package = engine_for_store(store, model)
+    shown = PathRedactor.for_paths([path], _read_key(store.root), redact_all=redact_paths)
     sources, errors = discover_with_readers([path])
     if len(sources) != 1:
         if errors:
-            raise errors[0]
+            raise ReadError(shown.show(errors[0].path, probe=True), errors[0].reason)
         found = f"{len(sources)} images/volumes" if sources else "no OCT volume or fundus image"
-        raise RetinaError(f"{path}: the query must be one image or volume; found {found}")
+        raise RetinaError(f"{shown.show(path)}: the query must be one image or volume; found {found}")
     try:
         read = list(read_with_readers(sources[0], None))
     except ReadError as exc:
         read = [exc]
     items = [x for x in read if not isinstance(x, ReadError)]
     if not items:
-        raise RetinaError(str(read[0]) if read else f"{path}: no OCT volume or fundus image found")
+        if read:
+            raise ReadError(shown.show(read[0].path, probe=True), read[0].reason)
+        raise RetinaError(f"{shown.show(path)}: no OCT volume or fundus image found")
     # A source holding both modalities (a Heidelberg .vol) queries with the one not searched.
     chosen = next((i for i in items if target is None or i.modality != target), items[0])
     vector = engine.embed(chosen.modality, engine.preprocess(chosen)[None])[0]
-    secret = load_or_create_secret(store.root)
+    try:
+        secret = load_secret(store.root)  # never created here: retrieve does not write into the store
+    except SecretKeyMissingError:
+        from retinacli.console import err, safe
+
+        secret = None
+        err.print(f"note: {safe(store.root)} has no secret.key, so the query's id cannot be computed "
+                  "(shown as none)", highlight=False)
     identity = item_identity(chosen, source_identity(sources[0]), items.index(chosen), len(items))
     meta = chosen.meta
     info = {
-        "id": item_id(identity, secret),
-        "path": str(path.absolute()),
+        "id": item_id(identity, secret) if secret is not None else None,
+        "path": shown.show(chosen.path, chosen.meta),
         "modality": chosen.modality,
         "laterality": meta.laterality,
-        "date": meta.study_date or (meta.acquisition_datetime or "")[:8] or None,
+        "date": date_of(meta.study_date, meta.acquisition_datetime),
     }
     return vector, info
 
@@ -148,19 +187,19 @@ def _embed_query(store: Any, path: Path, model: str | None, target: str | None) 
 def _print_table(payload: dict[str, Any]) -> None:
     from rich.table import Table
 
-    from retinacli.console import out
+    from retinacli.console import out, safe
     from retinacli.retrieval import display_path
 
     q = payload["query"]
     # Name the query as the user gave it; show only the metadata it has (a PNG has no eye or date).
     known = ", ".join(str(v) for v in (q.get("modality"), q.get("laterality"), q.get("date")) if v)
     name = display_path(q["path"]) if q.get("path") else q.get("id")
-    table = Table(title=f"{payload['target']} items nearest to {name} ({known})", title_justify="left")
+    table = Table(title=safe(f"{payload['target']} items nearest to {name} ({known})"), title_justify="left")
     for column in ("rank", "score", "id", "source", "laterality", "date"):
         # Paths wrap rather than being cut: the source is what the user opens next.
         table.add_column(column, justify="right" if column in ("rank", "score") else "left",
                          overflow="fold", no_wrap=column != "source")
     for r in payload["results"]:
-        table.add_row(str(r["rank"]), f"{r['score']:.4f}", r["id"] or "", display_path(r["path"]),
-                      r["laterality"] or "", r["date"] or "")
+        table.add_row(*map(safe, (r["rank"], f"{r['score']:.4f}", r["id"] or "", display_path(r["path"]),
+                                  r["laterality"] or "", r["date"] or "")))
     out.print(table)

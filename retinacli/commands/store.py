@@ -1,6 +1,7 @@
 """`retina store ...`: commands about an embedding store itself (docs/store.md).
 
-`info` describes a store; later commands (verify, repair, index) join this group.
+`info` describes a store; `index` builds its approximate-search indexes (the only writer of STORE/ann
+besides `retina embed`: queries never build them). Later commands (verify, repair) join this group.
 """
 
 from __future__ import annotations
@@ -57,11 +58,11 @@ def register(app: typer.Typer) -> None:
         as_json: bool = options.json_option("Print the description as JSON."),
     ) -> None:
         """Describe a store: format version, rows per modality, shards, model, and the package it uses."""
-        from retinacli.console import err, out, print_json
+        from retinacli.console import err, out, print_json, safe
         from retinacli.store import store_path_and_origin
 
         store_root, origin = store_path_and_origin(store, "--store")
-        err.print(f"store: {store_root} ({origin})", highlight=False)
+        err.print(f"store: {safe(store_root)} ({origin})", highlight=False)
         summary = store_summary(store_root)
         if as_json:
             print_json(summary)
@@ -85,4 +86,41 @@ def register(app: typer.Typer) -> None:
         ]
         width = max(len(k) for k, _ in lines)
         for key, value in lines:
-            out.print(f"{key + ':':<{width + 1}} {value}", highlight=False, soft_wrap=True)
+            out.print(f"{key + ':':<{width + 1}} {safe(value)}", highlight=False, soft_wrap=True)
+
+
+    @store_app.command("index")
+    def index(
+        store: Path = options.store_option(),
+        as_json: bool = options.json_option("Print the modalities indexed as JSON."),
+    ) -> None:
+        """Build or update the store's approximate-search (ANN) indexes in STORE/ann, one per modality.
+
+        Queries never build them: 'retrieve --search ann' refuses to run without a current index, and
+        'retrieve --search auto' then searches exactly. 'retina embed' keeps existing indexes up to date
+        and builds them from 200,000 vectors. Needs the extra retina\\[faiss].
+        """
+        from retinacli.ann import update_store_indexes
+        from retinacli.console import err, out, print_json, safe
+        from retinacli.errors import require
+        from retinacli.store import EmbeddingStore, _Lock, store_path_and_origin
+
+        store_root, origin = store_path_and_origin(store, "--store")
+        err.print(f"store: {safe(store_root)} ({origin})", highlight=False)
+        # Clear errors for a missing store or extra before taking the lock (nothing written then).
+        EmbeddingStore.open(store_root)
+        require("approximate search indexes (retina store index)", "faiss", "faiss")
+        lock = _Lock(store_root)
+        lock.acquire()  # one writer at a time: embed also updates the index
+        try:
+            built = update_store_indexes(EmbeddingStore.open(store_root), build_all=True,
+                                         log=lambda message: err.print(message, highlight=False))
+        finally:
+            lock.release()
+        if as_json:
+            print_json({"store": str(store_root), "indexed": built})
+            return
+        if not built:
+            out.print("nothing to index: the store holds no vectors", highlight=False)
+        for modality, vectors in built.items():
+            out.print(f"{modality}: {vectors} vectors indexed", highlight=False)

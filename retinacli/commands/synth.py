@@ -41,7 +41,7 @@ def register(app: typer.Typer) -> None:
         """Write a synthetic paired cohort: OCT volume + fundus image per visit, labels, manifest.csv."""
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        from retinacli.console import err, print_json
+        from retinacli.console import err, print_json, safe
         from retinacli.console import out as stdout
         from retinacli.synth.cohort import cohort_summary, generate_cohort, parse_oct_shape
 
@@ -61,7 +61,7 @@ def register(app: typer.Typer) -> None:
             print_json(summary)
             return
         counts = f"{summary['patients']} patients, {summary['eyes']} eyes, {summary['visits']} visits"
-        stdout.print(f"{counts} -> {manifest}", highlight=False)
+        stdout.print(f"{counts} -> {safe(manifest)}", highlight=False)
         cst, letters = summary["cst_um"], summary["bcva_letters"]
         stdout.print(
             f"cst_um {cst['min']:.0f}-{cst['max']:.0f} (median {cst['median']:.0f}); "
@@ -69,5 +69,5 @@ def register(app: typer.Typer) -> None:
             f"bcva_label rate {summary['bcva_label_rate']:.2f}; tn_label rate {summary['tn_label_rate']:.2f}",
             highlight=False,
         )
-        devices = ", ".join(f"{name}: {n}" for name, n in summary["fundus_devices"].items())
+        devices = safe(", ".join(f"{name}: {n}" for name, n in summary["fundus_devices"].items()))
         stdout.print(f"fundus devices: {devices}", highlight=False)

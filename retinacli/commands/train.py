@@ -103,7 +103,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Pre-train the fundus + OCT encoders contrastively (CLIP / CLOOB / SigLIP) into a run folder."""
         from retinacli.commands.common import require_training, training_progress
-        from retinacli.console import err
+        from retinacli.console import err, safe
 
         manifest = options.resolve_manifest(manifest, manifest_m)
         if config_file is None and not resume and DEFAULT_CONFIG.is_file():
@@ -162,7 +162,7 @@ def register(app: typer.Typer) -> None:
 
         if not resume:
             shown = {k: v for k, v in config.to_dict().items() if k not in ("manifest_sha256", "extra")}
-            err.print(f"retina train -> {out}", highlight=False)
+            err.print(f"retina train -> {safe(out)}", highlight=False)
             err.print("  " + ", ".join(f"{k}={v}" for k, v in shown.items()), markup=False, highlight=False)
 
         def echo(message: str) -> None:
@@ -175,6 +175,6 @@ def register(app: typer.Typer) -> None:
         except (FileNotFoundError, ValueError, WeightsNotFoundError) as exc:
             raise RetinaError(str(exc)) from None
         except KeyboardInterrupt:
-            err.print(f"interrupted; continue with: retina train --out {out} --resume", highlight=False)
+            err.print(f"interrupted; continue with: retina train --out {safe(out)} --resume", highlight=False)
             raise typer.Exit(130) from None
-        err.print(f"run saved to {out} (checkpoints/last.pt, metrics.jsonl)", highlight=False)
+        err.print(f"run saved to {safe(out)} (checkpoints/last.pt, metrics.jsonl)", highlight=False)

@@ -25,6 +25,14 @@ from retinacli.readers.common import (
     short,
     to_grayscale,
 )
+from retinacli.readers.sanitize import (
+    device_name,
+    iso_date,
+    iso_datetime,
+    iso_dicom_datetime,
+    photometric,
+    scrub,
+)
 
 # pydicom warns (UserWarning) about every odd value it meets in a broken file; the reader reports
 # what matters as one ReadError, so these lines would only be noise on stderr. Installed once, at
@@ -145,20 +153,28 @@ def _parse_dataset(path: Path, ds, depth: int = 0) -> None:
                 _parse_dataset(path, item, depth + 1)
 
 
-_QUOTED = re.compile(r"b?'[^']*'|b?\"[^\"]*\"")
-
-
 def safe_reason(exc: BaseException) -> str:
-    """An exception's one-line text with quoted values taken out: a parser's message may quote
-    header bytes, and those can be identifiers."""
-    return _QUOTED.sub("'…'", short(exc))
+    """An exception's one-line text with quoted values taken out (`short` does that): a parser's
+    message may quote header bytes, and those can be identifiers."""
+    return short(exc)
+
+
+def header_free_reason(exc: BaseException, ds) -> str:
+    """`safe_reason` with every text value of the file's header taken out too: a decoder's message may
+    quote a header value without quotes (e.g. a mistyped PhotometricInterpretation)."""
+    return scrub(safe_reason(exc), ds)
 
 
 def frame_count(ds) -> int:
+    return max(_int_or(ds, "NumberOfFrames", 1), 1)
+
+
+def _int_or(ds, keyword: str, default: int) -> int:
+    """An integer header value, or `default` when absent or not a number (check_size reports that)."""
     try:
-        return max(int(ds.get("NumberOfFrames", 1) or 1), 1)
-    except (TypeError, ValueError):
-        return 1
+        return int(ds.get(keyword, default) or default)
+    except (TypeError, ValueError, OverflowError):
+        return default
 
 
 def classify(ds) -> tuple[str | None, str]:
@@ -179,13 +195,18 @@ def classify(ds) -> tuple[str | None, str]:
             return "oct", "OCT (generic image class)"
         if modality in {"OP", "XC", "SM"}:
             return "fundus", "photograph (generic image class)"
-        if frame_count(ds) > 1 and int(ds.get("SamplesPerPixel", 1) or 1) == 1:
+        if frame_count(ds) > 1 and _int_or(ds, "SamplesPerPixel", 1) == 1:
             return "oct", "grayscale multi-frame image"
         return "fundus", "single-frame image"
     return None, f"unsupported DICOM image class ({_sop_name(sop) or sop})"
 
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+def is_uid(text: str) -> bool:
+    """A well-formed DICOM UID: digits and dots, at most 64 characters."""
+    return bool(_UID.match(text)) and len(text) <= 64
 
 
 def _sop_name(sop: str) -> str:
@@ -206,19 +227,15 @@ def is_single_bscan(ds) -> bool:
 
 
 def _dicom_datetime(ds, prefix: str) -> str | None:
-    date = str(ds.get(f"{prefix}Date", "") or "")
-    time = str(ds.get(f"{prefix}Time", "") or "")
-    if len(date) != 8 or not date.isdigit():
-        return None
-    digits = "".join(ch for ch in time.split(".")[0] if ch.isdigit())
-    return (date + digits.ljust(6, "0"))[:14]
+    return iso_datetime(ds.get(f"{prefix}Date"), ds.get(f"{prefix}Time"))
 
 
 def acquisition_datetime(ds) -> str | None:
-    value = str(ds.get("AcquisitionDateTime", "") or "")
-    digits = "".join(ch for ch in value.split(".")[0].split("+")[0].split("-")[0] if ch.isdigit())
-    if len(digits) >= 8:
-        return digits.ljust(14, "0")[:14]
+    """``YYYY-MM-DDTHH:MM:SS`` from AcquisitionDateTime, else the first valid date (+ time) of the
+    acquisition, content, series or study; never the header's text itself (sanitize.py)."""
+    found = iso_dicom_datetime(ds.get("AcquisitionDateTime"))
+    if found:
+        return found
     for prefix in ("Acquisition", "Content", "Series", "Study"):
         found = _dicom_datetime(ds, prefix)
         if found:
@@ -289,27 +306,26 @@ def header_meta(ds) -> ImageMeta:
         frame_anatomy = _first(shared, "FrameAnatomySequence")
         if frame_anatomy is not None:
             laterality = normalise_laterality(frame_anatomy.get("FrameLaterality"))
-    device = " ".join(
-        str(ds.get(key)).strip() for key in ("Manufacturer", "ManufacturerModelName") if ds.get(key)
-    )
+    device = device_name(ds.get("Manufacturer"), ds.get("ManufacturerModelName"))
     spacing2d = _pixel_spacing_2d(ds)
     spacing: tuple[float, ...] | None = spacing2d
     if modality == "oct" and spacing2d is not None:
         slice_spacing = _slice_spacing(ds)
         spacing = (slice_spacing if slice_spacing is not None else float("nan"), *spacing2d)
-    study_date = str(ds.get("StudyDate", "") or "") or None
     return ImageMeta(
         laterality=laterality,
-        study_date=study_date if study_date and len(study_date) == 8 else None,
+        study_date=iso_date(ds.get("StudyDate")),
         acquisition_datetime=acquisition_datetime(ds),
-        device=device or None,
+        device=device,
         pixel_spacing_mm=spacing,
         patient_id=str(ds.get("PatientID", "") or "") or None,
+        patient_name=str(ds.get("PatientName", "") or "") or None,
+        accession_number=str(ds.get("AccessionNumber", "") or "") or None,
         study_uid=str(ds.get("StudyInstanceUID", "") or "") or None,
         series_uid=str(ds.get("SeriesInstanceUID", "") or "") or None,
         sop_instance_uid=str(ds.get("SOPInstanceUID", "") or "") or None,
         referenced_sop_uids=referenced_uids(ds),
-        photometric=str(ds.get("PhotometricInterpretation", "") or "") or None,
+        photometric=photometric(ds.get("PhotometricInterpretation")),
         extra={"sop_class": _sop_name(str(ds.get("SOPClassUID", "")))},
     )
 
@@ -323,7 +339,10 @@ def check_size(path: Path, ds) -> None:
     bits = header_int(path, ds, "BitsAllocated", 8)
     if samples not in (1, 3, 4) or bits not in (1, 8, 16, 32, 64):
         raise ReadError(path, f"unsupported pixel layout (SamplesPerPixel={samples}, BitsAllocated={bits})")
-    check_sample_budget(path, (frame_count(ds), rows, cols, samples))
+    frames = header_int(path, ds, "NumberOfFrames", 1)
+    if frames <= 0:
+        frames = 1  # 0 is how some writers say "one frame"; a negative count is read the same way
+    check_sample_budget(path, (frames, rows, cols, samples))
 
 
 def _transfer_syntax_problem(ds) -> str | None:
@@ -366,6 +385,9 @@ def load_pixels(path: Path, header=None) -> tuple[Any, np.ndarray]:
     """
     ds = header if header is not None else read_header(path, with_pixels=True)
     check_size(path, ds)
+    stated = ds.get("PhotometricInterpretation")
+    if stated not in (None, "") and photometric(stated) is None:  # its text is never quoted
+        raise ReadError(path, "unsupported PhotometricInterpretation in header (not a DICOM defined term)")
     problem = _transfer_syntax_problem(ds)
     if problem:
         raise ReadError(path, problem)
@@ -380,13 +402,14 @@ def load_pixels(path: Path, header=None) -> tuple[Any, np.ndarray]:
         text = str(exc)
         if "less than expected" in text or "truncated" in text.lower() or isinstance(exc, EOFError):
             raise ReadError(path, "truncated pixel data") from None
-        raise ReadError(path, f"cannot decode pixel data ({safe_reason(exc)})") from None
+        raise ReadError(path, f"cannot decode pixel data ({header_free_reason(exc, ds)})") from None
     try:
         return ds, _to_display_values(ds, pixels)
     except ReadError:
         raise
     except Exception as exc:  # e.g. PALETTE COLOR without its lookup tables
-        raise ReadError(path, f"cannot convert pixel data to display values ({safe_reason(exc)})") from None
+        reason = header_free_reason(exc, ds)
+        raise ReadError(path, f"cannot convert pixel data to display values ({reason})") from None
 
 
 def _holds_pixel_element(ds) -> bool:
@@ -425,7 +448,7 @@ def _to_display_values(ds, pixels: np.ndarray) -> np.ndarray:
     photometric = str(ds.get("PhotometricInterpretation", "")).upper()
     if photometric == "MONOCHROME1":
         if np.issubdtype(pixels.dtype, np.unsignedinteger):
-            bits = int(ds.get("BitsStored", pixels.dtype.itemsize * 8) or pixels.dtype.itemsize * 8)
+            bits = _int_or(ds, "BitsStored", pixels.dtype.itemsize * 8)
             top = min((1 << bits) - 1, np.iinfo(pixels.dtype).max)
             pixels = (top - np.minimum(pixels, top)).astype(pixels.dtype)
         else:
