@@ -375,3 +375,25 @@ def test_a_patient_folder_given_as_root_is_not_named_in_store_json(export, tmp_p
     again = run("embed", patient_folder, "--store", store, "--json")
     assert json.loads(again.stdout)["skipped"] == 4
     assert [r.id for r in EmbeddingStore.open(store).roots] == ["r0"]
+
+
+def test_training_reports_unreadable_rows_without_the_patient_folder(export):
+    """train / probe / evaluate skip an unreadable manifest row with a message that names the file
+    as every output does: relative, with the folder that names its patient replaced."""
+    from retinacli.preprocess import make_spec
+    from training.data import load_pairs
+
+    root, _package = export
+    jane, richard = root / "DOE_JANE_JD4711", root / "roe.richard-RR8812"
+    rows = [
+        {"patient_id": "p1", "eye": "OD", "visit": "0", "oct_path": str(jane / "oct.dcm"),
+         "fundus_path": str(jane / "fundus.dcm")},
+        {"patient_id": "p2", "eye": "OD", "visit": "0", "oct_path": str(jane / "oct_os.dcm"),
+         "fundus_path": str(richard / "photo.dcm")},
+    ]
+    spec = make_spec(oct_slices=2, oct_size=16, fundus_size=16)
+    pairs = load_pairs(rows, spec)
+    assert len(pairs.rows) == 1 and len(pairs.errors) == 1
+    message = pairs.errors[0]
+    assert message.startswith("export/p") and message.split(":")[0].endswith("/photo.dcm")
+    assert leaks(message) == []

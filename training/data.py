@@ -53,23 +53,29 @@ def load_pairs(
 ) -> PairArrays:
     """Read and preprocess every row once; unreadable rows are skipped and reported in `errors`."""
     read_oct, read_fundus = _readers()
+    # Messages name files as every output does: relative to the cohort's folder, without a path
+    # component that names the file's patient (retinacli.redaction).
+    paths = _redactor(rows)
     fundus_list, oct_list, kept, errors = [], [], [], []
     for row in rows:
         try:
             try:
                 oct_item = read_oct(row["oct_path"])
+                paths.learn(oct_item.meta)
                 oct_arr = preprocess_oct(oct_item.pixels, spec)
             except ValueError as exc:
                 raise ReadError(row["oct_path"], str(exc)) from None
             try:
                 fundus_item = read_fundus(row["fundus_path"])
+                paths.learn(fundus_item.meta)
                 fundus_arr = preprocess_fundus(fundus_item.pixels, spec)
             except ValueError as exc:
                 raise ReadError(row["fundus_path"], str(exc)) from None
         except ReadError as exc:
-            errors.append(str(exc))
+            errors.append(": ".join(paths.error(exc.path, exc.reason)))
         except OSError as exc:
-            errors.append(f"{exc.filename or row['oct_path']}: {exc.strerror or exc}")
+            shown, reason = paths.error(exc.filename or row["oct_path"], str(exc.strerror or exc))
+            errors.append(f"{shown}: {reason}")
         else:
             fundus_list.append(fundus_arr)
             oct_list.append(oct_arr)
@@ -79,6 +85,17 @@ def load_pairs(
     if not kept:
         raise ValueError("no readable pairs in the manifest: " + "; ".join(errors[:3]))
     return PairArrays(np.stack(fundus_list), np.stack(oct_list), kept, errors)
+
+
+def _redactor(rows: list[dict[str, str]]):
+    """A PathRedactor rooted at the folder that holds every file of `rows`."""
+    import os
+
+    from retinacli.redaction import PathRedactor
+
+    files = [row[key] for row in rows for key in ("oct_path", "fundus_path")]
+    common = Path(os.path.commonpath(files)) if files else Path.cwd()
+    return PathRedactor.for_paths([common if common.is_dir() else common.parent])
 
 
 _LAST_LOADED: dict[tuple[str, str], PairArrays] = {}
