@@ -28,10 +28,10 @@ import pydicom
 import pytest
 from fixtures_packages import make_toy_package
 from pydicom.dataelem import DataElement
+from test_phi import outputs_of
 from test_readers_support import ramp_volume, write_bscan_series, write_op, write_opt
 
 from retinacli.errors import ReadError
-from retinacli.privacy import SECRET_FILE
 from retinacli.readers import sanitize
 from retinacli.store import EmbeddingStore
 
@@ -59,16 +59,6 @@ def leaks(blobs: dict[str, bytes]) -> list[tuple[str, str]]:
         text = blob.decode("utf-8", "replace").lower()
         found += [(where, planted) for planted in PLANTED if planted in text]
     return found
-
-
-def outputs_of(results: dict[str, subprocess.CompletedProcess], *folders: Path) -> dict[str, bytes]:
-    blobs = {f"{name} stdout": r.stdout.encode() for name, r in results.items()}
-    blobs |= {f"{name} stderr": r.stderr.encode() for name, r in results.items()}
-    for folder in folders:
-        for path in folder.rglob("*"):
-            if path.is_file() and path.name != SECRET_FILE:
-                blobs[str(path)] = path.read_bytes()
-    return blobs
 
 
 def _free_text(ds) -> None:
