@@ -85,6 +85,9 @@ def file_identifiers(path: str | Path) -> list[str]:
             return [pid] if pid else found
         import pydicom
 
+        from retinacli.readers.dicom import check_deflated
+
+        check_deflated(path)  # a deflated data set is inflated whole by dcmread: refuse a bomb first
         ds = pydicom.dcmread(path, stop_before_pixels=True,
                              specific_tags=["PatientName", "PatientID", "AccessionNumber"])
         for name in ("PatientID", "PatientName", "AccessionNumber"):

@@ -12,6 +12,10 @@ Public API (torch-free; pixel decoders are imported lazily):
   time, so one bad file never stops a batch.
 
 Every failure is a `retinacli.errors.ReadError(path, reason)`. See docs/data-layout.md.
+
+Every reader refuses an item whose declared decoded size (header, codestream or TIFF tags) exceeds the
+per-item budget in samples, before allocating it: `retinacli.readers.common.set_max_pixels(n)` (what
+`--max-pixels` calls), else $RETINA_MAX_PIXELS, else 2**27.
 """
 
 from __future__ import annotations

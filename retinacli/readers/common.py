@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,11 +15,14 @@ from retinacli.items import ImageMeta
 # re-exported for the readers: header text -> OD / OS lives with the other sanitising
 from retinacli.readers.sanitize import normalise_laterality as normalise_laterality
 
-# Decompression-bomb guard for DICOM, .npy, TIFF and B-scan folders: at most this many samples
-# (rows x columns x frames x samples per pixel) in one item. 2**30 samples is 1-2 GiB of pixels, far
-# above any real OCT volume (a 512 x 1536 x 512 swept-source cube is 0.4 G). Pillow has its own
-# guard (PIL.Image.MAX_IMAGE_PIXELS) which the image reader enforces as an error, not a warning.
-MAX_SAMPLES = 1 << 30
+# Per-item decoded-size budget (`--max-pixels`, env RETINA_MAX_PIXELS): at most this many samples
+# (voxels or pixels x channels, i.e. frames x rows x columns x samples per pixel) in one item, checked
+# from what the header, the codestream or the TIFF page declares before any pixel buffer is allocated.
+# 2**27 = 134,217,728 admits the largest real acquisitions (a 128 x 1024 x 512 OCT cube is 67 M, a
+# 4000 x 4000 RGB photo 48 M) and keeps one item's pixels near 0.5 GB even as float32.
+DEFAULT_MAX_PIXELS = 1 << 27
+MAX_PIXELS_ENV = "RETINA_MAX_PIXELS"
+_max_pixels: int | None = None  # set by `--max-pixels` (set_max_pixels); None: env, else default
 
 # A B-scan stack from several single-frame files is assembled under a virtual path
 # "<folder>/series=<SeriesInstanceUID>" when the folder holds more than one such series.
@@ -66,13 +70,60 @@ def numbered_pattern(name: str) -> str:
     return _DIGITS.sub("#", name.lower())
 
 
-def check_sample_budget(path: object, shape: tuple[int, ...], what: str = "pixel data") -> None:
+def parse_max_pixels(text: str | int) -> int:
+    """'134217728', '1.2e8' or '2**27' -> a positive whole number of samples; ValueError otherwise."""
+    value = str(text).strip().replace("_", "")
+    if "**" in value:
+        base, _, power = value.partition("**")
+        number = float(int(base)) ** int(power)
+    else:
+        number = float(value)
+    if not number >= 1 or number != number or number > 1 << 62:
+        raise ValueError("must be a positive number of samples")
+    return int(number)
+
+
+def set_max_pixels(limit: int | None) -> None:
+    """Set the per-item budget for this process (None: back to $RETINA_MAX_PIXELS, else the default)."""
+    global _max_pixels
+    _max_pixels = None if limit is None else int(limit)
+
+
+def max_pixels() -> int:
+    """The per-item budget in samples: `--max-pixels`, else $RETINA_MAX_PIXELS, else 2**27."""
+    if _max_pixels is not None:
+        return _max_pixels
+    env = os.environ.get(MAX_PIXELS_ENV)
+    if env:
+        try:
+            return parse_max_pixels(env)
+        except ValueError:
+            pass  # the CLI reports a bad value as a usage error; the library keeps the default
+    return DEFAULT_MAX_PIXELS
+
+
+def sci(value: float) -> str:
+    """134217728 -> '1.34e8' (short, and clearly a count, not a header value)."""
+    mantissa, exponent = f"{value:.2e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def check_sample_budget(
+    path: object, shape: tuple[int, ...], what: str = "pixel data", itemsize: int | None = None
+) -> None:
+    """ReadError when an item of `shape` (declared, not decoded) holds more samples than the budget.
+
+    The reason gives the decoded size in samples (and bytes when `itemsize` is known), never the header
+    values themselves."""
     total = 1
     for size in shape:
         total *= max(int(size), 0)
-    if total > MAX_SAMPLES:
-        dims = "x".join(str(int(s)) for s in shape)
-        raise ReadError(path, f"{what} too large ({dims} = {total} samples > {MAX_SAMPLES} limit)")
+    limit = max_pixels()
+    if total > limit:
+        size = f"{sci(total)} samples"
+        if itemsize:
+            size += f" ({total * itemsize / 1e9:.1f} GB)"
+        raise ReadError(path, f"{what} too large: decoded size {size} exceeds --max-pixels {sci(limit)}")
 
 
 def to_grayscale(pixels: np.ndarray) -> np.ndarray:

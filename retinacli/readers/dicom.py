@@ -20,6 +20,7 @@ from retinacli.readers.common import (
     as_fundus_array,
     check_sample_budget,
     header_int,
+    max_pixels,
     natural_key,
     normalise_laterality,
     short,
@@ -87,6 +88,7 @@ def read_header(path: Path, with_pixels: bool = False):
     try:
         if Path(path).stat().st_size == 0:
             raise ReadError(path, "empty file (0 bytes)")
+        check_deflated(path)
         try:
             ds = pydicom.dcmread(path, **options)
         except InvalidDicomError:
@@ -104,6 +106,79 @@ def read_header(path: Path, with_pixels: bool = False):
         raise ReadError(path, "not a DICOM file")
     parse_all_values(path, ds)
     return ds
+
+
+DEFLATED_UID = "1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian: the whole data set is zlib
+_INFLATE_HEAD = 1 << 20  # inflated bytes parsed for Rows/Columns/...: the header precedes the pixels
+_INFLATE_SLACK = 16 << 20  # header, overlays and icon beyond the pixel data
+
+
+def check_deflated(path: Path) -> None:
+    """A deflated data set is inflated whole by pydicom when the file is opened, before any header
+    value can be checked: a 500 KB file can inflate to gigabytes. Inflate it here first as a stream
+    (constant memory), and refuse it when it inflates to more than its header's pixel data (within the
+    `--max-pixels` budget) plus a small slack."""
+    import zlib
+
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+
+    with open(path, "rb") as handle:
+        try:
+            read_preamble(handle, True)
+            meta = _read_file_meta_info(handle)
+        except Exception:
+            return  # not a DICOM with file meta: dcmread reports it
+        if str(meta.get("TransferSyntaxUID", "")) != DEFLATED_UID:
+            return
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        head = bytearray()
+        cap = max_pixels() * 8 + _INFLATE_SLACK  # until the header is known: 8 bytes a sample
+        total, pending, header_read = 0, b"", False
+        while True:
+            if not pending:
+                pending = handle.read(1 << 16)
+                if not pending:
+                    break
+            try:
+                out = inflater.decompress(pending, 1 << 20)
+            except zlib.error:
+                return  # broken stream: dcmread reports it
+            pending = inflater.unconsumed_tail
+            total += len(out)
+            if not header_read:
+                head += out[: _INFLATE_HEAD - len(head)]
+                if len(head) >= _INFLATE_HEAD or inflater.eof:
+                    header_read = True
+                    cap = min(cap, _pixel_bytes(path, bytes(head)) + _INFLATE_SLACK)
+            if total > cap:
+                raise ReadError(
+                    path,
+                    f"deflated data set too large: inflates to more than {cap / 1e6:.0f} MB, more than "
+                    "its pixel data needs (or over --max-pixels)",
+                )
+            if inflater.eof:
+                break
+
+
+def _pixel_bytes(path: Path, head: bytes) -> int:
+    """Bytes of pixel data the header at the start of an inflated data set declares (ReadError over
+    the budget); a header that does not parse allows the budget at 8 bytes a sample."""
+    import pydicom
+    from pydicom.filebase import DicomBytesIO
+
+    fallback = max_pixels() * 8
+    try:
+        ds = pydicom.dcmread(DicomBytesIO(head), force=True, stop_before_pixels=True)
+        rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        bits = int(ds.get("BitsAllocated", 8) or 8)
+        frames = max(int(ds.get("NumberOfFrames", 1) or 1), 1)
+    except Exception:
+        return fallback
+    if rows <= 0 or cols <= 0:
+        return fallback
+    check_sample_budget(path, (frames, rows, cols, samples))
+    return frames * rows * cols * samples * ((bits + 7) // 8)
 
 
 # Files whose every header value converted (path, mtime, size), so discovery and the read that
@@ -396,6 +471,7 @@ def load_pixels(path: Path, header=None) -> tuple[Any, np.ndarray]:
     if not _holds_pixel_element(ds):
         raise ReadError(path, "no pixel data (truncated file or not an image)")
     _check_native_length(path, ds)
+    _check_codestreams(path, ds)
     try:
         pixels = ds.pixel_array
     except Exception as exc:
@@ -441,6 +517,95 @@ def _check_native_length(path: Path, ds) -> None:
             f"pixel data does not match the header ({actual} bytes, NumberOfFrames={frames} x "
             f"{int(ds.Rows)}x{int(ds.Columns)} needs {expected})",
         )
+
+
+# JPEG start-of-frame markers (baseline..lossless, arithmetic) and JPEG-LS SOF55: each holds the frame's
+# size. C4 (DHT), C8 (reserved) and CC (DAC) are not frames.
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xF7}
+_HEAD_BYTES = 65536  # a frame's size is declared in its first bytes; nothing further is looked at
+
+
+def codestream_size(head: bytes) -> tuple[str, int, int, int] | None:
+    """(kind, width, height, components) a compressed frame declares in its first bytes, or None.
+
+    JPEG 2000: the SIZ marker of a raw codestream (after SOC) or inside a JP2 file; JPEG / JPEG-LS:
+    the start-of-frame marker. A frame whose size the decoder takes from the DICOM header (RLE,
+    deflate) gives None."""
+    if head[:2] == b"\xff\x4f" or head[4:8] == b"jP  ":  # raw codestream, or a JP2 file holding one
+        at = head.find(b"\xff\x4f\xff\x51")
+        if at < 0 or len(head) < at + 4 + 38:
+            return None
+        siz = head[at + 4 :]
+        xsiz, ysiz, xosiz, yosiz = (int.from_bytes(siz[4 + 4 * i : 8 + 4 * i], "big") for i in range(4))
+        components = int.from_bytes(siz[36:38], "big")
+        return "JPEG 2000", max(xsiz - xosiz, 0), max(ysiz - yosiz, 0), components
+    if head[:2] == b"\xff\xd8":
+        at = 2
+        while at + 4 <= len(head):
+            if head[at] != 0xFF:
+                return None
+            marker = head[at + 1]
+            if marker == 0xFF:  # fill byte
+                at += 1
+                continue
+            if marker in (0x01, *range(0xD0, 0xD8)):  # markers without a length
+                at += 2
+                continue
+            length = int.from_bytes(head[at + 2 : at + 4], "big")
+            if marker in _JPEG_SOF:
+                if at + 10 > len(head):
+                    return None
+                height = int.from_bytes(head[at + 5 : at + 7], "big")
+                width = int.from_bytes(head[at + 7 : at + 9], "big")
+                kind = "JPEG-LS" if marker == 0xF7 else "JPEG"
+                return kind, width, height, head[at + 9]
+            if marker == 0xDA or length < 2:  # scan data before any frame header: give up
+                return None
+            at += 2 + length
+    return None
+
+
+def _frame_heads(ds):
+    """The first bytes of each compressed frame: the first fragment of every frame (a frame's first
+    fragment starts with its codestream's start marker), read without joining whole frames."""
+    from pydicom.encaps import generate_fragments
+
+    data = ds.get("PixelData")
+    if not isinstance(data, bytes | bytearray):
+        return
+    for fragment in generate_fragments(data):
+        if fragment[:2] in (b"\xff\x4f", b"\xff\xd8") or fragment[4:8] == b"jP  ":
+            yield bytes(fragment[:_HEAD_BYTES])
+
+
+def _check_codestreams(path: Path, ds) -> None:
+    """Compressed pixel data: each frame's codestream says how large it decodes, and the decoder
+    allocates that, whatever Rows/Columns say. Refuse (before decoding) a codestream over the budget
+    or one that declares another size than the header."""
+    uid = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    if uid is None or not uid.is_compressed:
+        return
+    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    frames = frame_count(ds)
+    try:
+        heads = list(_frame_heads(ds))
+    except Exception:
+        return  # a broken item structure is the decoder's to report
+    for number, head in enumerate(heads[:frames], start=1):
+        declared = codestream_size(head)
+        if declared is None:
+            continue
+        kind, width, height, components = declared
+        check_sample_budget(path, (frames, height, width, max(components, 1)),
+                            f"{kind} pixel data (frame {number})")
+        if height == 0 and kind != "JPEG 2000":
+            continue  # JPEG with the height in a later DNL marker: the decoder checks it
+        if (width, height) != (cols, rows):
+            raise ReadError(
+                path,
+                f"frame {number}'s {kind} codestream declares another image size than the header's "
+                "Rows/Columns",
+            )
 
 
 def _to_display_values(ds, pixels: np.ndarray) -> np.ndarray:
@@ -582,7 +747,7 @@ def read_dicom_series(path: Path, members: tuple[Path, ...]) -> OctVolume:
                 if uid not in meta.referenced_sop_uids:
                     meta.referenced_sop_uids = (*meta.referenced_sop_uids, uid)
         scans.append(pixels)
-        check_sample_budget(path, (len(scans), *scans[0].shape))
+        check_sample_budget(path, (len(members), *scans[0].shape))  # the whole series, before the rest
     if not scans or meta is None:
         raise ReadError(path, "empty B-scan series")
     meta.sop_instance_uid = None  # the volume is many instances

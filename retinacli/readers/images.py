@@ -6,6 +6,7 @@ grayscale images of one size in one folder are the B-scans of an OCT volume (see
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import numpy as np
 
 from retinacli.errors import ReadError
 from retinacli.items import FundusImage, ImageMeta
-from retinacli.readers.common import as_fundus_array, check_sample_budget, short
+from retinacli.readers.common import as_fundus_array, check_sample_budget, sci, short
 
 GRAY_MODES = {"1", "L", "I;16", "I;16B", "I;16L", "I;16N", "I", "F", "LA", "P"}
 
@@ -26,8 +27,9 @@ class ImageHeader:
     width: int
     height: int
     grayscale: bool
-    pages: int = 1  # TIFF pages (multi-page TIFF = OCT volume)
-    page_shape: tuple[int, ...] = ()
+    pages: int = 1  # full-resolution TIFF pages (multi-page TIFF = OCT volume)
+    page_shape: tuple[int, ...] = ()  # TIFF: (pages, *one page's shape), or the one page's shape
+    itemsize: int = 1  # bytes per sample (TIFF), for the size in the budget's reason
 
 
 def _pillow():
@@ -46,20 +48,23 @@ def image_header(path: Path) -> ImageHeader:
     Image = _pillow()
     try:
         with Image.open(path) as im:
-            _check_pixels(path, im.width, im.height)
+            _check_pixels(path, im)
             mode = im.mode
             if mode == "P":  # a palette image is grayscale only if its palette is
                 mode = "P-gray" if _palette_is_gray(im) else "P-colour"
+            width, height = im.width, im.height
+            if _exif_orientation(im) in (5, 6, 7, 8):  # shown rotated a quarter turn
+                width, height = height, width
             return ImageHeader(
                 format=(im.format or path.suffix.lstrip(".")).lower(),
-                width=im.width,
-                height=im.height,
+                width=width,
+                height=height,
                 grayscale=mode in GRAY_MODES or mode == "P-gray",
             )
     except ReadError:
         raise
     except Image.DecompressionBombError as exc:
-        raise ReadError(path, f"image too large (decompression-bomb guard: {_bomb_text(exc)})") from None
+        raise ReadError(path, _bomb_text(exc)) from None
     except Image.UnidentifiedImageError:
         raise ReadError(path, "not a readable image (unknown format or broken header)") from None
     except Exception as exc:
@@ -67,18 +72,37 @@ def image_header(path: Path) -> ImageHeader:
 
 
 def _bomb_text(exc: Exception) -> str:
-    """Pillow's message without its 'could be decompression bomb DOS attack' tail."""
-    return short(exc).split(", could be")[0].rstrip(".")
+    """Pillow's DecompressionBombError as retina's reason: the sizes as counts, no tail."""
+    numbers = [int(n) for n in re.findall(r"\d+", str(exc))]
+    if len(numbers) >= 2:
+        return _bomb_reason(numbers[0], numbers[1])
+    return f"image too large (decompression-bomb guard: {short(exc).split(', could be')[0].rstrip('.')})"
 
 
-def _check_pixels(path: Path, width: int, height: int) -> None:
-    """Pillow only warns between MAX_IMAGE_PIXELS and twice that; retina refuses (no global
-    warning filters, which are not thread-safe, are touched)."""
+def _bomb_reason(pixels: int, limit: int) -> str:
+    return (
+        f"image too large: decoded size {sci(pixels)} pixels exceeds the decompression-bomb guard "
+        f"(Pillow MAX_IMAGE_PIXELS {sci(limit)})"
+    )
+
+
+def _check_pixels(path: Path, im) -> None:
+    """The per-item budget (`--max-pixels`, samples = pixels x bands), then Pillow's own guard, which
+    Pillow only warns about between MAX_IMAGE_PIXELS and twice that; retina refuses (no global
+    warning filters, which are not thread-safe, are touched). Both from the header, before decoding."""
+    check_sample_budget(path, (im.height, im.width, len(im.getbands())), "image")
     limit = _pillow().MAX_IMAGE_PIXELS
-    if limit and width * height > limit:
-        raise ReadError(
-            path, f"image too large (decompression-bomb guard: {width}x{height} pixels > {limit})"
-        )
+    if limit and im.width * im.height > limit:
+        raise ReadError(path, _bomb_reason(im.width * im.height, limit))
+
+
+def _exif_orientation(im) -> int:
+    """EXIF Orientation (1 = as stored; 2-8 = mirrored and/or rotated), 1 when absent or unreadable."""
+    try:
+        value = im.getexif().get(0x0112, 1)
+        return int(value) if int(value) in range(1, 9) else 1
+    except Exception:
+        return 1
 
 
 def _palette_is_gray(im) -> bool:
@@ -105,24 +129,50 @@ def index_pages(tif) -> int:
     return len(tif.pages)
 
 
+def is_reduced_page(page) -> bool:
+    """A thumbnail or reduced-resolution copy of another page (NewSubfileType bit 0, or the old
+    SubfileType = 2): not an image of its own, so never a slice."""
+    if int(getattr(page, "subfiletype", 0) or 0) & 1:
+        return True
+    tag = page.tags.get(255) if hasattr(page, "tags") else None  # old-style SubfileType
+    return tag is not None and tag.value == 2
+
+
+def main_pages(tif) -> list[int]:
+    """Indices of the full-resolution pages (thumbnails and reduced-resolution pages left out)."""
+    count = index_pages(tif)  # first, before anything iterates the pages
+    found = [i for i in range(count) if not is_reduced_page(tif.pages[i])]
+    return found or [0]
+
+
 def tiff_header(path: Path) -> ImageHeader:
+    """Size, page count and sample layout from the tags (no pixel data is decompressed)."""
     tifffile = quiet_tifffile()
 
     try:
         with tifffile.TiffFile(path) as tif:
-            pages = index_pages(tif)  # first, before tif.series
-            series = tif.series[0]
-            shape = tuple(int(s) for s in series.shape)
-            page = tif.pages[0]
+            pages = main_pages(tif)
+            page = tif.pages[pages[0]]
             samples = int(getattr(page, "samplesperpixel", 1))
             height, width = int(page.imagelength), int(page.imagewidth)
+            page_shape = tuple(int(s) for s in page.shape)
+            itemsize = np.dtype(page.dtype).itemsize if page.dtype is not None else 1
+            if len(pages) > 1:
+                page_shape = (len(pages), *page_shape)
+            elif tif.is_imagej or tif.is_ome:  # the series only where it can add to the one page
+                series_shape = tuple(int(s) for s in tif.series[0].shape)
+                if len(series_shape) == 3 and series_shape[-1] not in (3, 4):
+                    page_shape = series_shape  # one IFD holding a stack (ImageJ / OME)
     except ReadError:
         raise
     except Exception as exc:
         raise ReadError(path, f"not a readable TIFF ({short(exc)})") from None
-    if len(shape) == 3 and shape[-1] not in (3, 4) and pages == 1:
-        pages = shape[0]  # one page holding a stack (ImageJ / OME planar)
-    return ImageHeader("tiff", width, height, samples == 1, pages=pages, page_shape=shape)
+    count = len(pages)
+    if count == 1 and len(page_shape) == 3 and page_shape[-1] not in (3, 4):
+        count = page_shape[0]
+    return ImageHeader(
+        "tiff", width, height, samples == 1, pages=count, page_shape=page_shape, itemsize=itemsize
+    )
 
 
 def _to_array(path: Path, im) -> np.ndarray:
@@ -151,13 +201,17 @@ def load_image(path: Path) -> tuple[np.ndarray, str]:
     header = image_header(path)
     try:
         with Image.open(path) as im:
-            _check_pixels(path, im.width, im.height)
+            _check_pixels(path, im)
             im.load()
+            if _exif_orientation(im) != 1:  # a camera's "rotate for display" flag: show it upright
+                from PIL import ImageOps
+
+                im = ImageOps.exif_transpose(im)
             pixels = _to_array(path, im)
     except ReadError:
         raise
     except Image.DecompressionBombError as exc:
-        raise ReadError(path, f"image too large (decompression-bomb guard: {_bomb_text(exc)})") from None
+        raise ReadError(path, _bomb_text(exc)) from None
     except OSError as exc:
         if "truncated" in str(exc).lower() or "broken" in str(exc).lower():
             raise ReadError(path, "image truncated (file ends before the image data does)") from None
@@ -168,14 +222,15 @@ def load_image(path: Path) -> tuple[np.ndarray, str]:
 
 
 def load_tiff_page(path: Path) -> np.ndarray:
+    """The first full-resolution page (budget checked from its tags before it is decompressed)."""
     tifffile = quiet_tifffile()
 
     header = tiff_header(path)
-    check_sample_budget(path, header.page_shape)
+    shape = header.page_shape[1:] if header.pages > 1 else header.page_shape
+    check_sample_budget(path, shape, "TIFF page", header.itemsize)
     try:
         with tifffile.TiffFile(path) as tif:
-            index_pages(tif)
-            pixels = tif.pages[0].asarray()
+            pixels = tif.pages[main_pages(tif)[0]].asarray()
     except Exception as exc:
         raise ReadError(path, f"cannot decode TIFF ({short(exc)})") from None
     if pixels.ndim == 3 and pixels.shape[0] in (3, 4) and pixels.shape[-1] not in (3, 4):

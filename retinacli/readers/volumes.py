@@ -10,7 +10,7 @@ import numpy as np
 from retinacli.errors import ReadError
 from retinacli.items import FundusImage, ImageMeta, OctVolume
 from retinacli.readers.common import as_fundus_array, check_sample_budget, short, to_grayscale
-from retinacli.readers.images import index_pages, load_image, quiet_tifffile, tiff_header
+from retinacli.readers.images import load_image, main_pages, quiet_tifffile, tiff_header
 
 
 def npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
@@ -46,13 +46,17 @@ def npy_modality(path: Path, shape: tuple[int, ...]) -> str:
 def read_npy(path: Path) -> OctVolume | FundusImage:
     shape, dtype = npy_header(path)
     modality = npy_modality(path, shape)
-    check_sample_budget(path, shape, "array")
+    check_sample_budget(path, shape, "array", dtype.itemsize)
     if dtype.kind not in "uifb":
         raise ReadError(path, f"unsupported array dtype {dtype}")
     if 0 in shape:
         raise ReadError(path, f"empty array (shape {shape})")
     try:
-        pixels = np.load(path, allow_pickle=False)
+        # memory-mapped first: a header that declares more data than the file holds fails here,
+        # before numpy allocates the declared size
+        mapped = np.load(path, mmap_mode="r", allow_pickle=False)
+        pixels = np.array(mapped)
+        del mapped
     except Exception as exc:
         raise ReadError(path, f"truncated or unreadable .npy ({short(exc)})") from None
     if pixels.dtype == np.bool_:
@@ -67,26 +71,48 @@ def read_npy(path: Path) -> OctVolume | FundusImage:
 
 
 def read_tiff_stack(path: Path) -> OctVolume:
+    """Full-resolution pages -> (n_bscans, H, W). Thumbnail / reduced-resolution pages are not slices;
+    colour pages are B-scans only when they are gray (R = G = B), else the file is refused."""
     tifffile = quiet_tifffile()
 
     header = tiff_header(path)
-    check_sample_budget(path, header.page_shape)
+    check_sample_budget(path, header.page_shape, "TIFF pages", header.itemsize)
     try:
         with tifffile.TiffFile(path) as tif:
-            shapes = [tuple(tif.pages[i].shape) for i in range(index_pages(tif))]
-            if len(set(shapes)) > 1:
-                odd = next(i for i, shape in enumerate(shapes) if shape != shapes[0])
-                raise ReadError(
-                    path, f"TIFF pages differ in size: page {odd + 1} is {shapes[odd]}, page 1 {shapes[0]}"
-                )
-            check_sample_budget(path, (len(shapes), *shapes[0]))
-            pixels = tif.asarray()
+            pages = main_pages(tif)
+            if len(pages) == 1:  # one page (or an ImageJ / OME series) holding the whole stack
+                whole = tif.is_imagej or tif.is_ome
+                pixels = tif.series[0].asarray() if whole else tif.pages[pages[0]].asarray()
+            else:
+                shapes = [tuple(tif.pages[i].shape) for i in pages]
+                if len(set(shapes)) > 1:
+                    odd = next(i for i, shape in enumerate(shapes) if shape != shapes[0])
+                    raise ReadError(
+                        path,
+                        f"TIFF pages differ in size: page {odd + 1} is {shapes[odd]}, page 1 {shapes[0]}",
+                    )
+                check_sample_budget(path, (len(shapes), *shapes[0]), "TIFF pages", header.itemsize)
+                pixels = None
+                for k, index in enumerate(pages):  # page by page: no second full-size copy
+                    page = tif.pages[index].asarray()
+                    if pixels is None:
+                        pixels = np.empty((len(pages), *page.shape), page.dtype)
+                    pixels[k] = page
     except ReadError:
         raise
     except Exception as exc:
         raise ReadError(path, f"cannot decode TIFF ({short(exc)})") from None
+    if pixels.ndim == 4 and pixels.shape[1] in (3, 4) and pixels.shape[-1] not in (3, 4):
+        pixels = np.moveaxis(pixels, 1, -1)  # planar RGB pages
     if pixels.ndim == 4 and pixels.shape[-1] in (3, 4):
-        pixels = to_grayscale(pixels)
+        gray = (pixels[..., 0] == pixels[..., 1]).all() and (pixels[..., 1] == pixels[..., 2]).all()
+        if not gray:
+            raise ReadError(
+                path,
+                f"multi-page colour TIFF ({pixels.shape[0]} pages): not an OCT volume, whose B-scans are "
+                "grayscale; save each photo as its own file to read it as a fundus image",
+            )
+        pixels = pixels[..., 0]
     if pixels.ndim == 2:
         pixels = pixels[None]
     if pixels.ndim != 3:
@@ -107,6 +133,6 @@ def read_bscan_folder(path: Path, members: tuple[Path, ...]) -> OctVolume:
             shapes = f"{member.name} has shape {pixels.shape}, the others {scans[0].shape}"
             raise ReadError(path, f"B-scans differ in size: {shapes}")
         scans.append(pixels)
-        check_sample_budget(path, (len(scans), *scans[0].shape))
+        check_sample_budget(path, (len(members), *scans[0].shape))  # the whole stack, before the rest
     meta = ImageMeta(extra={"files": len(members)})
     return OctVolume(str(path), np.stack(scans), "bscan-folder", meta)
