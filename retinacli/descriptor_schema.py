@@ -14,6 +14,9 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any
 
+from retinacli.jsonutil import non_finite_paths
+from retinacli.jsonutil import short_repr as _r
+
 SCHEMA_FILE = "retina.schema.json"
 # retina.json layout version (docs/model-package.md): a change that removes a field or changes its
 # meaning bumps it; readers accept every version in READABLE_SCHEMA_VERSIONS and refuse newer ones.
@@ -42,7 +45,7 @@ def _is_type(value: Any, name: str) -> bool:
     if name in ("number", "integer") and isinstance(value, bool):
         return False  # JSON booleans are not numbers
     if name == "integer" and isinstance(value, float):
-        return value.is_integer()
+        return False  # 3.0 is not a size or a count: exporters write ints
     return isinstance(value, _TYPES[name])
 
 
@@ -57,36 +60,36 @@ def _validate(value: Any, schema: dict[str, Any], path: str, root: dict[str, Any
             raise ValueError(f"unsupported $ref {ref!r} in the descriptor schema")
         schema = root["$defs"][ref.split("/")[-1]]
     if "const" in schema and value != schema["const"]:
-        errors.append(f"{_where(path)}: must be {schema['const']!r}, got {value!r}")
+        errors.append(f"{_where(path)}: must be {schema['const']!r}, got {_r(value)}")
         return
     if "enum" in schema and value not in schema["enum"]:
         allowed = ", ".join(repr(v) for v in schema["enum"])
-        errors.append(f"{_where(path)}: must be one of {allowed}, got {value!r}")
+        errors.append(f"{_where(path)}: must be one of {allowed}, got {_r(value)}")
         return
     if "type" in schema:
         names = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
         if not any(_is_type(value, n) for n in names):
             got = type(value).__name__ if value is not None else "null"
-            errors.append(f"{_where(path)}: must be {' or '.join(names)}, got {got} {value!r:.40}")
+            errors.append(f"{_where(path)}: must be {' or '.join(names)}, got {got} {_r(value)}")
             return
     if isinstance(value, str) and "pattern" in schema and not re.search(schema["pattern"], value):
-        errors.append(f"{_where(path)}: {value!r} does not match the pattern {schema['pattern']}")
+        errors.append(f"{_where(path)}: {_r(value)} does not match the pattern {schema['pattern']}")
     if isinstance(value, int | float) and not isinstance(value, bool):
         if "minimum" in schema and value < schema["minimum"]:
-            errors.append(f"{_where(path)}: must be >= {schema['minimum']}, got {value}")
+            errors.append(f"{_where(path)}: must be >= {schema['minimum']}, got {_r(value)}")
         if "maximum" in schema and value > schema["maximum"]:
-            errors.append(f"{_where(path)}: must be <= {schema['maximum']}, got {value}")
+            errors.append(f"{_where(path)}: must be <= {schema['maximum']}, got {_r(value)}")
     if isinstance(value, dict):
         for key in schema.get("required", []):
             if key not in value:
-                errors.append(f"{_where(path)}: missing required field '{_join(path, key)}'")
+                errors.append(f"{_where(path)}: missing required field {_r(_join(path, key))}")
         props = schema.get("properties", {})
         extra = schema.get("additionalProperties", True)
         for key, sub in value.items():
             if key in props:
                 _validate(sub, props[key], _join(path, key), root, errors)
             elif extra is False:
-                errors.append(f"{_where(path)}: unexpected field '{_join(path, key)}'")
+                errors.append(f"{_where(path)}: unexpected field {_r(_join(path, key))}")
             elif isinstance(extra, dict):
                 _validate(sub, extra, _join(path, key), root, errors)
     if isinstance(value, list):
@@ -115,7 +118,59 @@ def descriptor_errors(descriptor: Any) -> list[str]:
             f"version {readable} ({action})"
         ]
     _validate(descriptor, schema, "", schema, errors)
+    if errors or not isinstance(descriptor, dict):
+        return errors
+    return semantic_errors(descriptor)
+
+
+# Heads' metrics are informational (a metric can be undefined, e.g. R² of a constant label): a NaN
+# there is shown as null, never used. Everywhere else a non-finite number would be silent nonsense.
+_INFORMATIONAL = re.compile(r"^heads\.[^.]+\.metrics(\.|\[|$)")
+
+
+def semantic_errors(descriptor: dict[str, Any]) -> list[str]:
+    """What the schema cannot say, for a descriptor that passed it: every number finite, the
+    preprocessing spec applicable (retinacli.preprocess.spec_errors), each encoder's declared input
+    shape equal to what that spec produces, output shapes (batch, embed_dim), sane embed_dim."""
+    from retinacli.preprocess import spec_errors
+
+    errors = [f"{_r(p, 200)[1:-1]}: must be a finite number, got {_r(v)}"
+              for p, v in non_finite_paths(descriptor) if not _INFORMATIONAL.match(p)]
+    dim = descriptor["embed_dim"]
+    spec_problems = [f"preprocessing.{e}" for e in spec_errors(descriptor["preprocessing"])]
+    errors += spec_problems
+    for modality, entry in descriptor["inputs"].items():
+        where = f"inputs.{modality}"
+        if entry["modality"] != modality:
+            errors.append(f"{where}.modality: must be {modality!r}, got {_r(entry['modality'])}")
+        shape = entry["shape"]
+        if not isinstance(shape[0], str) or any(not isinstance(d, int) or d < 1 for d in shape[1:]):
+            errors.append(f"{where}.shape: must be ['batch', positive integers...], got {_r(shape)}")
+        elif not spec_problems:
+            expected = _spec_shape(modality, descriptor["preprocessing"])
+            if list(shape[1:]) != expected:
+                errors.append(f"{where}.shape: {_r(shape)} is not what preprocessing produces "
+                              f"(['batch', {', '.join(map(str, expected))}])")
+            if entry["channels"] != expected[0]:
+                errors.append(f"{where}.channels: must be {expected[0]} (the preprocessing), "
+                              f"got {_r(entry['channels'])}")
+        out = entry.get("output_shape")
+        if out is not None and (len(out) != 2 or not isinstance(out[0], str) or out[1] != dim):
+            errors.append(f"{where}.output_shape: must be ['batch', {dim}] (embed_dim), got {_r(out)}")
+    for task, head in descriptor["heads"].items():
+        if head["task"] != task:
+            errors.append(f"heads.{task}.task: must be {task!r} (its key), got {_r(head['task'])}")
     return errors
+
+
+def _spec_shape(modality: str, spec: dict[str, Any]) -> list[int]:
+    """The preprocessed item shape (no batch axis) that `spec` produces for `modality`."""
+    if modality == "oct":
+        o = spec["oct"]
+        return [1, o["slices"], o["height"], o["width"]]
+    f = spec["fundus"]
+    return [f["channels"], f["size"], f["size"]]
+
 
 
 def validate_descriptor(descriptor: Any) -> None:

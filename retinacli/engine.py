@@ -20,7 +20,7 @@ import numpy as np
 
 from retinacli.backends import Variant, choose_variant, make_runner
 from retinacli.errors import ModelPackageError, UsageError
-from retinacli.package import model_id_for, resolve_package, verify_package
+from retinacli.package import check_graphs, model_ids_for, resolve_package, verify_package
 from retinacli.preprocess import preprocess as _preprocess
 from retinacli.preprocess import spec_hash, validate_spec
 
@@ -113,7 +113,9 @@ class Engine:
         self._lock = threading.Lock()  # sessions are created lazily, possibly from worker threads
         self.name: str = descriptor["name"]
         self.version: str = descriptor["version"]
-        self.model_id: str = model_id_for(descriptor)
+        # legacy: the id under the older rule (retinacli.package.model_ids_for), which stores made
+        # before it record; adopt_model_id names this engine's vectors as such a store does
+        self.model_id, self.legacy_model_id = model_ids_for(descriptor)
         self.spec: dict[str, Any] = descriptor["preprocessing"]
         self.spec_hash: str = spec_hash(self.spec)
         self.embed_dim: int = int(descriptor["embed_dim"])
@@ -187,21 +189,21 @@ class Engine:
         return runner
 
     def check_graphs(self) -> None:
-        """Open every graph and check its input/output names and embedding size against the descriptor."""
-        entries = [*self.descriptor["inputs"].values(), *self.descriptor["heads"].values()]
-        graphs = [(e["file"], e["input_name"], e["output_name"]) for e in entries]
-        for file_name, input_name, output_name in graphs:
-            session = self._session(file_name)
-            inputs = [i.name for i in session.get_inputs()]
-            outputs = {o.name: o.shape for o in session.get_outputs()}
-            where = self.path / file_name
-            if inputs != [input_name]:
-                raise ModelPackageError(f"{where}: graph inputs {inputs} differ from the descriptor's")
-            if output_name not in outputs:
-                raise ModelPackageError(f"{where}: graph has no output '{output_name}' (has {list(outputs)})")
-            shape = outputs[output_name]
-            if output_name == "embedding" and (len(shape) != 2 or shape[1] != self.embed_dim):
-                raise ModelPackageError(f"{where}: output shape {shape} is not (batch, {self.embed_dim})")
+        """Check every graph (fp32 and int8 encoders, heads) against the descriptor: input/output
+        names, shapes and embedding size (retinacli.package.graph_errors; load already did)."""
+        check_graphs(self.path, self.descriptor, self._blobs)
+
+    @property
+    def model_ids(self) -> tuple[str, ...]:
+        """Every id this package's vectors are known by: (current, legacy)."""
+        return (self.model_id, self.legacy_model_id)
+
+    def adopt_model_id(self, store_model_id: str) -> bool:
+        """Use a store's model id for this engine when it is this package's older-rule id (a store
+        made before the current id rule); True when the engine's vectors are the store's model."""
+        if store_model_id == self.legacy_model_id:
+            self.model_id = store_model_id
+        return store_model_id == self.model_id
 
     # --- inference ------------------------------------------------------------------------------
 

@@ -23,6 +23,9 @@ from retinacli.errors import ModelPackageError
 from retinacli.fsutil import atomic_write_json, building_dir
 
 DESCRIPTOR_FILE = "retina.json"
+# A descriptor is a few KB; these bound what reading a hand-edited or hostile one can cost.
+MAX_DESCRIPTOR_BYTES = 1 << 20
+MAX_DESCRIPTOR_DEPTH = 32
 CONFIG_FILE = "config.json"
 ALLOWED_SUFFIXES = (".onnx", ".json")
 # Files that must never sit unlisted in a package: they could be loaded by other tools (pickle).
@@ -55,10 +58,17 @@ def read_config() -> dict[str, Any]:
     path = config_path()
     if not path.exists():
         return {}
+    from retinacli.jsonutil import loads_bounded
+
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelPackageError(f"{path}: cannot read retina config ({exc})") from None
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_DESCRIPTOR_BYTES + 1)
+    except OSError as exc:
+        raise ModelPackageError(f"{path}: cannot read retina config ({exc.strerror or exc})") from None
+    try:
+        data = loads_bounded(raw, MAX_DESCRIPTOR_BYTES, MAX_DESCRIPTOR_DEPTH)
+    except ValueError as exc:
+        raise ModelPackageError(f"{path}: cannot read retina config: it {exc}") from None
     return data if isinstance(data, dict) else {}
 
 
@@ -106,10 +116,20 @@ def read_descriptor(package_dir: Path) -> dict[str, Any]:
     path = Path(package_dir) / DESCRIPTOR_FILE
     if not path.is_file():
         raise ModelPackageError(f"{path}: missing package descriptor (not a retina model package)")
+    from retinacli.jsonutil import loads_bounded
+
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelPackageError(f"{path}: descriptor is not valid JSON ({exc})") from None
+        size = path.stat().st_size
+        if size > MAX_DESCRIPTOR_BYTES:  # refused before reading it: a descriptor is a few KB
+            raise ValueError(f"is {size} bytes, more than the {MAX_DESCRIPTOR_BYTES} a descriptor may have")
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_DESCRIPTOR_BYTES + 1)
+        # NaN/Infinity literals parse to floats here so that validation names their field
+        data = loads_bounded(raw, MAX_DESCRIPTOR_BYTES, MAX_DESCRIPTOR_DEPTH, constants=True)
+    except OSError as exc:
+        raise ModelPackageError(f"{path}: cannot read the descriptor ({exc.strerror or exc})") from None
+    except ValueError as exc:
+        raise ModelPackageError(f"{path}: descriptor {exc}") from None
     if not isinstance(data, dict):
         raise ModelPackageError(f"{path}: descriptor must be a JSON object")
     return data
@@ -230,22 +250,27 @@ def _resolve_ref(ref: str, dirs: list[Path], source: str | None) -> Path:
 def find_package_by_model_id(model_id: str, dirs: list[Path] | None = None) -> Path | None:
     """The known package whose ``model_id`` (name@version+hash) matches, e.g. to reopen a store."""
     for info in list_packages(dirs):
-        if info.problem is None and model_id.startswith(f"{info.ref}+"):
-            try:
-                if model_id_for(read_descriptor(info.path)) == model_id:
-                    return info.path
-            except (ModelPackageError, KeyError, TypeError):
-                continue
+        # either of the package's ids: a store of the older id rule too
+        if info.problem is None and model_id.startswith(f"{info.ref}+") and model_id in package_model_ids(
+                info.path):
+            return info.path
     return None
 
 
-def package_model_id(package_dir: Path) -> str | None:
-    """The model_id of the package in `package_dir` (from its retina.json alone), or None when the
-    folder is gone or holds no readable package."""
+def package_model_ids(package_dir: Path) -> tuple[str, ...]:
+    """The (current, legacy) model ids of the package in `package_dir` (from its retina.json alone),
+    or () when the folder is gone or holds no readable package."""
     try:
-        return model_id_for(read_descriptor(Path(package_dir)))
-    except (ModelPackageError, KeyError, TypeError, AttributeError, OSError):
-        return None
+        return model_ids_for(read_descriptor(Path(package_dir)))
+    except (ModelPackageError, KeyError, TypeError, AttributeError, ValueError, OSError):
+        return ()
+
+
+def package_model_id(package_dir: Path) -> str | None:
+    """The current model_id of the package in `package_dir` (from its retina.json alone), or None
+    when the folder is gone or holds no readable package."""
+    ids = package_model_ids(package_dir)
+    return ids[0] if ids else None
 
 
 def locate_store_package(model_id: str, recorded: str | None) -> tuple[Path | None, str]:
@@ -255,7 +280,7 @@ def locate_store_package(model_id: str, recorded: str | None) -> tuple[Path | No
     that id (search dirs), else (None, why not). Never the default package: exporting another
     package must not change which model an existing store expects.
     """
-    if recorded and package_model_id(Path(recorded)) == model_id:
+    if recorded and model_id in package_model_ids(Path(recorded)):
         return Path(recorded), "recorded in the store"
     found = find_package_by_model_id(model_id)
     searched = ", ".join(str(d) for d in search_dirs())
@@ -272,17 +297,35 @@ def locate_store_package(model_id: str, recorded: str | None) -> tuple[Path | No
 # --- identity and verification -----------------------------------------------------------------
 
 
-def model_id_for(descriptor: dict[str, Any]) -> str:
-    """``name@version+<12 hex>``: the hash covers the encoder graphs and the preprocessing spec.
+MODEL_ID_RULE = 2  # docs/model-package.md "Model id"; rule 1 ids (legacy) still match their stores
+
+
+def model_ids_for(descriptor: dict[str, Any]) -> tuple[str, str]:
+    """``(current, legacy)`` model ids, each ``name@version+<12 hex>``.
+
+    current (rule 2): the hash covers the fp32 encoder graphs, the int8 encoder graphs when the
+    package has them, the embedding size and the preprocessing spec. legacy (rule 1, retina 0.1):
+    the fp32 encoder graphs and the preprocessing spec only; stores made then record it, and a
+    package whose legacy id equals a store's id made that store's vectors.
 
     Two packages with the same id produce the same embeddings; refitting heads keeps the id, so
     an embedding store stays valid after a new ``retina probe`` + export.
     """
     digests = {f["path"]: f["sha256"] for f in descriptor["files"]}
-    parts = [digests[descriptor["inputs"][m]["file"]] for m in ("fundus", "oct")]
-    parts.append(json.dumps(descriptor["preprocessing"], sort_keys=True, separators=(",", ":")))
-    short = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
-    return f"{descriptor['name']}@{descriptor['version']}+{short}"
+    legacy = [digests[descriptor["inputs"][m]["file"]] for m in ("fundus", "oct")]
+    legacy.append(json.dumps(descriptor["preprocessing"], sort_keys=True, separators=(",", ":")))
+    current = [f"rule={MODEL_ID_RULE}", *legacy, f"embed_dim={int(descriptor['embed_dim'])}"]
+    for precision, quantized in sorted((descriptor.get("quantized") or {}).items()):
+        for modality, entry in sorted((quantized.get("encoders") or {}).items()):
+            current.append(f"{precision}.{modality}={digests[entry['file']]}")
+    prefix = f"{descriptor['name']}@{descriptor['version']}+"
+    return tuple(prefix + hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
+                 for parts in (current, legacy))
+
+
+def model_id_for(descriptor: dict[str, Any]) -> str:
+    """The current model id of a package descriptor (see :func:`model_ids_for`)."""
+    return model_ids_for(descriptor)[0]
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -322,7 +365,8 @@ def validated_descriptor(package_dir: Path) -> dict[str, Any]:
 
 
 def verify_package(package_dir: Path, read: bool = True) -> tuple[dict[str, Any], dict[str, bytes]]:
-    """Validate the descriptor and check every listed file's size and sha256.
+    """Validate the descriptor, check every listed file's size and sha256 and (when ``read``) that
+    each ONNX graph's inputs, outputs and sizes are the ones the descriptor declares (graph_errors).
 
     Returns the descriptor and (when ``read``) the verified bytes of every ONNX file, so callers
     build sessions from exactly the bytes that were checked. Raises ModelPackageError naming the
@@ -355,7 +399,124 @@ def verify_package(package_dir: Path, read: bool = True) -> tuple[dict[str, Any]
             continue
         if child.suffix.lower() in _SUSPECT_SUFFIXES:
             raise ModelPackageError(f"{child}: not listed in {DESCRIPTOR_FILE} (unlisted model file)")
+    if read:
+        check_graphs(package_dir, descriptor, blobs)
     return descriptor, blobs
+
+
+def _graph_signature(data: bytes) -> tuple[list[tuple[str, str, list]], dict[str, list], Any]:
+    """(inputs as (name, type, shape), outputs {name: shape}, session) of an ONNX graph's bytes.
+
+    Built without graph optimisation: only the declared I/O is read (and, for a symbolic dimension,
+    one zero batch run)."""
+    from retinacli.onnx_session import create_session
+
+    session = create_session(data, threads=1, optimize=False)
+    inputs = [(i.name, i.type, list(i.shape)) for i in session.get_inputs()]
+    outputs = {o.name: list(o.shape) for o in session.get_outputs()}
+    return inputs, outputs, session
+
+
+def _static(dim: Any) -> bool:
+    return isinstance(dim, int) and dim > 0  # onnxruntime reports symbolic dims as str or None
+
+
+def graph_errors(descriptor: dict[str, Any], blobs: dict[str, bytes]) -> list[str]:
+    """Where the descriptor and the ONNX graphs themselves disagree, one line each naming the
+    descriptor field: input names, input dtype and static dims of every encoder graph (fp32 and
+    int8) against ``inputs.<m>``, their embedding output against ``embed_dim``, and every head's
+    input size against ``embed_dim``. A dimension the graph leaves symbolic is checked by running
+    one zero batch."""
+    dim = int(descriptor["embed_dim"])
+    graphs = [(f"inputs.{m}", e["file"], e["input_name"], e["output_name"], e["shape"], ["batch", dim])
+              for m, e in descriptor["inputs"].items()]
+    for precision, quantized in (descriptor.get("quantized") or {}).items():
+        for m, entry in (quantized.get("encoders") or {}).items():
+            spec = descriptor["inputs"][m]
+            graphs.append((f"quantized.{precision}.encoders.{m}", entry["file"], spec["input_name"],
+                           spec["output_name"], spec["shape"], ["batch", dim]))
+    for task, head in descriptor["heads"].items():
+        graphs.append((f"heads.{task}", head["file"], head["input_name"], head["output_name"],
+                       ["batch", dim], None))
+    digests = {f["path"]: f["sha256"] for f in descriptor["files"]}
+    errors: list[str] = []
+    for field, file_name, input_name, output_name, shape, out_shape in graphs:
+        # verified bytes of the same sha256 checked the same way: once per process (repeated loads)
+        key = (digests.get(file_name), field, file_name, input_name, output_name, json.dumps(shape),
+               json.dumps(out_shape))
+        if key not in _GRAPH_CHECKS:
+            if len(_GRAPH_CHECKS) > 256:
+                _GRAPH_CHECKS.clear()
+            _GRAPH_CHECKS[key] = _one_graph_errors(field, file_name, blobs[file_name], input_name,
+                                                   output_name, shape, out_shape, dim)
+        errors += _GRAPH_CHECKS[key]
+    return errors
+
+
+# A zero item is run only when a graph leaves an input dimension symbolic; above this many values
+# (256 MB of float32) the run is skipped rather than allocate it.
+_MAX_PROBE_VALUES = 1 << 26
+_GRAPH_CHECKS: dict[tuple, list[str]] = {}
+
+
+def _one_graph_errors(field: str, graph: str, data: bytes, input_name: str, output_name: str, shape: list,
+                      out_shape: list | None, dim: int) -> list[str]:
+    """graph_errors for one graph (see there)."""
+    import numpy as np
+
+    where = field
+    errors: list[str] = []
+    try:
+        inputs, outputs, session = _graph_signature(data)
+    except Exception as exc:  # onnxruntime raises its own exception types
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        return [f"{where}.file: onnxruntime cannot load {graph} ({first})"]
+    if [i[0] for i in inputs] != [input_name]:
+        names = [i[0] for i in inputs][:4]
+        errors.append(f"{where}.input_name: {graph} has inputs {names}, the descriptor says "
+                      f"[{input_name!r}]")
+        return errors
+    _, dtype, got = inputs[0]
+    if dtype != "tensor(float)":
+        errors.append(f"{where}.dtype: {graph} input {input_name!r} is {dtype}, not float32")
+    bad = len(got) != len(shape) or any(
+        _static(g) and isinstance(s, int) and g != s for g, s in zip(got[1:], shape[1:], strict=False))
+    if bad:
+        field_name = "shape" if field.startswith(("inputs", "quantized")) else "input size, embed_dim"
+        errors.append(f"{where}.{field_name.split(',')[0].replace(' ', '_')}: {graph} input shape {got} "
+                      f"differs from the descriptor's {field_name} {shape}")
+        return errors
+    if output_name not in outputs:
+        errors.append(f"{where}.output_name: {graph} has no output {output_name!r} "
+                      f"(has {list(outputs)[:4]})")
+        return errors
+    want = out_shape
+    got_out = outputs[output_name]
+    if want is not None and (len(got_out) != 2 or (_static(got_out[1]) and got_out[1] != dim)):
+        errors.append(f"embed_dim: {graph} ({where}) outputs shape {got_out}, not (batch, {dim})")
+        return errors
+    symbolic = any(not _static(g) for g in got[1:]) or (want is not None and not _static(got_out[1]))
+    if symbolic and int(np.prod([int(s) for s in shape[1:]])) <= _MAX_PROBE_VALUES:
+        # the graph does not say: run one zero item of the declared shape
+        x = np.zeros([1, *(int(s) for s in shape[1:])], dtype=np.float32)
+        try:
+            (y,) = session.run([output_name], {input_name: x})
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            errors.append(f"{where}.shape: {graph} does not accept input shape {shape} ({first})")
+            return errors
+        if want is not None and tuple(np.shape(y)) != (1, dim):
+            errors.append(f"embed_dim: {graph} ({where}) outputs {list(np.shape(y))[1:]} per item, "
+                          f"not [{dim}]")
+    return errors
+
+
+def check_graphs(package_dir: Path, descriptor: dict[str, Any], blobs: dict[str, bytes]) -> None:
+    """Raise ModelPackageError with the first of :func:`graph_errors` (and how many more)."""
+    errors = graph_errors(descriptor, blobs)
+    if errors:
+        more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+        raise ModelPackageError(f"{Path(package_dir) / DESCRIPTOR_FILE}: {errors[0]}{more}")
 
 
 def install_package(source: Path, force: bool = False) -> Path:

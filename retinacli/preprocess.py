@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 from functools import lru_cache
 from typing import Any
 
@@ -75,36 +76,93 @@ def make_spec(
     return spec
 
 
+# Upper bounds a spec may ask for: far above any trained model, low enough that a typo (or a
+# hand-edited descriptor) cannot make preprocessing allocate gigabytes per item.
+MAX_SIDE = 4096
+MAX_SLICES = 1024
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON true is not a size
+
+
+def _is_finite(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def spec_errors(spec: Any) -> list[str]:
+    """Every problem of a preprocessing spec, one line each naming the field (``oct.std: ...``);
+    empty when this code can apply it. Sizes must be ints (not bools or floats) within caps, every
+    number finite, stds > 0, percentiles ordered in [0, 100]."""
+    from retinacli.jsonutil import short_repr
+
+    if not isinstance(spec, dict):
+        return [f"(spec): must be an object, got {short_repr(spec)}"]
+    errors: list[str] = []
+    if spec.get("version") != SPEC_VERSION:
+        return [f"version: preprocessing spec version {short_repr(spec.get('version'))} is not supported "
+                f"(want {SPEC_VERSION})"]
+    o, f = spec.get("oct"), spec.get("fundus")
+    for name, part in (("oct", o), ("fundus", f)):
+        if not isinstance(part, dict):
+            errors.append(f"{name}: preprocessing spec is missing '{name}' (or it is not an object)")
+    if errors:
+        return errors
+    missing = [f"oct.{k}" for k in ("slices", "height", "width", "slice_sampling", "intensity", "percentiles",
+                                    "mean", "std") if k not in o]
+    missing += [f"fundus.{k}" for k in ("size", "crop", "channels", "mean", "std") if k not in f]
+    if missing:
+        return [f"{m}: preprocessing spec is missing '{m.split('.')[-1]}'" for m in missing]
+
+    def size(where: str, value: Any, cap: int) -> None:
+        if not _is_int(value) or not 1 <= value <= cap:
+            errors.append(f"{where}: must be an integer in [1, {cap}], got {short_repr(value)}")
+
+    for key in ("height", "width"):
+        size(f"oct.{key}", o[key], MAX_SIDE)
+    size("oct.slices", o["slices"], MAX_SLICES)
+    crop = o.get("axial_crop", 1.0)
+    if not _is_finite(crop) or not 0 < crop <= 1:
+        errors.append(f"oct.axial_crop: must be a number in (0, 1], got {short_repr(crop)}")
+    if o["slice_sampling"] != "uniform":
+        errors.append(f"oct.slice_sampling: unknown oct.slice_sampling {short_repr(o['slice_sampling'])}")
+    if o["intensity"] != "percentile":
+        errors.append(f"oct.intensity: unknown oct.intensity {short_repr(o['intensity'])}")
+    pct = o["percentiles"]
+    if not (isinstance(pct, list) and len(pct) == 2 and all(_is_finite(p) for p in pct)
+            and 0 <= pct[0] < pct[1] <= 100):
+        errors.append(f"oct.percentiles: must be [low, high] with 0 <= low < high <= 100 (oct.percentiles), "
+                      f"got {short_repr(pct)}")
+    if not _is_finite(o["mean"]):
+        errors.append(f"oct.mean: must be a finite number, got {short_repr(o['mean'])}")
+    if not _is_finite(o["std"]) or o["std"] <= 0:
+        errors.append(f"oct.std: must be a finite number > 0, got {short_repr(o['std'])}")
+    size("fundus.size", f["size"], MAX_SIDE)
+    if f["crop"] not in ("center_square", "none"):
+        errors.append(f"fundus.crop: unknown fundus.crop {short_repr(f['crop'])}")
+    channels = f["channels"]
+    if not _is_int(channels) or channels not in (1, 3):
+        errors.append(f"fundus.channels: fundus.channels must be 1 or 3, got {short_repr(channels)}")
+        return errors
+    for key in ("mean", "std"):
+        values = f[key]
+        if not isinstance(values, list) or len(values) != channels:
+            errors.append(f"fundus.{key}: fundus.mean and fundus.std need one value per channel "
+                          f"({channels}), got {short_repr(values)}")
+            continue
+        for i, v in enumerate(values):
+            if not _is_finite(v) or (key == "std" and v <= 0):
+                rule = "a finite number > 0" if key == "std" else "a finite number"
+                errors.append(f"fundus.{key}[{i}]: must be {rule}, got {short_repr(v)}")
+    return errors
+
+
 def validate_spec(spec: dict[str, Any]) -> None:
-    """Raise ValueError with a readable message if the spec is not one this code can apply."""
-    try:
-        if spec["version"] != SPEC_VERSION:
-            raise ValueError(
-                f"preprocessing spec version {spec['version']} is not supported (want {SPEC_VERSION})"
-            )
-        o, f = spec["oct"], spec["fundus"]
-        for key in ("slices", "height", "width"):
-            if int(o[key]) < 1:
-                raise ValueError(f"oct.{key} must be >= 1")
-        if not 0 < float(o.get("axial_crop", 1.0)) <= 1:
-            raise ValueError("oct.axial_crop must be in (0, 1]")
-        if o["slice_sampling"] != "uniform":
-            raise ValueError(f"unknown oct.slice_sampling {o['slice_sampling']!r}")
-        if o["intensity"] != "percentile":
-            raise ValueError(f"unknown oct.intensity {o['intensity']!r}")
-        lo, hi = o["percentiles"]
-        if not 0 <= lo < hi <= 100:
-            raise ValueError("oct.percentiles must satisfy 0 <= low < high <= 100")
-        if int(f["size"]) < 1:
-            raise ValueError("fundus.size must be >= 1")
-        if f["crop"] not in ("center_square", "none"):
-            raise ValueError(f"unknown fundus.crop {f['crop']!r}")
-        if int(f["channels"]) not in (1, 3):
-            raise ValueError("fundus.channels must be 1 or 3")
-        if len(f["mean"]) != f["channels"] or len(f["std"]) != f["channels"]:
-            raise ValueError("fundus.mean and fundus.std need one value per channel")
-    except KeyError as exc:
-        raise ValueError(f"preprocessing spec is missing {exc}") from None
+    """Raise ValueError with a readable message (the first of :func:`spec_errors`) if the spec is
+    not one this code can apply."""
+    errors = spec_errors(spec)
+    if errors:
+        raise ValueError(errors[0])
 
 
 def spec_hash(spec: dict[str, Any]) -> str:

@@ -20,7 +20,9 @@ from retinacli.store import STORE_FORMAT_VERSION, EmbeddingStore
 pytest.importorskip("onnxruntime")
 
 FROZEN = Path(__file__).parent / "fixtures" / "v0_1_0"
-FROZEN_MODEL = "toy@0.1.0+6474dbc96760"
+FROZEN_MODEL = "toy@0.1.0+6474dbc96760"  # the frozen package's id under model id rule 1: the frozen store's
+# The same package's id under rule 2 (adds embed_dim and int8 graphs): what a new store made with it records.
+CURRENT_MODEL = "toy@0.1.0+248663d55935"
 FROZEN_FUNDUS_ID = "ifb5823b2adc6556e"  # a fundus row of the frozen store
 FROZEN_OCT_IDS = {"i2339f19eca0bab1d", "ie0bd15e942f671ef"}
 
@@ -76,13 +78,13 @@ def test_0_1_0_package_verifies_and_embeds(frozen, tmp_path, monkeypatch):
     result = run("embed", frozen / "source", "--model", frozen / "package", "--workers", 1, "--json")
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
-    assert summary["embedded"] == 4 and summary["failed"] == 0 and summary["model"] == FROZEN_MODEL
+    assert summary["embedded"] == 4 and summary["failed"] == 0 and summary["model"] == CURRENT_MODEL
     store = EmbeddingStore.open(tmp_path / "new")
     assert store.format_version == STORE_FORMAT_VERSION == 3
     # format 3: the root given is recorded; rows name it and a path relative to its parent folder
     assert [(r.id, r.path) for r in store.roots] == [("r0", str((frozen / "source").absolute()))]
     assert {r["root"] for r in store.metadata()} == {"r0"}
-    assert store.package_record == {"model_id": FROZEN_MODEL, "name": "toy", "version": "0.1.0",
+    assert store.package_record == {"model_id": CURRENT_MODEL, "name": "toy", "version": "0.1.0",
                                     "path": str((frozen / "package").resolve())}
     # The frozen package still computes the frozen store's vectors (same files, same preprocessing).
     frozen_store = EmbeddingStore.open(frozen / "store")
@@ -151,7 +153,7 @@ def test_store_records_package_and_works_from_another_folder(frozen, tmp_path, m
     result = run("retrieve", query, "--json")
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)
-    assert payload["model"] == FROZEN_MODEL and len(payload["results"]) == 2
+    assert payload["model"] == CURRENT_MODEL and len(payload["results"]) == 2
     predicted = run("predict", "--task", "tn", "--json")
     assert predicted.exit_code == 0, predicted.output
     assert len(json.loads(predicted.stdout)["predictions"]) == 2
@@ -169,24 +171,24 @@ def test_exporting_a_newer_package_does_not_change_the_store_model(frozen, tmp_p
     monkeypatch.setenv("RETINA_STORE", str(store_dir))
     first = frozen / "source" / sorted(p.name for p in (frozen / "source").iterdir())[0]
     second = frozen / "source" / sorted(p.name for p in (frozen / "source").iterdir())[1]
-    assert json.loads(run("embed", first, "--json", "--workers", 1).stdout)["model"] == FROZEN_MODEL
+    assert json.loads(run("embed", first, "--json", "--workers", 1).stdout)["model"] == CURRENT_MODEL
     newer = make_toy_package(exported / "toy2", name="toy", version="0.2.0", seed=1)
     assert resolve_package(None).resolve() == newer.resolve()  # the default package changed
     result = run("embed", second, "--json", "--workers", 1)
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
-    assert summary["model"] == FROZEN_MODEL and summary["embedded"] == 2 and summary["rows"] == 4
+    assert summary["model"] == CURRENT_MODEL and summary["embedded"] == 2 and summary["rows"] == 4
     query = next(second.rglob("*_fundus.png"))
     found = json.loads(run("retrieve", query, "--json").stdout)
-    assert found["model"] == FROZEN_MODEL and found["query"]["id"] in {r["id"] for r in
+    assert found["model"] == CURRENT_MODEL and found["query"]["id"] in {r["id"] for r in
                                                                       EmbeddingStore.open(store_dir).metadata()}
     on_files = run("predict", "--task", "cst", second, "--json")  # ids join the store's: its model
     assert on_files.exit_code == 0, on_files.output
-    assert json.loads(on_files.stdout)["model"] == FROZEN_MODEL
+    assert json.loads(on_files.stdout)["model"] == CURRENT_MODEL
     # A new store does get the new default; an explicit --model of another id is still refused.
     monkeypatch.setenv("RETINA_STORE", str(tmp_path / "other"))
     made = json.loads(run("embed", first, "--json", "--workers", 1).stdout)
-    assert made["model"] == package_model_id(newer) != FROZEN_MODEL
+    assert made["model"] == package_model_id(newer) != CURRENT_MODEL
     monkeypatch.setenv("RETINA_STORE", str(store_dir))
     wrong = run("embed", second, "--model", newer, "--workers", 1)
     assert wrong.exit_code == EXIT_USAGE and "refusing to add" in wrong.stderr
@@ -204,7 +206,7 @@ def test_missing_package_is_one_clear_line(frozen, tmp_path, monkeypatch):
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and errors[0] == result.stderr.strip().splitlines()[-1]
     message = errors[0]
-    assert str(store_dir) in message and FROZEN_MODEL in message and str(package.resolve()) in message
+    assert str(store_dir) in message and CURRENT_MODEL in message and str(package.resolve()) in message
     info = json.loads(run("store", "info", "--json").stdout)
     assert info["package"]["found"] is False and info["package"]["path"] is None
 
