@@ -256,7 +256,7 @@ def build_store_index(store, modality: str, log=None):
         faiss.write_index(index, str(tmp))
     info = {"model_id": store.model_id, "shards": sorted(covered | {s.index for s in missing}),
             "nlist": int(index.nlist), "vectors": int(index.ntotal)}
-    atomic_write_text(info_path, json.dumps(info) + "\n")
+    atomic_write_text(info_path, json.dumps(info, allow_nan=False) + "\n")
     return index
 
 

@@ -7,6 +7,7 @@ training command runs.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 
 import typer
@@ -42,18 +43,87 @@ def report_error(exc: RetinaError) -> typer.Exit:
     return typer.Exit(exc.exit_code)
 
 
+# Library warnings that say nothing a user can act on: dropped instead of shown.
+SILENCED_WARNINGS = (
+    "does not have a deterministic implementation",  # torch, under evaluation's warn_only determinism
+)
+_PACKAGE_NAMES = {"sklearn": "scikit-learn", "PIL": "Pillow"}
+# Libraries that parse input files: their warning and log texts can quote header values.
+FILE_READING_LIBRARIES = frozenset({"pydicom", "tifffile", "Pillow", "PIL", "eyepy", "oct_converter",
+                                    "pylibjpeg", "openjpeg", "imagecodecs", "imageio"})
+MAX_WARNING_CHARS = 300  # scikit-learn's run to paragraphs of links
+
+
+def _warning_source(category: type, filename: str, text: str) -> str:
+    """The library a warning comes from: 'scikit-learn', 'numpy', 'pydicom', ... ('python' if unknown)."""
+    import re
+
+    module = getattr(category, "__module__", "") or ""
+    top = module.split(".")[0]
+    if issubclass(category, RuntimeWarning) and " encountered in " in text:
+        top = "numpy"  # numpy's floating-point warnings name the caller's file, not numpy's
+    elif top in ("builtins", "warnings", ""):
+        found = re.search(r"(?:site|dist)-packages[/\\]([A-Za-z0-9_]+)", filename or "")
+        top = found.group(1) if found else ("retina" if "retinacli" in (filename or "") else "python")
+    return _PACKAGE_NAMES.get(top, top)
+
+
+@contextlib.contextmanager
+def routed_library_warnings():
+    """Inside: every Python warning (scikit-learn, numpy, faiss, pydicom, tifffile, Pillow, ...) and
+    every WARNING log record of a library is one ``warning: <library>: <message>`` line on stderr,
+    each distinct message once, never a raw ``file:line: Category: ...`` block."""
+    import logging
+    import warnings
+
+    from retinacli.commands.options import warn
+
+    shown: set[tuple[str, str]] = set()
+
+    def say(source: str, text: str) -> None:
+        if source in FILE_READING_LIBRARIES:
+            # Their messages quote header values and file names ("Invalid value for VR DA: '…'"):
+            # never passed on; the reader's own one-line reason says what was wrong with the file.
+            text = "a warning while reading a file (its text is withheld: it may quote header values)"
+        text = " ".join(str(text).split())  # one line, whatever the library put in it
+        if not text or any(pattern in text for pattern in SILENCED_WARNINGS) or (source, text) in shown:
+            return
+        shown.add((source, text))
+        warn(f"{source}: {text if len(text) <= MAX_WARNING_CHARS else text[:MAX_WARNING_CHARS] + '...'}")
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        say(_warning_source(category, filename, str(message)), message)
+
+    class Handler(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            with contextlib.suppress(Exception):  # a log record must never fail the command
+                say(record.name.split(".")[0], record.getMessage())
+
+    handler = Handler(logging.WARNING)
+    root = logging.getLogger()
+    with warnings.catch_warnings():
+        warnings.showwarning = showwarning
+        root.addHandler(handler)
+        try:
+            yield
+        finally:
+            root.removeHandler(handler)
+
+
 class RetinaGroup(TyperGroup):
-    """The root command group: the one place a RetinaError becomes a message and an exit code.
+    """The root command group: the one place a RetinaError becomes a message and an exit code, and
+    where library warnings become one ``warning:`` line each (`routed_library_warnings`).
 
     Every command (and sub-group, e.g. ``retina models``) runs inside this ``invoke``, so the same
     handling applies under ``retina ...`` and under a test's ``CliRunner().invoke(app, ...)``.
     """
 
     def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except RetinaError as exc:
-            raise report_error(exc) from None
+        with routed_library_warnings():
+            try:
+                return super().invoke(ctx)
+            except RetinaError as exc:
+                raise report_error(exc) from None
 
 
 app = typer.Typer(

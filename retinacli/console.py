@@ -10,7 +10,6 @@ cannot start a line of its own, e.g. a forged ``error:`` line).
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
 import unicodedata
 from typing import Any
@@ -93,8 +92,10 @@ err = SafeConsole(stderr=True, soft_wrap=True, markup=False, emoji=False)
 
 
 def print_json(payload: Any) -> None:
-    """Write one JSON document to stdout (no Rich markup, no wrapping)."""
-    sys.stdout.write(json.dumps(payload, indent=2, default=str) + "\n")
+    """Write one JSON document to stdout (no Rich markup, no wrapping); NaN/Infinity print as null."""
+    from retinacli.jsonutil import dumps
+
+    sys.stdout.write(dumps(payload, indent=2, default=str) + "\n")
     sys.stdout.flush()
 
 

@@ -9,6 +9,7 @@ EXIT_NOTHING_DONE = 1  # no readable input, or the command failed as a whole
 EXIT_USAGE = 2  # bad options or arguments (Typer/Click also uses 2)
 EXIT_MODEL_INVALID = 3  # model package missing, corrupt, or failed verification
 EXIT_STORE_BUSY = 4  # another process holds the embedding store's lock
+EXIT_STORE_DAMAGED = 5  # the embedding store's files are inconsistent (`retina store verify`)
 EXIT_BROKEN_PIPE = 141  # stdout's reader went away (`| head`): 128 + SIGPIPE, as shells report it
 
 
@@ -49,6 +50,12 @@ class ModelPackageError(RetinaError):
 
 class StoreBusyError(RetinaError):
     exit_code = EXIT_STORE_BUSY
+
+
+class StoreDamagedError(RetinaError):
+    """The store's files disagree with ``store.json`` or with each other; nothing was changed."""
+
+    exit_code = EXIT_STORE_DAMAGED
 
 
 class MissingExtraError(RetinaError):

@@ -9,7 +9,6 @@ swapped in by :func:`replace_dir`.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import sys
@@ -62,8 +61,10 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def atomic_write_json(path: str | Path, payload: Any) -> None:
-    """Pretty-printed UTF-8 JSON with a trailing newline, written atomically."""
-    atomic_write_text(path, json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
+    """Pretty-printed UTF-8 JSON with a trailing newline, written atomically; NaN/Infinity become null."""
+    from retinacli.jsonutil import dumps
+
+    atomic_write_text(path, dumps(payload, indent=2, ensure_ascii=False) + "\n")
 
 
 def staging_dir(target: str | Path) -> Path:

@@ -68,12 +68,20 @@ def read_with_readers(source: Any, modality: str | None) -> Iterable[OctVolume |
     return readers.iter_items([source], modality=modality)
 
 
+class Discovered(tuple):
+    """``(sources, errors)`` (unpacks as a pair), with ``.ignored``: the (path, why) not read."""
+
+    ignored: list[tuple[Path, str]]
+
+
 def discover_with_readers(paths: Sequence[Path]) -> tuple[list[Any], list[ReadError]]:
     """The sources under `paths` as `readers.Source` records (kind, member files; no pixels read)."""
     from retinacli.readers import scan
 
     found = scan(paths)
-    return list(found.sources), list(found.errors)
+    result = Discovered((list(found.sources), list(found.errors)))
+    result.ignored = list(found.ignored)
+    return result
 
 
 # --- identities -------------------------------------------------------------------------------------
@@ -239,6 +247,7 @@ class EmbedPlan:
     todo: list[tuple[Any, str, str]]  # (source, source identity, source key)
     skipped_sources: int
     errors: list[ReadError]
+    ignored: list[tuple[Path, str]] = field(default_factory=list)  # (path, why) discovery did not read
 
 
 @dataclass
@@ -268,7 +277,9 @@ def plan_embedding(
     `old_paths`: the absolute paths of rows written before store format 3, whose keys hashed the
     path as it was spelled (`..` kept): a source at the same place, unchanged, is matched to them
     however it is spelled now, so upgrading a store never embeds its sources again."""
-    sources, errors = (discover or discover_with_readers)([Path(p) for p in paths])
+    found = (discover or discover_with_readers)([Path(p) for p in paths])
+    sources, errors = found
+    ignored = list(getattr(found, "ignored", []))  # what discovery did not read, and why
     spelled: dict[str, list[str]] = {}
     for old in old_paths:
         spelled.setdefault(str(Path(old).resolve()), []).append(old)
@@ -292,7 +303,7 @@ def plan_embedding(
             skipped += 1
         else:
             todo.append((source, identity, key))
-    return EmbedPlan(todo, skipped, list(errors))
+    return EmbedPlan(todo, skipped, list(errors), ignored)
 
 
 def _legacy_key(source: Any, secret: bytes) -> str | None:
@@ -484,5 +495,8 @@ def engine_for_store(
             )
         model = str(package)
     engine, package = load_engine(model, backend, precision)
+    adopt = getattr(engine, "adopt_model_id", None)
+    if adopt is not None:
+        adopt(store.model_id)  # a store made under the older model id rule keeps its id
     store.require_model(engine.model_id)
     return engine, package

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from retinacli.errors import EXIT_USAGE, RetinaError, StoreBusyError
+from retinacli.errors import EXIT_USAGE, RetinaError, StoreBusyError, StoreDamagedError
 from retinacli.fsutil import atomic_write_bytes
 from retinacli.privacy import SECRET_FILE, SecretKeyMissingError, create_secret, load_secret
 from retinacli.redaction import Root, roots_for
@@ -154,28 +154,44 @@ class EmbeddingStore:
         self.index = index
 
     @classmethod
-    def open(cls, root: Path | str) -> EmbeddingStore:
+    def open(cls, root: Path | str, check: bool = True) -> EmbeddingStore:
+        """Open a store for reading; a damaged one (store.json's fields, shard headers, sizes and row
+        counts: retinacli.storecheck's cheap checks) is refused with StoreDamagedError (exit 5).
+        `check=False` skips those checks (`retina store verify` / `repair` do their own)."""
+        from retinacli.storecheck import damaged_message, quick_problems
+
         root = Path(root)
         index_path = root / INDEX_FILE
         if not index_path.is_file():
+            _refuse_orphan_shards(root)
+            # A --store naming no store is a usage error (2), like any missing path argument.
             raise StoreError(
                 f"{root}: no embedding store here (no {INDEX_FILE}); "
-                f"create one with 'retina embed PATH --out {root}'"
+                f"create one with 'retina embed PATH --store {root}'",
+                exit_code=EXIT_USAGE,
             )
         try:
             index = json.loads(index_path.read_text())
         except (OSError, ValueError) as exc:
-            raise StoreError(f"{index_path}: unreadable store index ({exc})") from None
-        if not isinstance(index, dict) or index.get("format") != STORE_FORMAT:
+            problem = f"store.json is not valid JSON ({' '.join(str(exc).split())})"
+            raise StoreDamagedError(damaged_message(root, problem)) from None
+        if not isinstance(index, dict):
+            raise StoreDamagedError(damaged_message(root, "store.json is not a JSON object"))
+        if index.get("format") != STORE_FORMAT:
             raise StoreError(f"{index_path}: not a retina embedding store (format is not {STORE_FORMAT!r})")
         version = index.get("format_version")
         if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-            raise StoreError(f"{index_path}: format_version {version!r} is not a store format version")
+            problem = f"store.json: format_version {version!r} is not a store format version"
+            raise StoreDamagedError(damaged_message(root, problem))
         if version > STORE_FORMAT_VERSION:
             raise StoreError(
                 f"{index_path}: store format version {version} is newer than this retina reads "
                 f"(up to {STORE_FORMAT_VERSION}); upgrade retina"
             )
+        if check:
+            problems = quick_problems(root, index)
+            if problems:
+                raise StoreDamagedError(damaged_message(root, problems[0]))
         return cls(root, index)
 
     @property
@@ -223,23 +239,36 @@ class EmbeddingStore:
 
     def shard_vectors(self, shard: Shard) -> np.ndarray:
         """The shard's vectors, memory-mapped (read-only)."""
-        vectors = np.load(shard.embeddings, mmap_mode="r", allow_pickle=False)
+        try:
+            vectors = np.load(shard.embeddings, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError, EOFError) as exc:  # changed since `open` checked it
+            raise self._damaged(shard, f"{shard.embeddings.name} unreadable ({exc})") from None
         if vectors.shape != (shard.rows, self.embed_dim) or vectors.dtype != np.float32:
-            raise StoreError(f"{shard.embeddings}: expected float32 {(shard.rows, self.embed_dim)}, "
-                             f"found {vectors.dtype} {vectors.shape}")
+            raise self._damaged(shard, f"{shard.embeddings.name}: expected float32 "
+                                f"{(shard.rows, self.embed_dim)}, found {vectors.dtype} {vectors.shape}")
         return vectors
+
+    def _damaged(self, shard: Shard, problem: str) -> StoreDamagedError:
+        from retinacli.storecheck import damaged_message
+
+        problem = f"shard {shard.index}: {' '.join(problem.split())}"
+        return StoreDamagedError(damaged_message(self.root, problem))
 
     def shard_metadata(self, shard: Shard, columns: list[str] | None = None) -> dict[str, list[Any]]:
         import pyarrow.parquet as pq
 
         missing: list[str] = []
-        if columns is not None:  # a column added by a later format (e.g. `root`) reads as empty
-            present = set(pq.read_schema(shard.metadata).names)
-            missing = [c for c in columns if c not in present]
-            columns = [c for c in columns if c in present]
-        table = pq.read_table(shard.metadata, columns=columns)
+        try:
+            if columns is not None:  # a column added by a later format (e.g. `root`) reads as empty
+                present = set(pq.read_schema(shard.metadata).names)
+                missing = [c for c in columns if c not in present]
+                columns = [c for c in columns if c in present]
+            table = pq.read_table(shard.metadata, columns=columns)
+        except Exception as exc:  # pyarrow raises many types for a damaged file
+            raise self._damaged(shard, f"{shard.metadata.name} unreadable ({exc})") from None
         if table.num_rows != shard.rows:
-            raise StoreError(f"{shard.metadata}: {table.num_rows} rows, the index says {shard.rows}")
+            raise self._damaged(shard, f"{shard.metadata.name}: {table.num_rows} rows, "
+                                f"store.json says {shard.rows}")
         data = table.to_pydict()
         data.update({c: [None] * shard.rows for c in missing})
         return data
@@ -289,8 +318,10 @@ class EmbeddingStore:
                 return np.array(self.shard_vectors(shard)[row]), {k: v[row] for k, v in meta.items()}
         return None
 
-    def require_model(self, model_id: str) -> None:
-        if model_id != self.model_id:
+    def require_model(self, model_id: str, *also: str) -> None:
+        """Refuse a model other than the store's; `also`: the package's other ids (its id under the
+        older rule, which a store made before the current rule records)."""
+        if self.model_id != model_id and self.model_id not in also:
             raise StoreModelMismatchError(
                 f"{self.root}: the store holds embeddings of model {self.model_id}, not {model_id}; "
                 "embeddings of different models cannot be mixed or compared (use the store's model or "
@@ -365,6 +396,18 @@ def writer_secret(root: Path, index: dict[str, Any], create: bool = True) -> byt
 _SHARD_RE = re.compile(r"^(emb|meta)_(\d{5,})\.(npy|parquet)$")
 
 
+def _refuse_orphan_shards(root: Path) -> None:
+    """A store that lost store.json but holds shard files is damaged, not absent (a writer creates
+    store.json before any shard, so no crash leaves this)."""
+    from retinacli.storecheck import damaged_message
+
+    orphans = [p for folder in ("embeddings", "metadata") if (root / folder).is_dir()
+               for p in (root / folder).iterdir() if _SHARD_RE.match(p.name)]
+    if orphans:
+        problem = f"store.json is missing but {len(orphans)} shard files are here"
+        raise StoreDamagedError(damaged_message(root, problem))
+
+
 class StoreWriter(EmbeddingStore):
     """Append access for one process at a time: `with StoreWriter.open_for_model(...) as store:`.
 
@@ -406,6 +449,8 @@ class StoreWriter(EmbeddingStore):
         if (root / INDEX_FILE).is_file():
             # Checked before the lock too, so a refused store is left exactly as it was (not even .lock).
             writer_secret(root, EmbeddingStore.open(root).index, create=False)
+        else:
+            _refuse_orphan_shards(root)  # a new index would make their vectors debris, deleted
         root.mkdir(parents=True, exist_ok=True)
         lock = _Lock(root)
         lock.acquire()
@@ -554,6 +599,32 @@ class StoreWriter(EmbeddingStore):
         target = self.root / ERRORS_FILE
         atomic_write_bytes(target, buf.getvalue().encode("utf-8"))
         return target
+
+
+def discard_new_store(root: Path | str, *, remove_folder: bool, keep: Iterable[str] = ()) -> None:
+    """Remove a store this run created and committed nothing to (its index, key, lock, empty shard
+    folders), so a retry starts clean; `remove_folder` also removes `root` when it is then empty.
+    A store holding rows is never touched, nor the entries named in `keep` (there before the run)."""
+    import contextlib
+    import shutil
+
+    root = Path(root)
+    try:
+        index = json.loads((root / INDEX_FILE).read_text())
+        if int(index.get("rows", 0)) != 0 or index.get("shards"):
+            return
+    except (OSError, ValueError, TypeError, AttributeError):
+        pass  # no readable index: only the files a creation writes are removed below
+    keep = set(keep)
+    for name in {INDEX_FILE, SECRET_FILE, ERRORS_FILE, LOCK_FILE} - keep:
+        (root / name).unlink(missing_ok=True)
+    for name in {"embeddings", "metadata", "ann"} - keep:
+        folder = root / name
+        if folder.is_dir() and not any(_SHARD_RE.match(p.name) for p in folder.iterdir()):
+            shutil.rmtree(folder, ignore_errors=True)
+    if remove_folder:
+        with contextlib.suppress(OSError):  # something else is in it now: leave it
+            root.rmdir()
 
 
 def _package_record(

@@ -27,10 +27,21 @@ stderr.
 | 0 | done; for batch commands at least one input succeeded (failures are listed in the error report) |
 | 1 | nothing done: no readable input, every input failed, or the command failed as a whole |
 | 1 | ... or stdout cannot be written (`> /dev/full`): one line `error: cannot write to stdout: ...` |
-| 2 | usage error: bad option, missing argument, wrong modality or model for a store, unknown task |
-| 3 | model package missing, corrupt (sha256 mismatch), or not a valid package |
+| 2 | usage error in every command: bad option value, missing argument or path (see below) |
+| 3 | model package missing, corrupt (sha256 mismatch) or not a valid package, in every command |
 | 4 | the embedding store is locked by another running `retina embed` |
+| 5 | the embedding store is damaged: ``... store damaged: run `retina store verify` `` (docs/store.md) |
 | 141 | stdout closed by its reader (piped into `head -1`): stops quietly, no message (128 + SIGPIPE) |
+
+Usage errors (2) include a PATH, `--store`, `--manifest`, run folder or weights file that does not exist,
+an output folder that is not empty (without `--force` / `--overwrite`), a modality or model the store was
+not built with, an unknown task, and no task with usable labels (`evaluate`; an unusable task among
+others is skipped with its reason). A folder without `retina.json` given as `--model` is 3.
+
+A command that fails leaves nothing that blocks its retry: no half-made run folder (`train`), store
+(`embed` into a new store that commits nothing), partial `--out` (`evaluate`) or package (`export`).
+Library warnings (scikit-learn, numpy, faiss, decoders) are one `warning: <library>: ...` line each on
+stderr. Every code above is held by `tests/test_exit_codes.py` (docs/reliability.md).
 
 ## Environment
 
@@ -39,6 +50,7 @@ stderr.
 | `RETINA_HOME` | installed model packages (`$RETINA_HOME/models`) and settings; default `~/.retina` |
 | `RETINA_MODEL` | default model package (name or path) when `--model` is not given |
 | `RETINA_STORE` | default embedding store when `--store` is not given; default `./.retina/store` |
+| `RETINA_MAX_PIXELS` | per-item decoded-size budget (samples) without `--max-pixels`; default `2**27` |
 
 ## Option names
 

@@ -52,7 +52,9 @@ def test_rules_for_a_mixed_export(tmp_path):
     }
     assert [e.path for e in found.errors] == [str(root / "broken.png")]
     assert "not a readable image" in found.errors[0].reason
-    assert sorted(p.name for p, _ in found.ignored) == ["DICOMDIR", "meta.json", "notes.txt", "table.csv"]
+    assert sorted(p.name for p, _ in found.ignored) == [
+        "DICOMDIR", "meta.json", "mystore", "notes.txt", "table.csv"]
+    assert "embedding store (has store.json)" in dict((p.name, w) for p, w in found.ignored)["mystore"]
     paths, errors = discover([root])
     assert sorted(p.name for p in paths) == ["bscans", "fundus.dcm", "oct.dcm", "series"]
     assert len(errors) == 1

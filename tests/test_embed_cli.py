@@ -122,7 +122,7 @@ def test_retrieve_refuses_another_model_and_unknown_query(standins, tmp_path):
     unknown = run("retrieve", "i0000000000000000")
     assert unknown.exit_code == EXIT_USAGE and "not a file, and no item with this id" in unknown.stderr
     missing = run("retrieve", "whatever", "--store", tmp_path / "nostore")
-    assert missing.exit_code == 1 and "no embedding store here" in missing.stderr
+    assert missing.exit_code == EXIT_USAGE and "no embedding store here" in missing.stderr
 
 
 def test_embed_refuses_another_model_and_a_busy_store(standins, tmp_path):

@@ -168,7 +168,7 @@ def test_export_cli_then_verify(tiny_package_run, tmp_path, fast_encoder_export,
     verify = runner.invoke(app, ["models", "verify", str(out), "--json"])
     assert verify.exit_code == 0 and json.loads(verify.stdout)["ok"] is True
     again = runner.invoke(app, ["export", str(tiny_package_run), "--out", str(out)])
-    assert again.exit_code == 1 and "already exists" in again.stderr
+    assert again.exit_code == 2 and "already exists" in again.stderr  # a usage error (docs/cli.md)
 
 
 def test_heads_fitted_on_another_checkpoint_are_refused(tiny_package_run, tiny_loaded_run, tmp_path):

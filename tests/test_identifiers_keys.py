@@ -429,5 +429,5 @@ def test_embed_builds_the_index_once_the_store_is_large_enough(built, tmp_path, 
 
 def test_store_index_needs_a_store_and_says_so(tmp_path):
     result = cli("store", "index", "--store", tmp_path / "nowhere")
-    assert result.exit_code == 1 and "no embedding store here" in one_error_line(result)
+    assert result.exit_code == 2 and "no embedding store here" in one_error_line(result)
     assert not (tmp_path / "nowhere").exists()

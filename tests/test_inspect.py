@@ -88,7 +88,7 @@ def test_nothing_readable_exits_1(tmp_path):
     result, payload = _inspect_json(tmp_path)
     assert result.exit_code == 1
     assert payload["items"] == [] and payload["errors"][0]["error"] == "empty file (0 bytes)"
-    assert runner.invoke(app, ["inspect", str(tmp_path / "missing")]).exit_code == 1
+    assert runner.invoke(app, ["inspect", str(tmp_path / "missing")]).exit_code == 2  # missing path
 
 
 def test_usage_error_exits_2():

@@ -303,5 +303,7 @@ def run_demo(
     lap("card_commands", t)
     seconds["total"] = round(time.perf_counter() - started, 1)
     summary.seconds = seconds
-    (workdir / "demo_summary.json").write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
+    from retinacli.jsonutil import dumps
+
+    (workdir / "demo_summary.json").write_text(dumps(summary.to_dict(), indent=2) + "\n")
     return summary

@@ -33,7 +33,7 @@ from torchvision.models.video import (
     r3d_18,
 )
 
-from retinacli.errors import RetinaError
+from retinacli.errors import EXIT_USAGE, RetinaError
 
 FUNDUS_ARCHS = {"resnet18": (resnet18, ResNet18_Weights.IMAGENET1K_V1)}
 OCT_ARCHS = {
@@ -68,10 +68,11 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
-def pretrained_state_dict(arch: str, init: str) -> dict[str, torch.Tensor] | None:
-    """The state_dict `init` names for `arch` (None for random), or a clear WeightsNotFoundError."""
-    if init == "random":
-        return None
+def check_init(arch: str, init: str) -> None:
+    """Raise the WeightsNotFoundError `pretrained_state_dict` would, without loading any weights, so
+    a missing file is reported before any work starts."""
+    if init == "random" or (arch not in FUNDUS_ARCHS and arch not in OCT_ARCHS):
+        return  # an unknown arch is reported where the model is built
     table = FUNDUS_ARCHS if arch in FUNDUS_ARCHS else OCT_ARCHS
     _, weights = table[arch]
     known = PRETRAINED_NAMES["resnet18" if arch in FUNDUS_ARCHS else "3d"]
@@ -80,15 +81,25 @@ def pretrained_state_dict(arch: str, init: str) -> dict[str, torch.Tensor] | Non
         if not path.is_file():
             raise WeightsNotFoundError(
                 f"{arch} {init} weights not found at {path} (no download at run time): "
-                f"fetch {weights.url} to that path, or set TORCH_HOME, or pass a local weights file"
+                f"fetch {weights.url} to that path, or set TORCH_HOME, or pass a local weights file",
+                exit_code=EXIT_USAGE,
             )
-        return _read_state_dict(path)
-    path = Path(init).expanduser()
-    if path.is_file():
-        return _read_state_dict(path)
-    raise WeightsNotFoundError(
-        f"{init}: not a weights file and not one of random, {', '.join(known)} for {arch}"
-    )
+    elif not Path(init).expanduser().is_file():
+        raise WeightsNotFoundError(
+            f"{init}: not a weights file and not one of random, {', '.join(known)} for {arch}",
+            exit_code=EXIT_USAGE,
+        )
+
+
+def pretrained_state_dict(arch: str, init: str) -> dict[str, torch.Tensor] | None:
+    """The state_dict `init` names for `arch` (None for random), or a clear WeightsNotFoundError."""
+    if init == "random":
+        return None
+    check_init(arch, init)
+    table = FUNDUS_ARCHS if arch in FUNDUS_ARCHS else OCT_ARCHS
+    _, weights = table[arch]
+    known = PRETRAINED_NAMES["resnet18" if arch in FUNDUS_ARCHS else "3d"]
+    return _read_state_dict(hub_checkpoint_path(weights) if init in known else Path(init).expanduser())
 
 
 def _adapt_stem(conv: nn.Conv2d | nn.Conv3d, in_channels: int, pretrained: bool) -> nn.Module:

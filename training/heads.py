@@ -21,7 +21,6 @@ easy to export to ONNX and to apply in numpy.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -277,14 +276,10 @@ def _fit_logistic(x, y, groups, seed):
 
 
 def _json_safe(value: Any) -> Any:
-    """NaN/inf are not JSON: store them as null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    return value
+    """NaN/inf are not JSON: store them as null (the one helper, retinacli.jsonutil.clean_json)."""
+    from retinacli.jsonutil import clean_json
+
+    return clean_json(value)
 
 
 def save_heads(

@@ -27,7 +27,7 @@ from retinacli.package import sha256_file
 from retinacli.ranking import both_directions
 from training import distributed
 from training.augment import augment_fundus, augment_oct
-from training.checkpoint import load_checkpoint, save_checkpoint
+from training.checkpoint import LAST_CHECKPOINT, checkpoint_dir, load_checkpoint, save_checkpoint
 from training.config import TrainConfig, config_from_dict
 from training.data import (
     epoch_batches,
@@ -143,6 +143,8 @@ class RunLog:
 
 
 def _check_run_dir(run_dir: Path, resume: bool) -> None:
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunExistsError(f"{run_dir}: is a file, not a run folder; choose another --out")
     if resume:
         if not (run_dir / CONFIG_FILE).is_file():
             raise FileNotFoundError(f"{run_dir}: nothing to resume (no {CONFIG_FILE})")
@@ -167,9 +169,47 @@ def train(
     """
     run_dir = Path(run_dir)
     _check_run_dir(run_dir, resume)
+    if not resume:  # what can fail cheaply fails before the run folder exists
+        _check_inputs(config)
     dist_info = distributed.init_distributed("cuda" if "cuda" in config.device else "cpu")
+    made_dir = not run_dir.exists()
+    before = set(run_dir.iterdir()) if run_dir.is_dir() else set()
     run_dir.mkdir(parents=True, exist_ok=True)
     distributed.barrier()
+    try:
+        return _train(config, run_dir, resume, dist_info, echo, progress_factory, stop_after_epochs)
+    except BaseException:
+        # A new run that fails (or is interrupted) before its first checkpoint leaves nothing behind
+        # that would make the same command refuse ("already holds a run") once the cause is fixed.
+        if dist_info.is_main and not resume and not (checkpoint_dir(run_dir) / LAST_CHECKPOINT).is_file():
+            _remove_new_files(run_dir, before, made_dir)
+        raise
+
+
+def _check_inputs(config: TrainConfig) -> None:
+    """The manifest and any pretrained weights exist (no pixel is read, no model built)."""
+    from training.encoders import check_init
+
+    if config.manifest is not None and not Path(config.manifest).is_file():
+        raise FileNotFoundError(f"{config.manifest}: manifest not found")
+    check_init(config.fundus_arch, config.fundus_init)
+    check_init(config.oct_arch, config.oct_init)
+
+
+def _remove_new_files(run_dir: Path, before: set[Path], made_dir: bool) -> None:
+    import shutil
+
+    for path in set(run_dir.iterdir()) - before:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    if made_dir:
+        with contextlib.suppress(OSError):
+            run_dir.rmdir()
+
+
+def _train(config, run_dir, resume, dist_info, echo, progress_factory, stop_after_epochs) -> Path:
     log = RunLog(run_dir, dist_info.is_main, echo)
 
     if resume:
@@ -345,8 +385,10 @@ def _summary(record: dict[str, Any]) -> str:
 
 
 def _append_metrics(path: Path, record: dict[str, Any]) -> None:
+    from retinacli.jsonutil import dumps
+
     with open(path, "a") as handle:
-        handle.write(json.dumps(record) + "\n")
+        handle.write(dumps(record) + "\n")  # a diverged (NaN) loss is written as null: strict JSON
 
 
 def _truncate_metrics(path: Path, epochs_done: int, is_main: bool) -> None:

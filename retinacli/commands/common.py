@@ -33,6 +33,17 @@ def require_training(feature: str, *modules: str) -> None:
     require(feature, "train", *(modules or ("torch",)))
 
 
+def require_paths(paths, what: str = "PATH") -> None:
+    """Every path argument exists, or a usage error (exit 2) naming the first missing one, before any
+    work starts (a missing argument is a typo to fix, not a bad file to report and skip)."""
+    from retinacli.console import safe
+    from retinacli.errors import UsageError
+
+    for path in paths:
+        if not Path(path).exists() and not Path(path).is_symlink():
+            raise UsageError(f"{safe(path)}: no such file or folder ({what})")
+
+
 def require_run_dir(run_dir: Path) -> None:
     """A training run folder has config.json; anything else is a usage error."""
     from retinacli.errors import UsageError

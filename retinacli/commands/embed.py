@@ -57,8 +57,10 @@ def register(app: typer.Typer) -> None:
             "store's key (for a store or outputs that leave the site). Without it, paths are relative to "
             "the PATH given and only components naming the file's patient are replaced."
         ),
+        max_pixels: str | None = options.max_pixels_option(),
     ) -> None:
         """Embed files into a store; re-runs skip what is already in it; failures go to STORE/errors.csv."""
+        from retinacli.commands.common import require_paths
         from retinacli.console import err, print_json, safe, styled
         from retinacli.console import out as stdout
         from retinacli.errors import EXIT_NOTHING_DONE, EXIT_OK, RetinaError, UsageError
@@ -66,8 +68,9 @@ def register(app: typer.Typer) -> None:
         store = options.resolve_store(store, out, "--out")
         if modality not in MODALITIES:
             raise UsageError(f"--modality must be one of {', '.join(MODALITIES)}, not {modality!r}")
+        require_paths(paths)  # before the package is loaded or the store created
         try:
-            report, store_root, engine, errors_file, total_rows, shown = _run(
+            report, store_root, engine, errors_file, total_rows, shown, ignored = _run(
                 paths, model, store, None if modality == "auto" else modality, batch_size, workers,
                 shard_size, keep_identifiers, engine_name, precision, redact_paths,
             )
@@ -79,7 +82,7 @@ def register(app: typer.Typer) -> None:
             err.print(styled(("failed:", "yellow"), f" {error}"), highlight=False)
         if len(report.errors) > MAX_ERRORS_SHOWN:
             err.print(f"... and {len(report.errors) - MAX_ERRORS_SHOWN} more", highlight=False)
-        if report.errors:
+        if report.errors and errors_file is not None:
             err.print(f"failures listed in {safe(errors_file)}", highlight=False)
         if report.embedded + report.skipped + report.failed == 0:
             wanted = "OCT volumes or fundus images" if modality == "auto" else f"{modality} items"
@@ -96,6 +99,7 @@ def register(app: typer.Typer) -> None:
             "seconds": round(report.seconds, 3),
             "items_per_second": round(report.throughput, 2),
             "errors": [{"path": e.path, "error": e.reason} for e in report.errors],
+            "ignored": ignored,
         }
         if json_output:
             print_json(summary)
@@ -120,16 +124,29 @@ def _run(paths, model, out, modality, batch_size, workers, shard_size, keep_iden
         plan_embedding,
         run_embedding,
     )
+    from retinacli.readers.discover import OUTPUT_FOLDER_NOTE
     from retinacli.redaction import PathRedactor
-    from retinacli.store import INDEX_FILE, EmbeddingStore, StoreWriter, store_path_and_origin
+    from retinacli.store import (
+        INDEX_FILE,
+        EmbeddingStore,
+        StoreWriter,
+        discard_new_store,
+        store_path_and_origin,
+    )
 
     store_root, store_origin = store_path_and_origin(out, "--store")
     # An existing store keeps its own package: the default package may have changed since.
     existing = model is None and (store_root / INDEX_FILE).is_file()
+    new_store = not (store_root / INDEX_FILE).exists()
+    made_folder = not store_root.exists()
+    there_before = {p.name for p in store_root.iterdir()} if store_root.is_dir() else set()
     if existing:
         engine, package = engine_for_store(EmbeddingStore.open(store_root), None, backend, precision)
     else:
         engine, package = load_engine(model, backend, precision)
+        if (store_root / INDEX_FILE).is_file() and hasattr(engine, "adopt_model_id"):
+            # a store made under the older model id rule: this package's vectors keep its id
+            engine.adopt_model_id(EmbeddingStore.open(store_root).model_id)
     workers = workers or default_workers()
     chosen_by = "" if model else ", the store's package" if existing else ", default"
     err.print(safe(f"model: {engine.model_id} ({package}{chosen_by})"), highlight=False)
@@ -144,56 +161,75 @@ def _run(paths, model, out, modality, batch_size, workers, shard_size, keep_iden
                       highlight=False)
     err.print(f"store: {safe(store_root)} ({store_origin})", highlight=False)
     err.print(f"modality: {modality or 'auto'}, batch size {batch_size}, workers {workers}", highlight=False)
-    with StoreWriter.open_for_model(
-        store_root,
-        model_id=engine.model_id,
-        embed_dim=engine.embed_dim,
-        spec_hash=_spec_hash(engine),
-        model_name=getattr(engine, "name", None),
-        model_version=getattr(engine, "version", None),
-        shard_rows=shard_size,
-        package=package,
-    ) as writer:
-        if writer.upgraded_from is not None:
-            record = writer.package_record
-            err.print(f"store: upgraded store.json from format version {writer.upgraded_from} to "
-                      f"{writer.format_version}; "
-                      + (f"recorded package {safe(record['path'])}" if record
-                         else "no package folder to record"),
-                      highlight=False)
-        # Rows name their root (a PATH given, recorded in store.json) and a path relative to it.
-        run_roots = writer.add_roots(paths)
-        shown = PathRedactor(run_roots, writer.secret, redact_all=redact_paths)
-        plan = plan_embedding(paths, writer.secret, writer.column_values("source_key"), exclude=store_root,
-                              old_paths=writer.paths_without_root())
-        if plan.skipped_sources:
-            err.print(f"{plan.skipped_sources} source(s) already in the store: skipped", highlight=False)
-        progress = Progress(
-            TextColumn("embedding"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-            console=err, transient=True, disable=not err.is_terminal,  # no bar lines in logs
-        )
-        with progress:
-            task = progress.add_task("embed", total=len(plan.todo))
-            report = run_embedding(
-                engine, plan, writer, modality=modality, batch_size=batch_size, workers=workers,
-                keep_identifiers=keep_identifiers, on_source_done=lambda _r: progress.advance(task),
-                paths=shown,
+    opened = False  # set once this run holds the lock: only then is a new store this run's own
+    try:
+        with StoreWriter.open_for_model(
+            store_root,
+            model_id=engine.model_id,
+            embed_dim=engine.embed_dim,
+            spec_hash=_spec_hash(engine),
+            model_name=getattr(engine, "name", None),
+            model_version=getattr(engine, "version", None),
+            shard_rows=shard_size,
+            package=package,
+        ) as writer:
+            opened = True
+            if writer.upgraded_from is not None:
+                record = writer.package_record
+                err.print(f"store: upgraded store.json from format version {writer.upgraded_from} to "
+                          f"{writer.format_version}; "
+                          + (f"recorded package {safe(record['path'])}" if record
+                             else "no package folder to record"),
+                          highlight=False)
+            # Rows name their root (a PATH given, recorded in store.json) and a path relative to it.
+            run_roots = writer.add_roots(paths)
+            shown = PathRedactor(run_roots, writer.secret, redact_all=redact_paths)
+            plan = plan_embedding(paths, writer.secret, writer.column_values("source_key"),
+                                  exclude=store_root, old_paths=writer.paths_without_root())
+            if plan.skipped_sources:
+                err.print(f"{plan.skipped_sources} source(s) already in the store: skipped",
+                          highlight=False)
+            ignored = [{"path": shown.show(path), "reason": why} for path, why in plan.ignored]
+            for record in ignored:
+                if record["reason"].endswith(OUTPUT_FOLDER_NOTE):  # a folder not walked is never silent
+                    err.print(safe(f"ignored folder {record['path']}: {record['reason']}"),
+                              highlight=False)
+            progress = Progress(
+                TextColumn("embedding"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                console=err, transient=True, disable=not err.is_terminal,  # no bar lines in logs
             )
-        writer.commit()
-        writer.record_roots(run_roots, shown)
-        errors_file = writer.write_errors((e.path, e.reason) for e in report.errors)
-        # Derived search indexes are built here, under the lock, never by a query (retinacli.ann).
-        from retinacli.ann import update_store_indexes
-        from retinacli.errors import RetinaError
+            with progress:
+                task = progress.add_task("embed", total=len(plan.todo))
+                report = run_embedding(
+                    engine, plan, writer, modality=modality, batch_size=batch_size, workers=workers,
+                    keep_identifiers=keep_identifiers, on_source_done=lambda _r: progress.advance(task),
+                    paths=shown,
+                )
+            writer.commit()
+            writer.record_roots(run_roots, shown)
+            errors_file = writer.write_errors((e.path, e.reason) for e in report.errors)
+            # Derived search indexes are built here, under the lock, never by a query (retinacli.ann).
+            from retinacli.ann import update_store_indexes
+            from retinacli.errors import RetinaError
 
-        try:
-            update_store_indexes(writer, log=lambda message: err.print(message, highlight=False))
-        except (RetinaError, RuntimeError, OSError) as exc:  # the vectors are committed; only the index lags
-            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            err.print(f"warning: the ANN index was not updated ({safe(reason)}); run 'retina store index' "
-                      "to rebuild it", highlight=False)
-        total_rows = len(writer)
-    return report, store_root, engine, errors_file, total_rows, shown
+            try:
+                update_store_indexes(writer, log=lambda message: err.print(message, highlight=False))
+            except (RetinaError, RuntimeError, OSError) as exc:  # vectors committed; only the index lags
+                reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                err.print(f"warning: the ANN index was not updated ({safe(reason)}); run "
+                          "'retina store index' to rebuild it", highlight=False)
+            total_rows = len(writer)
+    except BaseException:
+        if new_store and opened:  # failed before anything was committed: leave no empty store behind
+            discard_new_store(store_root, remove_folder=made_folder, keep=there_before)
+        raise
+    if new_store and total_rows == 0:
+        # Nothing committed: a store made by this run would only pin its model and key, and refuse a
+        # retry with another package once the cause is fixed. Leave the folder as it was.
+        discard_new_store(store_root, remove_folder=made_folder, keep=there_before)
+        errors_file = None
+        err.print(f"nothing embedded: {safe(store_root)} was not created", highlight=False)
+    return report, store_root, engine, errors_file, total_rows, shown, ignored
 
 
 def _spec_hash(engine) -> str | None:

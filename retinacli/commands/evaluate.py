@@ -5,7 +5,10 @@ patient-grouped cross-validation, modality swap, retrieval on held-out patients,
 optionally the final heads stored in each run. Needs the `train` extra (torch); imported lazily.
 
 Exit codes: 0 done; 1 the evaluation failed (or torch is missing); 2 bad options or inputs (manifest,
-column, run dir, too few patients for the folds) — reported in one line before any training starts.
+column, run dir, no task with usable labels) — reported in one line before any training starts. A task
+whose labels cannot be evaluated (one class, too few patients or positives for the folds) is skipped
+with its reason (stderr and results.json "skipped"); the others are evaluated. A failed run removes
+what it wrote to --out.
 """
 
 from __future__ import annotations
@@ -178,10 +181,10 @@ def register(app: typer.Typer) -> None:
             figures=figures,
             device=device,
         )
-        cohort, _ = prepare(cfg)  # every cheap check, before any model is loaded
+        cohort, task_folds, _ = prepare(cfg)  # every cheap check, before any model is loaded
         err.print(
             f"evaluating {len(cfg.runs)} run(s) + baseline '{baseline or 'run init'}' on {len(cohort)} rows: "
-            f"modes {','.join(cfg.modes)}, tasks {','.join(cfg.tasks)}, {folds} folds, seed {seed} -> {out}",
+            f"modes {','.join(cfg.modes)}, tasks {','.join(task_folds)}, {folds} folds, seed {seed} -> {out}",
             highlight=False,
         )
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn

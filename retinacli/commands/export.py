@@ -54,6 +54,8 @@ def register(app: typer.Typer) -> None:
         require_run_dir(run_dir)
         name = name or package_name_for(run_dir)
         target = out or Path("exported") / name
+        if target.exists() and not force and (not target.is_dir() or any(target.iterdir())):
+            raise UsageError(f"{safe(target)}: already exists and is not empty (use --force to replace it)")
         err.print(safe(f"exporting {run_dir} -> {target} ({name}@{version}, opset {opset}, "
                        f"{exporter} exporter)"))
         try:

@@ -108,8 +108,14 @@ def _print_table(items: list[dict], errors: list[dict], ignored: list[dict]) -> 
         out.print(table)
     if errors:
         print_error_table(errors)
-    if ignored:
-        err.print(f"ignored {len(ignored)} file(s) that are not images retina reads (--json lists them)",
+    from retinacli.readers.discover import OUTPUT_FOLDER_NOTE
+
+    folders = [record for record in ignored if record["reason"].endswith(OUTPUT_FOLDER_NOTE)]
+    for record in folders:  # a skipped folder may hold what the user meant: name it, with the reason
+        err.print(safe(f"ignored folder {record['path']}: {record['reason']}"), highlight=False)
+    files = len(ignored) - len(folders)
+    if files:
+        err.print(f"ignored {files} file(s) that are not images retina reads (--json lists them)",
                   highlight=False)
 
 
@@ -128,16 +134,19 @@ def register(app: typer.Typer) -> None:
             "outputs that leave the site). Without it, paths are relative to the PATH given and only "
             "components naming the file's patient are replaced."
         ),
+        max_pixels: str | None = options.max_pixels_option(),
     ) -> None:
         """Show what the readers see: modality, format, shape, eye, date and device of every item.
 
         Unreadable files are listed with the reason; patient identifiers are never shown.
-        Exit 0 when at least one item was read, 1 when nothing readable was found.
+        Exit 0 when at least one item was read, 1 when nothing readable was found, 2 when a PATH is
+        missing.
         """
-        from retinacli.commands.common import pass_undecodable_names_through
+        from retinacli.commands.common import pass_undecodable_names_through, require_paths
         from retinacli.console import err, print_json, styled
 
         pass_undecodable_names_through()
+        require_paths(paths)
         items, errors, ignored = inspect_paths(paths, redact_paths)
         if as_json:
             print_json({"items": items, "errors": errors, "ignored": len(ignored), "ignored_files": ignored})

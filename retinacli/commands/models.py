@@ -142,9 +142,10 @@ def register(app: typer.Typer) -> None:
         name: str = typer.Argument(None, help=NAME_HELP, show_default=False),
         as_json: bool = options.json_option("Print the result as JSON."),
     ) -> None:
-        """Check the descriptor schema, every file's size and sha256, and that onnxruntime loads each graph.
+        """Check the descriptor (schema, finite in-range values), every file's size and sha256, and
+        each ONNX graph (fp32, int8, heads) against it: input/output names, shapes, embedding size.
 
-        Exit code 3 when the package is invalid.
+        Exit code 3 when the package is invalid, with one line naming the file and the field.
         """
         from retinacli.console import out, print_json, styled
         from retinacli.engine import Engine
@@ -167,7 +168,7 @@ def register(app: typer.Typer) -> None:
                         "files": [{"path": f["path"], "sha256": f["sha256"]} for f in files]})
             return
         out.print(styled(("ok", "green"), f" {engine.model_id}: {len(files)} files verified (sha256), "
-                         f"{len(files)} graphs load in onnxruntime ({path})"))
+                         f"{len(files)} graphs match the descriptor ({path})"))
 
     @models.command("install")
     def install(

@@ -54,6 +54,38 @@ def redact_paths_option(help: str = REDACT_PATHS_HELP) -> Any:
     return typer.Option(False, "--redact-paths", help=help)
 
 
+MAX_PIXELS_HELP = (
+    "Largest item decoded, in samples (voxels or pixels x channels: frames x rows x columns x samples "
+    "per pixel), e.g. 134217728, 1.2e8 or 2**27. A file whose header, JPEG 2000/JPEG codestream or TIFF "
+    "page declares more is refused before decoding. Default: $RETINA_MAX_PIXELS, else 2**27 (a 128x1024x512 "
+    "OCT volume is 6.7e7, a 4000x4000 RGB photo 4.8e7)."
+)
+
+
+def _set_max_pixels(value: str | None) -> int | None:
+    """Parse `--max-pixels` and make it this process's per-item budget (retinacli.readers.common)."""
+    from retinacli.readers.common import parse_max_pixels, set_max_pixels
+
+    if value is None:
+        set_max_pixels(None)
+        return None
+    try:
+        limit = parse_max_pixels(value)
+    except (ValueError, OverflowError):
+        raise typer.BadParameter("must be a positive number of samples, e.g. 134217728, 1.2e8 or 2**27") \
+            from None
+    set_max_pixels(limit)
+    return limit
+
+
+def max_pixels_option(help: str = MAX_PIXELS_HELP) -> Any:
+    """`--max-pixels`: the per-item decoded-size budget (also $RETINA_MAX_PIXELS); set when parsed."""
+    return typer.Option(
+        None, "--max-pixels", envvar="RETINA_MAX_PIXELS", metavar="SAMPLES", callback=_set_max_pixels,
+        help=help, show_default=False, show_envvar=False,
+    )
+
+
 def run_dir_argument() -> Any:
     """RUN: a training run folder."""
     return typer.Argument(..., help="Training run folder (from 'retina train').", show_default=False)

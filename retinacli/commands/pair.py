@@ -39,14 +39,15 @@ def register(app: typer.Typer) -> None:
             "fundus_path so too: a manifest to share, which no longer opens the files. Without it, printed "
             "paths are relative to the PATH given, components naming the patient replaced."
         ),
+        max_pixels: str | None = options.max_pixels_option(),
     ) -> None:
         """Build the cohort manifest: each OCT volume with the fundus image of that eye and visit.
 
         Pairs by the OCT's localizer reference (DICOM), else by patient + eye + nearest time.
         Reports what stayed unpaired and why. Patient IDs are pseudonymised unless asked otherwise.
-        Exit 0 when at least one pair was written, 1 when none.
+        Exit 0 when at least one pair was written, 1 when none, 2 when a PATH is missing.
         """
-        from retinacli.commands.common import pass_undecodable_names_through
+        from retinacli.commands.common import pass_undecodable_names_through, require_paths
         from retinacli.console import err, print_json
         from retinacli.console import out as stdout
 
@@ -54,6 +55,7 @@ def register(app: typer.Typer) -> None:
         from retinacli.errors import UsageError
         from retinacli.pairing import pair_folders
 
+        require_paths(paths)
         if labels is not None and not labels.is_file():
             raise UsageError(f"{labels}: labels CSV not found")
         report = pair_folders(paths, out, labels, window_hours, keep_identifiers, redact_paths)

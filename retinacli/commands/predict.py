@@ -48,6 +48,7 @@ def register(app: typer.Typer) -> None:
             "per-run key without a store), for outputs that leave the site. Without it, paths are relative "
             "to the root given (to 'retina embed', or PATH here), components naming the patient replaced."
         ),
+        max_pixels: str | None = options.max_pixels_option(),
     ) -> None:
         """Predict a clinical task per item with the package's head (units, threshold from the package)."""
         from retinacli.console import err, print_json, styled
@@ -61,6 +62,9 @@ def register(app: typer.Typer) -> None:
         if json_output and csv_output:
             raise UsageError("choose one of --json and --csv")
         if paths:
+            from retinacli.commands.common import require_paths
+
+            require_paths(paths)  # a missing PATH is a typo to fix (exit 2), before the model loads
             payload = _predict_files(paths, task, model, modality, batch_size, store, redact_paths)
         else:
             payload = _predict_store(task, model, store, modality, redact_paths)

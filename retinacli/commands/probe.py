@@ -46,7 +46,7 @@ def register(app: typer.Typer) -> None:
         as_json: bool = options.json_option("Print the fitted heads' metrics as JSON."),
     ) -> None:
         """Embed a labelled cohort with the run's encoder; fit one linear head per task -> RUN/heads.json."""
-        from retinacli.commands.common import require_run_dir, require_training
+        from retinacli.commands.common import require_paths, require_run_dir, require_training
         from retinacli.console import err, print_json, safe, styled
         from retinacli.console import out as stdout
 
@@ -58,6 +58,8 @@ def register(app: typer.Typer) -> None:
 
         task_list = list(parse_tasks(tasks))
         require_run_dir(run_dir)
+        if manifest is not None:
+            require_paths([manifest], "--manifest")
         err.print(f"probing {safe(run_dir)} (tasks {', '.join(task_list)}, {modality} embeddings, "
                   f"seed {seed})")
         try:

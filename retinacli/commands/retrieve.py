@@ -45,6 +45,7 @@ def register(app: typer.Typer) -> None:
             "outputs that leave the site). Without it, paths are shown as stored: relative to the root "
             "given to 'retina embed', components naming the patient replaced."
         ),
+        max_pixels: str | None = options.max_pixels_option(),
     ) -> None:
         """Search the store by cosine similarity (fundus query -> OCT results and the reverse)."""
         from retinacli.console import err, print_json
@@ -94,7 +95,8 @@ def _retrieve(query: str, index: Path | None, top: int, model: str | None, targe
         if model is not None:
             from retinacli.pipeline import load_engine
 
-            store.require_model(load_engine(model)[0].model_id)
+            engine = load_engine(model)[0]
+            store.require_model(engine.model_id, *getattr(engine, "model_ids", ()))
         vector, row = found
         info = {k: row.get(k) for k in ("id", "root", "path", "modality", "laterality", "date")}
         info["path"] = stored_path(row, key, redact_paths)

@@ -1,7 +1,8 @@
 """`retina store ...`: commands about an embedding store itself (docs/store.md).
 
 `info` describes a store; `index` builds its approximate-search indexes (the only writer of STORE/ann
-besides `retina embed`: queries never build them). Later commands (verify, repair) join this group.
+besides `retina embed`: queries never build them); `verify` lists what is damaged and `repair` drops
+the damaged shards (retinacli/storecheck.py).
 """
 
 from __future__ import annotations
@@ -124,3 +125,77 @@ def register(app: typer.Typer) -> None:
             out.print("nothing to index: the store holds no vectors", highlight=False)
         for modality, vectors in built.items():
             out.print(f"{modality}: {vectors} vectors indexed", highlight=False)
+
+    @store_app.command("verify")
+    def verify(
+        store: Path = options.store_option(),
+        as_json: bool = options.json_option("Print the problems as JSON."),
+    ) -> None:
+        """Check every file of a store: store.json, each shard's vectors and metadata (every row is
+        read), secret.key, the ANN indexes and stray temp files. Exit 0 when healthy, 5 when damaged.
+        """
+        from retinacli.console import err, out, print_json, safe
+        from retinacli.errors import EXIT_STORE_DAMAGED, EXIT_USAGE
+        from retinacli.store import INDEX_FILE, StoreError, store_path_and_origin
+        from retinacli.storecheck import verify as verify_store
+
+        store_root, origin = store_path_and_origin(store, "--store")
+        err.print(f"store: {safe(store_root)} ({origin})", highlight=False)
+        if not (store_root / INDEX_FILE).exists() and not (store_root / "embeddings").is_dir():
+            raise StoreError(f"{store_root}: no embedding store here (no {INDEX_FILE})", exit_code=EXIT_USAGE)
+        report = verify_store(store_root)
+        if as_json:
+            print_json(report)
+        else:
+            for problem in report["problems"]:
+                kind = "damaged" if problem["damaged"] else "note"
+                out.print(safe(f"{kind}: {problem['where']}: {problem['problem']}"), highlight=False,
+                          soft_wrap=True)
+            shards = report["shards"]
+            if report["shards_ok"] is None:
+                summary = "store.json unusable (restore it from a backup; repair cannot rebuild it)"
+            else:
+                summary = f"{report['shards_ok']} of {shards} shards intact" + (
+                    "" if report["healthy"] else " (retina store repair drops the damaged shards)")
+            out.print(f"{'healthy' if report['healthy'] else 'damaged'}: {summary}", highlight=False)
+        if not report["healthy"]:
+            raise typer.Exit(EXIT_STORE_DAMAGED)
+
+    @store_app.command("repair")
+    def repair(
+        store: Path = options.store_option(),
+        as_json: bool = options.json_option("Print what was dropped and removed as JSON."),
+    ) -> None:
+        """Drop the damaged shards of a store from store.json (their files move to STORE/damaged/, so
+        their sources are embedded again by the next 'retina embed') and the ANN indexes derived from
+        them; remove stray temp files. Never drops an intact shard; takes the store's lock like embed.
+        Exit 0 when the store is healthy afterwards, 5 when it is not (e.g. store.json itself is broken).
+        """
+        from retinacli.console import err, out, print_json, safe
+        from retinacli.errors import EXIT_STORE_DAMAGED, EXIT_USAGE
+        from retinacli.store import INDEX_FILE, StoreError, store_path_and_origin
+        from retinacli.storecheck import repair as repair_store
+
+        store_root, origin = store_path_and_origin(store, "--store")
+        err.print(f"store: {safe(store_root)} ({origin})", highlight=False)
+        if not (store_root / INDEX_FILE).exists() and not (store_root / "embeddings").is_dir():
+            raise StoreError(f"{store_root}: no embedding store here (no {INDEX_FILE})", exit_code=EXIT_USAGE)
+        report = repair_store(store_root)
+        if as_json:
+            print_json(report)
+        else:
+            for shard in report["dropped"]:
+                out.print(safe(f"dropped shard {shard['index']} ({shard['rows']} rows): "
+                               + "; ".join(shard["problems"])), highlight=False, soft_wrap=True)
+            for path in report["moved"]:
+                out.print(safe(f"moved {path}"), highlight=False, soft_wrap=True)
+            for path in report["removed"]:
+                out.print(safe(f"removed {path}"), highlight=False, soft_wrap=True)
+            for problem in report["problems"]:
+                if problem["damaged"]:
+                    out.print(safe(f"still damaged: {problem['where']}: {problem['problem']}"),
+                              highlight=False, soft_wrap=True)
+            out.print(("nothing to repair" if not report["changed"] else "repaired")
+                      + f": {report['rows']} rows kept", highlight=False)
+        if not report["healthy"]:
+            raise typer.Exit(EXIT_STORE_DAMAGED)

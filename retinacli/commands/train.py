@@ -172,9 +172,17 @@ def register(app: typer.Typer) -> None:
             run_training(config, out, resume=resume, echo=echo, progress_factory=training_progress(err))
         except RunExistsError as exc:
             raise UsageError(str(exc)) from None
-        except (FileNotFoundError, ValueError, WeightsNotFoundError) as exc:
+        except WeightsNotFoundError:
+            raise  # with its own exit code (2: the weights named are not there)
+        except FileNotFoundError as exc:  # the manifest, or the run to resume, is not there
+            raise UsageError(str(exc)) from None
+        except ValueError as exc:
             raise RetinaError(str(exc)) from None
         except KeyboardInterrupt:
-            err.print(f"interrupted; continue with: retina train --out {safe(out)} --resume", highlight=False)
+            if resume or (out / "checkpoints" / "last.pt").is_file():
+                err.print(f"interrupted; continue with: retina train --out {safe(out)} --resume",
+                          highlight=False)
+            else:
+                err.print("interrupted before the first checkpoint; nothing was kept", highlight=False)
             raise typer.Exit(130) from None
         err.print(f"run saved to {safe(out)} (checkpoints/last.pt, metrics.jsonl)", highlight=False)

@@ -3,8 +3,10 @@
 Headers only (DICOM `stop_before_pixels`, Pillow's lazy open, the .npy / .vol headers), so scanning a
 big export is cheap; pixels are decoded later, one source at a time. Rules (docs/data-layout.md):
 
-- hidden files/folders, the project's own outputs (`.retina/`, embedding stores, model packages,
-  training runs) and symlink loops are skipped; `DICOMDIR` and non-image files are ignored (counted);
+- hidden files/folders and symlink loops are skipped; the project's own outputs (embedding stores,
+  model packages, training runs: a folder holding `store.json`, `retina.json`, `preprocess.json` or a
+  `checkpoints` folder) are not walked and are listed under `ignored` with the reason; `DICOMDIR` and
+  non-image files are ignored (listed too);
 - each multi-frame DICOM, TIFF, .npy, .vol and single image is one source;
 - single-frame OCT DICOM files are grouped per folder by SeriesInstanceUID into one volume;
 - numbered grayscale images of one size in one folder without subfolders (bscan_0.png, bscan_1.png,
@@ -48,10 +50,30 @@ class Discovery:
     ignored: list[tuple[Path, str]] = field(default_factory=list)  # (path, why), not errors
 
 
-def _is_output_dir(path: Path) -> bool:
+# Why a folder is one of retina's own outputs, listed under `ignored` (never skipped without a word).
+OUTPUT_REASONS = {
+    "store.json": "an embedding store (has store.json)",
+    "retina.json": "a model package (has retina.json)",
+    "preprocess.json": "a training run (has preprocess.json)",
+}
+OUTPUT_FOLDER_NOTE = "; retina does not read its own outputs as data"
+
+
+def output_dir_reason(path: Path) -> str | None:
+    """Why `path` is one of retina's outputs (store, package, training run, checkpoints), or None."""
     if path.name in OUTPUT_DIR_NAMES:
-        return True
-    return any((path / marker).is_file() for marker in OUTPUT_MARKERS)
+        what = "training checkpoints" if path.name == "checkpoints" else f"a {path.name} folder"
+        return what + OUTPUT_FOLDER_NOTE
+    for marker, reason in OUTPUT_REASONS.items():
+        if (path / marker).is_file():
+            return reason + OUTPUT_FOLDER_NOTE
+    if (path / "checkpoints").is_dir():
+        return "a training run (has a checkpoints folder)" + OUTPUT_FOLDER_NOTE
+    return None
+
+
+def _is_output_dir(path: Path) -> bool:
+    return output_dir_reason(path) is not None
 
 
 def _inside_output(path: Path) -> bool:
@@ -150,7 +172,9 @@ class _Scanner:
             return
         if path.is_dir():
             if _inside_output(path):
-                self.result.ignored.append((path, "a retina output folder (store, model package or run)"))
+                resolved = path.resolve()
+                why = output_dir_reason(resolved) or output_dir_reason(resolved.parent)
+                self.result.ignored.append((path, why or "inside a .retina folder" + OUTPUT_FOLDER_NOTE))
                 return
             self.walk(path)
             return
@@ -203,8 +227,11 @@ class _Scanner:
             path = Path(entry.path)
             try:
                 if entry.is_dir():  # follows symlinks; loops are caught by the (dev, inode) set
-                    if not _is_output_dir(path):
+                    why = output_dir_reason(path)
+                    if why is None:
                         subdirs.append(path)
+                    elif path.name != "__pycache__":  # listed, so a skipped folder is never silent
+                        self.result.ignored.append((path, why))
                     continue
                 if not entry.is_file():  # FIFOs, sockets, devices are never opened
                     if entry.is_symlink():

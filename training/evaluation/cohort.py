@@ -44,7 +44,8 @@ class Cohort:
 
 
 def load_cohort(manifest: Path, tasks: tuple[str, ...]) -> Cohort:
-    """Read and check the manifest; raise UsageError with a one-line reason if it cannot be evaluated."""
+    """Read and check the manifest (columns, files); raise UsageError with a one-line reason if it cannot
+    be read. Each task's labels are judged by `label_problem` (an unusable task is skipped, not fatal)."""
     manifest = Path(manifest)
     rows = read_cohort_manifest(manifest, label_columns=[TASKS[t].column for t in tasks], check_files=True)
     cohort = Cohort(
@@ -54,19 +55,19 @@ def load_cohort(manifest: Path, tasks: tuple[str, ...]) -> Cohort:
         oct_paths=[Path(r["oct_path"]) for r in rows],
         fundus_paths=[Path(r["fundus_path"]) for r in rows],
     )
-    for task in tasks:
-        _check_labels(cohort, task)
     return cohort
 
 
-def _check_labels(cohort: Cohort, task: str) -> None:
+def label_problem(cohort: Cohort, task: str) -> str | None:
+    """Why the task's labels cannot be evaluated (no labels, not 0/1 for a binary task), or None."""
     column = TASKS[task].column
     y = cohort.labels(task)  # cells already checked numeric by the reader
     labelled = np.isfinite(y)
     if not labelled.any():
-        raise UsageError(f"{cohort.manifest}: column {column} has no labels (task {task})")
+        return f"column {column} has no labels"
     if TASKS[task].kind == "binary" and not set(np.unique(y[labelled])) <= {0.0, 1.0}:
-        raise UsageError(f"{cohort.manifest}: column {column} must hold 0/1 labels (task {task})")
+        return f"column {column} must hold 0/1 labels"
+    return None
 
 
 def check_run_dir(run_dir: Path) -> dict:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +16,7 @@ import torch
 
 from retinacli.errors import UsageError
 from retinacli.tasks import TASKS
-from training.evaluation.cohort import Cohort, label_summary, load_cohort
+from training.evaluation.cohort import Cohort, label_problem, label_summary, load_cohort
 from training.evaluation.config import EvalConfig
 from training.evaluation.features import ArrayCache, embed
 from training.evaluation.finetune import (
@@ -57,30 +57,58 @@ class TaskFolds:
     patients: dict[str, int] = field(default_factory=dict)  # patient -> fold
 
 
-def prepare(cfg: EvalConfig) -> tuple[Cohort, dict[str, TaskFolds]]:
-    """All cheap checks; raises UsageError (one line) before any model is touched."""
+def prepare(cfg: EvalConfig) -> tuple[Cohort, dict[str, TaskFolds], dict[str, str]]:
+    """All cheap checks; raises UsageError (one line) before any model is touched.
+
+    A task whose labels cannot be evaluated (none, not 0/1, one class, too few patients or positives
+    for the folds) is left out of the returned folds and listed in the third value (task -> reason);
+    only when no task is left is that an error."""
     if cfg.folds < 2:
         raise UsageError(f"--folds must be at least 2 (got {cfg.folds})")
     if cfg.finetune_epochs < 1 and "finetune" in cfg.modes:
         raise UsageError("--finetune-epochs must be at least 1")
     cohort = load_cohort(cfg.manifest, cfg.tasks)
     check_sources(cfg.runs, cfg.baseline)
-    return cohort, make_task_folds(cohort, cfg)
+    return (cohort, *make_task_folds(cohort, cfg))
 
 
-def make_task_folds(cohort: Cohort, cfg: EvalConfig) -> dict[str, TaskFolds]:
-    task_folds = {}
+def make_task_folds(cohort: Cohort, cfg: EvalConfig) -> tuple[dict[str, TaskFolds], dict[str, str]]:
+    """(folds of each usable task, task -> why it is skipped); UsageError when no task is usable."""
+    task_folds: dict[str, TaskFolds] = {}
+    skipped: dict[str, str] = {}
     for task in cfg.tasks:
+        problem = label_problem(cohort, task)
+        if problem is not None:
+            skipped[task] = problem
+            continue
         y = cohort.labels(task)
         rows = np.flatnonzero(np.isfinite(y))
         try:
             fold = assign_folds(cohort.patient_ids[rows], y[rows], TASKS[task].kind, cfg.folds, cfg.seed)
+            if TASKS[task].kind == "binary":
+                _check_classes_per_fold(y[rows], fold)
         except FoldError as exc:
-            raise UsageError(f"{cfg.manifest}: task {task}: {exc}") from None
+            skipped[task] = str(exc)
+            continue
         tf = TaskFolds(task, TASKS[task].kind, rows, y[rows], fold)
         tf.patients = patient_folds(cohort.patient_ids[rows], fold)
         task_folds[task] = tf
-    return task_folds
+    if not task_folds:
+        reasons = "; ".join(f"{t}: {why}" for t, why in skipped.items())
+        raise UsageError(f"{cfg.manifest}: no task can be evaluated ({reasons})")
+    return task_folds, skipped
+
+
+def _check_classes_per_fold(labels: np.ndarray, fold: np.ndarray) -> None:
+    """Every test fold of a binary task holds both classes (else its AUC is undefined and the other
+    folds' heads train without that class's rows)."""
+    for k in range(int(fold.max()) + 1):
+        present = set(np.unique(labels[fold == k]).astype(int))
+        if present != {0, 1}:
+            missing = "positive" if 1 not in present else "negative"
+            counts = f"{int(np.sum(labels == 1))} positive, {int(np.sum(labels == 0))} negative rows"
+            n_folds = int(fold.max()) + 1
+            raise FoldError(f"fold {k + 1} has no {missing} row ({counts}: too few for {n_folds} folds)")
 
 
 def set_determinism(seed: int) -> None:
@@ -93,10 +121,39 @@ def run_evaluation(cfg: EvalConfig, reporter: Reporter | None = None) -> dict:
     reporter = reporter or Reporter()
     timings: dict[str, float] = {}
     clock = time.perf_counter()
-    cohort, task_folds = prepare(cfg)
+    cohort, task_folds, skipped_tasks = prepare(cfg)
+    for task, why in skipped_tasks.items():
+        reporter.message(f"skipped task {task}: {why}")
     set_determinism(cfg.seed)
     out_dir = Path(cfg.out_dir)
+    made_out = not out_dir.exists()
+    before = set(out_dir.iterdir()) if out_dir.is_dir() else set()
     out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return _evaluate(cfg, reporter, timings, clock, cohort, task_folds, skipped_tasks, out_dir)
+    except BaseException:
+        # No partial folds.csv / figures left to be mistaken for results: the folder is as it was.
+        _remove_new(out_dir, before, made_out)
+        raise
+
+
+def _remove_new(out_dir: Path, before: set[Path], made_out: bool) -> None:
+    import contextlib
+    import shutil
+
+    for path in set(out_dir.iterdir()) - before:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    if made_out:
+        with contextlib.suppress(OSError):
+            out_dir.rmdir()
+
+
+def _evaluate(cfg, reporter, timings, clock, cohort, task_folds, skipped_tasks, out_dir) -> dict:
+    if skipped_tasks:  # the tables, figures and final heads cover the usable tasks only
+        cfg = replace(cfg, tasks=tuple(t for t in cfg.tasks if t in task_folds))
 
     sources = load_sources(cfg.runs, cfg.baseline, device=cfg.device)
     cache = ArrayCache(cohort, reporter)
@@ -107,7 +164,11 @@ def run_evaluation(cfg: EvalConfig, reporter: Reporter | None = None) -> dict:
             reporter.message(f"skipped {line}")
         cohort = cohort.subset(keep)
         cache.restrict(keep, cohort)
-        task_folds = make_task_folds(cohort, cfg)
+        task_folds, now_skipped = make_task_folds(cohort, cfg)
+        for task, why in now_skipped.items():
+            reporter.message(f"skipped task {task}: {why} (after dropping the unreadable rows)")
+            skipped_tasks[task] = why
+        cfg = replace(cfg, tasks=tuple(t for t in cfg.tasks if t in task_folds))
     write_folds_csv(out_dir / "folds.csv", {t: tf.patients for t, tf in task_folds.items()})
     embeddings: dict[str, dict[str, np.ndarray]] = {}
     probe_heads: dict = {}  # (source, task) -> (modality, fold) -> head, reused by fine-tuning
@@ -125,7 +186,8 @@ def run_evaluation(cfg: EvalConfig, reporter: Reporter | None = None) -> dict:
         "folds": {t: _fold_sizes(tf, cohort) for t, tf in task_folds.items()},
         "cv": {s.key: {} for s in sources},
         "retrieval": {},
-        "skipped": [f"unreadable {line}" for line in unreadable],
+        "skipped": [f"task {t}: {why}" for t, why in skipped_tasks.items()]
+        + [f"unreadable {line}" for line in unreadable],
     }
     if "probe" in cfg.modes:
         _timed(

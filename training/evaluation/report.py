@@ -7,7 +7,6 @@ two runs with the same seed produce byte-identical files (timings go to timings.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -21,19 +20,13 @@ INPUT_NAMES = {"oct": "OCT", "fundus": "fundus", SWAP_KEY: "OCT head → fundus"
 
 def clean_json(value: Any) -> Any:
     """JSON-safe copy: NaN/inf -> null, floats rounded to 10 significant digits (stable text)."""
-    if isinstance(value, dict):
-        return {str(k): clean_json(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [clean_json(v) for v in value]
-    if isinstance(value, float):
-        return None if not math.isfinite(value) else float(f"{value:.10g}")
-    if hasattr(value, "item") and callable(value.item):  # numpy scalars
-        return clean_json(value.item())
-    return value
+    from retinacli.jsonutil import clean_json as clean
+
+    return clean(value, digits=10)
 
 
 def write_json(path: Path, payload: dict) -> None:
-    path.write_text(json.dumps(clean_json(payload), indent=2, sort_keys=True) + "\n")
+    path.write_text(json.dumps(clean_json(payload), indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
 def format_cell(summary: dict | None, metric: str) -> str:
