@@ -665,7 +665,9 @@ def _holds_model(folder: str | None, model_id: str) -> bool:
 
 
 def _index_bytes(index: dict[str, Any]) -> bytes:
-    return (json.dumps(index, indent=2, sort_keys=False) + "\n").encode("utf-8")
+    from retinacli.jsonutil import dumps
+
+    return (dumps(index, indent=2, sort_keys=False) + "\n").encode("utf-8")
 
 
 def read_errors(root: Path | str) -> list[tuple[str, str]]:
