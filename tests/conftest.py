@@ -21,3 +21,15 @@ def shared_samples() -> Path:
 from fixtures_cohort import *  # noqa: E402, F403
 from fixtures_models import *  # noqa: E402, F403
 from fixtures_packages import *  # noqa: E402, F403
+
+
+@pytest.fixture
+def isolated_cli(monkeypatch, tmp_path):
+    """No $RETINA_STORE / $RETINA_MODEL, wide tables, and an empty working folder tmp/work."""
+    monkeypatch.delenv("RETINA_STORE", raising=False)
+    monkeypatch.delenv("RETINA_MODEL", raising=False)
+    monkeypatch.setenv("COLUMNS", "250")
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    return work

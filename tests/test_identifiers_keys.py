@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from fixtures_cli import one_error_line
 from fixtures_packages import make_toy_package
 from typer.testing import CliRunner
 
@@ -98,22 +99,9 @@ def no_writes_under(root: Path):
     assert _WATCH["writes"] == [], _WATCH["writes"]
 
 
-def one_error_line(result) -> str:
-    """The single `error:` line of a failed command (no traceback, nothing else named an error)."""
-    assert "Traceback" not in result.output, result.output
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, result.output
-    return lines[0]
 
 
-@pytest.fixture(autouse=True)
-def _isolated(monkeypatch, tmp_path):
-    monkeypatch.delenv("RETINA_STORE", raising=False)
-    monkeypatch.delenv("RETINA_MODEL", raising=False)
-    monkeypatch.setenv("COLUMNS", "250")
-    work = tmp_path / "work"
-    work.mkdir()
-    monkeypatch.chdir(work)
+pytestmark = pytest.mark.usefixtures("isolated_cli")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

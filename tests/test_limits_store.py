@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from fixtures_cli import one_error_line
 from fixtures_packages import make_toy_package
 from test_crash_safety import N_SOURCES, write_inputs
 from typer.testing import CliRunner
@@ -42,22 +43,9 @@ def files(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def one_error_line(result) -> str:
-    assert "Traceback" not in result.output, result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, result.output
-    return lines[0]
 
 
-@pytest.fixture(autouse=True)
-def _isolated(monkeypatch, tmp_path):
-    monkeypatch.delenv("RETINA_STORE", raising=False)
-    monkeypatch.delenv("RETINA_MODEL", raising=False)
-    monkeypatch.setenv("COLUMNS", "250")
-    work = tmp_path / "work"
-    work.mkdir()
-    monkeypatch.chdir(work)
+pytestmark = pytest.mark.usefixtures("isolated_cli")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

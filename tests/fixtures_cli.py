@@ -1,0 +1,13 @@
+"""Helpers for tests that run the CLI in-process and check how it fails."""
+
+from __future__ import annotations
+
+
+def one_error_line(result) -> str:
+    """The single `error:` line of a failed command (no traceback, nothing else named an error)."""
+    assert "Traceback" not in result.output, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.output
+    return lines[0]
+
