@@ -163,7 +163,7 @@ class EmbeddingStore:
         root = Path(root)
         index_path = root / INDEX_FILE
         if not index_path.is_file():
-            _refuse_orphan_shards(root)
+            refuse_orphan_shards(root)
             # A --store naming no store is a usage error (2), like any missing path argument.
             raise StoreError(
                 f"{root}: no embedding store here (no {INDEX_FILE}); "
@@ -396,7 +396,7 @@ def writer_secret(root: Path, index: dict[str, Any], create: bool = True) -> byt
 _SHARD_RE = re.compile(r"^(emb|meta)_(\d{5,})\.(npy|parquet)$")
 
 
-def _refuse_orphan_shards(root: Path) -> None:
+def refuse_orphan_shards(root: Path) -> None:
     """A store that lost store.json but holds shard files is damaged, not absent (a writer creates
     store.json before any shard, so no crash leaves this)."""
     from retinacli.storecheck import damaged_message
@@ -450,7 +450,7 @@ class StoreWriter(EmbeddingStore):
             # Checked before the lock too, so a refused store is left exactly as it was (not even .lock).
             writer_secret(root, EmbeddingStore.open(root).index, create=False)
         else:
-            _refuse_orphan_shards(root)  # a new index would make their vectors debris, deleted
+            refuse_orphan_shards(root)  # a new index would make their vectors debris, deleted
         root.mkdir(parents=True, exist_ok=True)
         lock = _Lock(root)
         lock.acquire()

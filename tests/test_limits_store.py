@@ -171,8 +171,6 @@ def test_every_command_refuses_a_damaged_store_with_exit_5_and_changes_nothing(s
     damage_fn(store)
     before = files(store)
     for name, result in command_runs(package, store, data).items():
-        if damage == "store.json missing" and name == "embed":
-            continue  # no store.json: embed picks the default package first, as for a new store
         assert result.exit_code == EXIT_STORE_DAMAGED, (name, result.output)
         line = one_error_line(result)
         assert line.endswith(DAMAGED_HINT), (name, line)

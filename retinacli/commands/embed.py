@@ -131,6 +131,7 @@ def _run(paths, model, out, modality, batch_size, workers, shard_size, keep_iden
         EmbeddingStore,
         StoreWriter,
         discard_new_store,
+        refuse_orphan_shards,
         store_path_and_origin,
     )
 
@@ -140,6 +141,8 @@ def _run(paths, model, out, modality, batch_size, workers, shard_size, keep_iden
     new_store = not (store_root / INDEX_FILE).exists()
     made_folder = not store_root.exists()
     there_before = {p.name for p in store_root.iterdir()} if store_root.is_dir() else set()
+    if new_store:
+        refuse_orphan_shards(store_root)  # damaged (exit 5) before any package is looked for
     if existing:
         engine, package = engine_for_store(EmbeddingStore.open(store_root), None, backend, precision)
     else:
