@@ -41,7 +41,7 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _inside(root: Path, rel: Any, folder: str) -> bool:
+def _inside(rel: Any, folder: str) -> bool:
     """A shard file named relative to the store, under `folder`, without `..` (no escape)."""
     if not isinstance(rel, str) or not rel:
         return False
@@ -95,12 +95,23 @@ def _entry_problem(entry: Any, seen: set[int]) -> str | None:
         return "listed twice"
     if not _is_int(rows) or rows < 1:
         return f"rows {rows!r} is not a positive integer"
-    root = Path(".")
-    if not _inside(root, entry.get("embeddings"), "embeddings"):
+    if not _inside(entry.get("embeddings"), "embeddings"):
         return f"embeddings {entry.get('embeddings')!r} is not a file in embeddings/"
-    if not _inside(root, entry.get("metadata"), "metadata"):
+    if not _inside(entry.get("metadata"), "metadata"):
         return f"metadata {entry.get('metadata')!r} is not a file in metadata/"
     return None
+
+
+def sound_entries(index: dict[str, Any]) -> list[dict[str, Any]]:
+    """The shard entries whose own fields are sound (the ones whose files may be opened): a bad
+    entry, one with a bad index or a path outside the store, never reaches a file check."""
+    seen: set[int] = set()
+    sound = []
+    for entry in index["shards"]:
+        if _entry_problem(entry, seen) is None:
+            seen.add(entry["index"])
+            sound.append(entry)
+    return sound
 
 
 def npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype, bool, int]:
@@ -186,8 +197,8 @@ def quick_problems(root: Path, index: dict[str, Any]) -> list[Problem]:
     totals = [p for p in found if is_total(p)]  # reported after the shards: a shard is the likelier cause
     found = [p for p in found if not is_total(p)]
     dim = index["embed_dim"]
-    for entry in index["shards"]:
-        if isinstance(entry, dict) and not any(p.shard == entry.get("index") for p in found):
+    for entry in sound_entries(index):
+        if not any(p.shard == entry["index"] for p in found):
             for problem in shard_problems(root, entry, dim):
                 found.append(Problem(f"shard {entry['index']}", problem, entry["index"]))
     return found + totals
@@ -237,8 +248,8 @@ def verify(root: Path | str) -> dict[str, Any]:
         problems.extend(index_problems(index))
         if not any(p.where == "store.json" and not is_total(p) for p in problems):
             shards_ok = 0
-            for entry in index["shards"]:
-                if any(p.shard == entry.get("index") for p in problems if isinstance(entry, dict)):
+            for entry in sound_entries(index):
+                if any(p.shard == entry["index"] for p in problems):
                     continue
                 found = shard_problems(root, entry, index["embed_dim"], full=True)
                 problems.extend(Problem(f"shard {entry['index']}", p, entry["index"],
@@ -364,7 +375,7 @@ def repair(root: Path | str) -> dict[str, Any]:
             if isinstance(entry, dict):
                 for key, folder in (("embeddings", "embeddings"), ("metadata", "metadata")):
                     rel = entry.get(key)
-                    if _inside(root, rel, folder) and (root / rel).is_file():
+                    if _inside(rel, folder) and (root / rel).is_file():
                         target = root / DAMAGED_DIR / stamp / rel
                         target.parent.mkdir(parents=True, exist_ok=True)
                         os.replace(root / rel, target)

@@ -148,6 +148,12 @@ INDEX_DAMAGE = {
                          "rows is"),
     "shard rows edited": (shard_rows_edited, "shard 1", "store.json says 2"),
     "store.json missing": (lambda s: (s / "store.json").unlink(), "store.json", "is missing"),
+    # an entry that is unsound in itself is never opened: no traceback, nothing read outside the store
+    "shard entry not an object": (lambda s: _edit_index(s, lambda i: i["shards"].__setitem__(1, 5)),
+                                  "shards[1]", "the entry is not an object"),
+    "shard outside the store": (
+        lambda s: _edit_index(s, lambda i: i["shards"][1].update(index="y", embeddings="../../etc/passwd")),
+        "shards[1]", "index 'y' is not a shard number"),
 }
 ALL_DAMAGE = {**SHARD_DAMAGE, **INDEX_DAMAGE}
 
