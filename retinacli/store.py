@@ -659,9 +659,9 @@ def _upgraded_index(
 
 def _holds_model(folder: str | None, model_id: str) -> bool:
     """Whether `folder` is a package whose model_id is `model_id` (reads only its retina.json)."""
-    from retinacli.package import package_model_id
+    from retinacli.package import package_model_ids
 
-    return bool(folder) and package_model_id(Path(folder)) == model_id
+    return bool(folder) and model_id in package_model_ids(Path(folder))  # a legacy id counts too
 
 
 def _index_bytes(index: dict[str, Any]) -> bytes:

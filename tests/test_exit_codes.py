@@ -55,6 +55,7 @@ BAD_OPTION = [
     ["probe", "fakerun", "--tasks", "vision"],
     ["train", "--manifest", "m.csv", "--out", "run", "--init", "imagenet21k"],
     ["train", "--manifest", "m.csv", "--out", "run", "--objective", "mse"],
+    ["train", "--manifest", "m.csv", "--out", "run"],  # the cohort manifest lacks eye and visit
     ["export", "fakerun", "--quantize", "int4"],
     ["export", "fakerun", "--out", "nonempty"],
     ["evaluate", "--manifest", "m.csv", "--runs", "fakerun", "--modes", "zero-shot", "--out", "ev"],

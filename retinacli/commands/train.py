@@ -117,7 +117,6 @@ def register(app: typer.Typer) -> None:
                 raise typer.Exit(EXIT_USAGE)
         require_training("retina train", "torch", "torchvision")
         from training.config import load_config_file, resolve_config
-        from training.encoders import WeightsNotFoundError
         from training.loop import RunExistsError
         from training.loop import train as run_training
 
@@ -172,8 +171,8 @@ def register(app: typer.Typer) -> None:
             run_training(config, out, resume=resume, echo=echo, progress_factory=training_progress(err))
         except RunExistsError as exc:
             raise UsageError(str(exc)) from None
-        except WeightsNotFoundError:
-            raise  # with its own exit code (2: the weights named are not there)
+        except RetinaError:
+            raise  # with its own exit code (a bad cohort manifest or missing weights: 2)
         except FileNotFoundError as exc:  # the manifest, or the run to resume, is not there
             raise UsageError(str(exc)) from None
         except ValueError as exc:
