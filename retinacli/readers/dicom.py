@@ -85,10 +85,14 @@ def read_header(path: Path, with_pixels: bool = False):
     from pydicom.errors import InvalidDicomError
 
     options = {"defer_size": DEFER_SIZE} if with_pixels else {"stop_before_pixels": True}
+    key = _file_key(path)  # one stat: the empty check, and "already checked" for a re-read
     try:
-        if Path(path).stat().st_size == 0:
+        if key is None:
+            Path(path).stat()  # raises the OSError reported below
+        elif key[2] == 0:
             raise ReadError(path, "empty file (0 bytes)")
-        check_deflated(path)
+        if key not in _VALIDATED:  # a file that passed here before, unchanged, was checked then
+            check_deflated(path)
         try:
             ds = pydicom.dcmread(path, **options)
         except InvalidDicomError:
@@ -104,7 +108,7 @@ def read_header(path: Path, with_pixels: bool = False):
         raise ReadError(path, f"not a DICOM file ({safe_reason(exc)})") from None
     if "SOPClassUID" not in ds and "Rows" not in ds:
         raise ReadError(path, "not a DICOM file")
-    parse_all_values(path, ds)
+    parse_all_values(path, ds, key)
     return ds
 
 
@@ -195,11 +199,11 @@ def _file_key(path: Path) -> tuple[str, int, int] | None:
     return (str(path), st.st_mtime_ns, st.st_size)
 
 
-def parse_all_values(path: Path, ds) -> None:
+def parse_all_values(path: Path, ds, key: tuple[str, int, int] | None) -> None:
     """pydicom converts values lazily, on first access; a broken value (bad VR, odd length) would then
     raise anywhere later. Converting every element here turns it into one ReadError up front, naming
-    the tag only (the value could be a patient's name). Done once per unchanged file and process."""
-    key = _file_key(path)
+    the tag only (the value could be a patient's name). Done once per unchanged file and process
+    (`key`: the file's ``_file_key``)."""
     if key is not None and key in _VALIDATED:
         return
     file_meta = getattr(ds, "file_meta", None)
