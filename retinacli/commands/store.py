@@ -15,16 +15,28 @@ import typer
 from retinacli.commands import options
 
 
+def _existing_store_root(store: Path | None) -> Path:
+    """The store folder `verify` / `repair` work on (named on stderr); a usage error when there is none
+    there. A folder with shards but no store.json is a (damaged) store, not none."""
+    from retinacli.console import err, safe
+    from retinacli.errors import EXIT_USAGE
+    from retinacli.store import INDEX_FILE, StoreError, store_path_and_origin
+
+    store_root, origin = store_path_and_origin(store, "--store")
+    err.print(f"store: {safe(store_root)} ({origin})", highlight=False)
+    if not (store_root / INDEX_FILE).exists() and not (store_root / "embeddings").is_dir():
+        raise StoreError(f"{store_root}: no embedding store here (no {INDEX_FILE})", exit_code=EXIT_USAGE)
+    return store_root
+
+
 def store_summary(store_root: Path) -> dict[str, Any]:
     """What `retina store info` reports: format, rows per modality, shards, model and package."""
+    from retinacli.ann import store_modalities
     from retinacli.package import locate_store_package
     from retinacli.store import EmbeddingStore, read_errors
 
     store = EmbeddingStore.open(store_root)
-    modalities: dict[str, int] = {}
-    for shard in store.shards:
-        for modality in store.shard_metadata(shard, ["modality"])["modality"]:
-            modalities[str(modality)] = modalities.get(str(modality), 0) + 1
+    modalities = store_modalities(store)
     record = store.package_record
     found, how = locate_store_package(store.model_id, (record or {}).get("path"))
     return {
@@ -134,15 +146,11 @@ def register(app: typer.Typer) -> None:
         """Check every file of a store: store.json, each shard's vectors and metadata (every row is
         read), secret.key, the ANN indexes and stray temp files. Exit 0 when healthy, 5 when damaged.
         """
-        from retinacli.console import err, out, print_json, safe
-        from retinacli.errors import EXIT_STORE_DAMAGED, EXIT_USAGE
-        from retinacli.store import INDEX_FILE, StoreError, store_path_and_origin
+        from retinacli.console import out, print_json, safe
+        from retinacli.errors import EXIT_STORE_DAMAGED
         from retinacli.storecheck import verify as verify_store
 
-        store_root, origin = store_path_and_origin(store, "--store")
-        err.print(f"store: {safe(store_root)} ({origin})", highlight=False)
-        if not (store_root / INDEX_FILE).exists() and not (store_root / "embeddings").is_dir():
-            raise StoreError(f"{store_root}: no embedding store here (no {INDEX_FILE})", exit_code=EXIT_USAGE)
+        store_root = _existing_store_root(store)
         report = verify_store(store_root)
         if as_json:
             print_json(report)
@@ -171,15 +179,11 @@ def register(app: typer.Typer) -> None:
         them; remove stray temp files. Never drops an intact shard; takes the store's lock like embed.
         Exit 0 when the store is healthy afterwards, 5 when it is not (e.g. store.json itself is broken).
         """
-        from retinacli.console import err, out, print_json, safe
-        from retinacli.errors import EXIT_STORE_DAMAGED, EXIT_USAGE
-        from retinacli.store import INDEX_FILE, StoreError, store_path_and_origin
+        from retinacli.console import out, print_json, safe
+        from retinacli.errors import EXIT_STORE_DAMAGED
         from retinacli.storecheck import repair as repair_store
 
-        store_root, origin = store_path_and_origin(store, "--store")
-        err.print(f"store: {safe(store_root)} ({origin})", highlight=False)
-        if not (store_root / INDEX_FILE).exists() and not (store_root / "embeddings").is_dir():
-            raise StoreError(f"{store_root}: no embedding store here (no {INDEX_FILE})", exit_code=EXIT_USAGE)
+        store_root = _existing_store_root(store)
         report = repair_store(store_root)
         if as_json:
             print_json(report)
