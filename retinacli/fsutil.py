@@ -109,3 +109,25 @@ def building_dir(target: str | Path) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     replace_dir(staging, target)
+
+
+def folder_entries(folder: str | Path) -> set[Path]:
+    """What `folder` holds now (empty when it does not exist): the "before" of :func:`remove_new_entries`."""
+    folder = Path(folder)
+    return set(folder.iterdir()) if folder.is_dir() else set()
+
+
+def remove_new_entries(folder: str | Path, before: set[Path], remove_folder: bool) -> None:
+    """Undo what a failed command added to `folder`: every entry not in `before` is removed (the
+    user's own files stay), and `folder` itself when `remove_folder` (the command made it) and it is
+    then empty. A retry then finds the folder as it was."""
+    folder = Path(folder)
+    for path in folder_entries(folder) - before:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    if remove_folder:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from retinacli.cohort_manifest import read_cohort_manifest
+from retinacli.fsutil import folder_entries, remove_new_entries
 from retinacli.package import sha256_file
 from retinacli.ranking import both_directions
 from training import distributed
@@ -173,7 +174,7 @@ def train(
         _check_inputs(config)
     dist_info = distributed.init_distributed("cuda" if "cuda" in config.device else "cpu")
     made_dir = not run_dir.exists()
-    before = set(run_dir.iterdir()) if run_dir.is_dir() else set()
+    before = folder_entries(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     distributed.barrier()
     try:
@@ -182,7 +183,7 @@ def train(
         # A new run that fails (or is interrupted) before its first checkpoint leaves nothing behind
         # that would make the same command refuse ("already holds a run") once the cause is fixed.
         if dist_info.is_main and not resume and not (checkpoint_dir(run_dir) / LAST_CHECKPOINT).is_file():
-            _remove_new_files(run_dir, before, made_dir)
+            remove_new_entries(run_dir, before, remove_folder=made_dir)
         raise
 
 
@@ -194,19 +195,6 @@ def _check_inputs(config: TrainConfig) -> None:
         raise FileNotFoundError(f"{config.manifest}: manifest not found")
     check_init(config.fundus_arch, config.fundus_init)
     check_init(config.oct_arch, config.oct_init)
-
-
-def _remove_new_files(run_dir: Path, before: set[Path], made_dir: bool) -> None:
-    import shutil
-
-    for path in set(run_dir.iterdir()) - before:
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
-    if made_dir:
-        with contextlib.suppress(OSError):
-            run_dir.rmdir()
 
 
 def _train(config, run_dir, resume, dist_info, echo, progress_factory, stop_after_epochs) -> Path:

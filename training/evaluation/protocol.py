@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from retinacli.errors import UsageError
+from retinacli.fsutil import folder_entries, remove_new_entries
 from retinacli.tasks import TASKS
 from training.evaluation.cohort import Cohort, label_problem, label_summary, load_cohort
 from training.evaluation.config import EvalConfig
@@ -127,28 +128,14 @@ def run_evaluation(cfg: EvalConfig, reporter: Reporter | None = None) -> dict:
     set_determinism(cfg.seed)
     out_dir = Path(cfg.out_dir)
     made_out = not out_dir.exists()
-    before = set(out_dir.iterdir()) if out_dir.is_dir() else set()
+    before = folder_entries(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
         return _evaluate(cfg, reporter, timings, clock, cohort, task_folds, skipped_tasks, out_dir)
     except BaseException:
         # No partial folds.csv / figures left to be mistaken for results: the folder is as it was.
-        _remove_new(out_dir, before, made_out)
+        remove_new_entries(out_dir, before, remove_folder=made_out)
         raise
-
-
-def _remove_new(out_dir: Path, before: set[Path], made_out: bool) -> None:
-    import contextlib
-    import shutil
-
-    for path in set(out_dir.iterdir()) - before:
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
-    if made_out:
-        with contextlib.suppress(OSError):
-            out_dir.rmdir()
 
 
 def _evaluate(cfg, reporter, timings, clock, cohort, task_folds, skipped_tasks, out_dir) -> dict:
