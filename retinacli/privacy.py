@@ -59,6 +59,15 @@ def load_secret(directory: Path) -> bytes:
     return key
 
 
+def existing_secret(directory: Path) -> bytes | None:
+    """The key in `directory`, read only: None when there is none (a weak or unreadable key is still
+    refused). For commands that never write into a store (retrieve, predict)."""
+    try:
+        return load_secret(directory)
+    except SecretKeyMissingError:
+        return None
+
+
 def create_secret(directory: Path) -> bytes:
     """A fresh 32-byte secret written to ``directory/secret.key`` with owner-only permissions."""
     path = Path(directory) / SECRET_FILE

@@ -130,10 +130,10 @@ def _predict_store(task: str, model: str | None, index: Path | None, modality: s
     err.print(f"task: {task}; predicting every {modality} item in the store from its stored embedding",
               highlight=False)
     rows, parts = [], []
-    from retinacli.commands.retrieve import _read_key
+    from retinacli.privacy import existing_secret
     from retinacli.redaction import stored_path
 
-    key = _read_key(store_root)
+    key = existing_secret(store_root)
     for _shard, vectors, meta in store.iter_shards(["id", "root", "path", "modality", "laterality", "date"]):
         keep = np.array([m == modality for m in meta["modality"]], dtype=bool)
         parts.append(np.asarray(vectors[keep]))
@@ -173,7 +173,7 @@ def _predict_files(paths: list[Path], task: str, model: str | None, modality: st
 
     from retinacli.console import err, safe
     from retinacli.pipeline import engine_for_store, load_engine, plan_embedding, run_embedding
-    from retinacli.privacy import SecretKeyMissingError, load_secret
+    from retinacli.privacy import existing_secret
     from retinacli.store import INDEX_FILE, EmbeddingStore, store_path_and_origin
 
     store_root, _origin = store_path_and_origin(index)
@@ -190,9 +190,8 @@ def _predict_files(paths: list[Path], task: str, model: str | None, modality: st
     err.print(f"task: {task}; embedding {modality} items on the fly (nothing is written)", highlight=False)
     # Ids match the store's when a store exists (same secret), so predictions join with it. The key is
     # only read, never created: predict writes nothing into a store.
-    try:
-        secret = load_secret(store_root)
-    except SecretKeyMissingError:
+    secret = existing_secret(store_root)
+    if secret is None:
         secret = secrets.token_bytes(32)
         if (store_root / INDEX_FILE).is_file():
             err.print(f"note: {safe(store_root)} has no secret.key; the ids below are this run's only and "

@@ -80,14 +80,15 @@ def _retrieve(query: str, index: Path | None, top: int, model: str | None, targe
     store_root, origin = store_path_and_origin(index)
     err.print(f"store: {safe(store_root)} ({origin})", highlight=False)
     store = EmbeddingStore.open(store_root)
-    method = resolve_method(store, search_method)
+    resolve_method(store, search_method)  # a bad --search fails before the query is embedded
     err.print(f"model: {safe(store.model_id)} (the store's)", highlight=False)
+    from retinacli.privacy import existing_secret
     from retinacli.redaction import stored_path
 
-    key = _read_key(store.root)
+    key = existing_secret(store.root)  # never created here: retrieve does not write into the store
     query_path = Path(query).expanduser()
     if query_path.exists():
-        vector, info = _embed_query(store, query_path, model, target, redact_paths)
+        vector, info = _embed_query(store, query_path, model, target, redact_paths, key)
     else:
         found = store.find(query)
         if found is None:
@@ -119,18 +120,8 @@ def _retrieve(query: str, index: Path | None, top: int, model: str | None, targe
     }
 
 
-def _read_key(root: Path) -> bytes | None:
-    """The store's key, read only (None without one): it keys --redact-paths' pseudonyms."""
-    from retinacli.privacy import SecretKeyMissingError, load_secret
-
-    try:
-        return load_secret(root)
-    except SecretKeyMissingError:
-        return None
-
-
 def _embed_query(store: Any, path: Path, model: str | None, target: str | None,
-                 redact_paths: bool = False) -> tuple[Any, dict]:
+                 redact_paths: bool = False, secret: bytes | None = None) -> tuple[Any, dict]:
     """Read and embed the query file with the store's model; its id is the one it has (or would
     have) in the store. Its path is shown relative to the folder holding it (retinacli.redaction)."""
     from retinacli.errors import ReadError, RetinaError
@@ -142,12 +133,11 @@ def _embed_query(store: Any, path: Path, model: str | None, target: str | None,
         read_with_readers,
         source_identity,
     )
-    from retinacli.privacy import SecretKeyMissingError, load_secret
     from retinacli.readers.sanitize import date_of
     from retinacli.redaction import PathRedactor
 
     engine, _package = engine_for_store(store, model)
-    shown = PathRedactor.for_paths([path], _read_key(store.root), redact_all=redact_paths)
+    shown = PathRedactor.for_paths([path], secret, redact_all=redact_paths)
     sources, errors = discover_with_readers([path])
     if len(sources) != 1:
         if errors:
@@ -166,12 +156,9 @@ def _embed_query(store: Any, path: Path, model: str | None, target: str | None,
     # A source holding both modalities (a Heidelberg .vol) queries with the one not searched.
     chosen = next((i for i in items if target is None or i.modality != target), items[0])
     vector = engine.embed(chosen.modality, engine.preprocess(chosen)[None])[0]
-    try:
-        secret = load_secret(store.root)  # never created here: retrieve does not write into the store
-    except SecretKeyMissingError:
+    if secret is None:
         from retinacli.console import err, safe
 
-        secret = None
         err.print(f"note: {safe(store.root)} has no secret.key, so the query's id cannot be computed "
                   "(shown as none)", highlight=False)
     identity = item_identity(chosen, source_identity(sources[0]), items.index(chosen), len(items))
