@@ -188,9 +188,13 @@ class PathRedactor:
             return ("/" if path.startswith("/") else "") + redact_every_component(path, self.key)
         if own:
             self.learn(values=own, owner=own[0])
+        own_tokens = set().union(*map(tokens, own)) if own else set()
         parts = path.split("/")
         with self._lock:
             for i, part in enumerate(parts):
+                if tokens(part) & own_tokens:  # the file's own patient first: a shared surname is his
+                    parts[i] = pseudonym(own[0], self.key, prefix="p") + _keep_extension(part)
+                    continue
                 hit = sorted(tokens(part) & self._owner.keys())
                 if hit:
                     parts[i] = pseudonym(self._owner[hit[0]], self.key, prefix="p") + _keep_extension(part)
@@ -220,7 +224,9 @@ class PathRedactor:
         header for identifiers (a file that failed to read)."""
         if meta is not None:
             self.learn(meta)
-        own = file_identifiers(path) if probe and not self.redact_all else None
+            own = meta_identifiers(meta)[1]  # ahead of tokens other files taught
+        else:
+            own = file_identifiers(path) if probe and not self.redact_all else None
         root_id, rel = self.locate(path)
         return root_id, self.redact(rel, own)
 

@@ -124,6 +124,23 @@ def test_redactor_replaces_the_patient_components_with_the_patient_pseudonym(tmp
     assert redact_every_component("export/site/scan.dcm", b"o" * 32) != hidden
 
 
+def test_a_shared_surname_goes_to_the_files_own_patient(tmp_path):
+    """Two patients share the token SMITH: a file's folder gets its own patient's pseudonym, whichever
+    patient the run happened to learn first."""
+    key = b"k" * 32
+    shown = PathRedactor([Root("r0", str(tmp_path / "export"))], key)
+
+    class Ann:
+        patient_id, patient_name, accession_number = "A111", "SMITH^ANN", None
+
+    class Bob:
+        patient_id, patient_name, accession_number = "B222", "SMITH^BOB", None
+
+    export = tmp_path / "export"
+    assert shown.show(export / "smith_ann" / "a.dcm", Ann()) == f"export/{pseudonym('A111', key)}/a.dcm"
+    assert shown.show(export / "SMITH" / "b.dcm", Bob()) == f"export/{pseudonym('B222', key)}/b.dcm"
+
+
 # --- every command's output -------------------------------------------------------------------------
 
 
