@@ -51,18 +51,6 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"is not valid JSON ({name}: numbers must be finite)")
 
 
-def json_depth(value: Any) -> int:
-    """Nesting depth of a parsed document (a scalar is 0), computed without recursion."""
-    deepest, stack = 0, [(value, 0)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, dict | list):
-            depth += 1
-            deepest = max(deepest, depth)
-            stack.extend((child, depth) for child in (item.values() if isinstance(item, dict) else item))
-    return deepest
-
-
 def _bracket_depth(text: str) -> int:
     """Deepest ``[``/``{`` nesting outside strings: checked before parsing, which would recurse."""
     depth = deepest = 0

@@ -103,9 +103,9 @@ def read_header(path: Path, with_pixels: bool = False):
     except ReadError:
         raise
     except (EOFError, OSError) as exc:
-        raise ReadError(path, f"truncated or unreadable DICOM header ({safe_reason(exc)})") from None
+        raise ReadError(path, f"truncated or unreadable DICOM header ({short(exc)})") from None
     except Exception as exc:  # pydicom raises many types on garbage input
-        raise ReadError(path, f"not a DICOM file ({safe_reason(exc)})") from None
+        raise ReadError(path, f"not a DICOM file ({short(exc)})") from None
     if "SOPClassUID" not in ds and "Rows" not in ds:
         raise ReadError(path, "not a DICOM file")
     parse_all_values(path, ds, key)
@@ -232,16 +232,10 @@ def _parse_dataset(path: Path, ds, depth: int = 0) -> None:
                 _parse_dataset(path, item, depth + 1)
 
 
-def safe_reason(exc: BaseException) -> str:
-    """An exception's one-line text with quoted values taken out (`short` does that): a parser's
-    message may quote header bytes, and those can be identifiers."""
-    return short(exc)
-
-
 def header_free_reason(exc: BaseException, ds) -> str:
-    """`safe_reason` with every text value of the file's header taken out too: a decoder's message may
-    quote a header value without quotes (e.g. a mistyped PhotometricInterpretation)."""
-    return scrub(safe_reason(exc), ds)
+    """`short` (quoted values taken out) with every text value of the file's header taken out too: a
+    decoder's message may quote a header value without quotes (e.g. a mistyped PhotometricInterpretation)."""
+    return scrub(short(exc), ds)
 
 
 def frame_count(ds) -> int:
@@ -291,7 +285,7 @@ def is_uid(text: str) -> bool:
 def _sop_name(sop: str) -> str:
     from pydicom.uid import UID
 
-    if not _UID.match(sop) or len(sop) > 64:
+    if not is_uid(sop):
         return "invalid SOP Class UID"
     try:
         name = UID(sop).name
@@ -431,7 +425,7 @@ def _transfer_syntax_problem(ds) -> str | None:
     uid = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     if uid is None:
         return None
-    if not _UID.match(str(uid)) or len(str(uid)) > 64:
+    if not is_uid(str(uid)):
         return "invalid transfer syntax UID in the file meta header"
     try:
         decoder = get_decoder(uid)

@@ -39,7 +39,6 @@ from retinacli.readers.common import (
 from retinacli.readers.images import ImageHeader, image_header
 
 # Folders the project writes: never read back as data.
-OUTPUT_MARKERS = ("store.json", "retina.json", "preprocess.json")
 OUTPUT_DIR_NAMES = {".retina", "__pycache__", "checkpoints"}
 
 
