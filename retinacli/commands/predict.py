@@ -11,8 +11,12 @@ import typer
 from retinacli.commands import options
 from retinacli.tasks import TASKS, tasks_help
 
+# What the head says about each prediction: plausibility, validation, cross-validated quality.
+HEAD_CONTEXT_COLUMNS: list[str] = []
+# Whether the item looks like the package's training data (out-of-distribution score and flag).
+OOD_COLUMNS: list[str] = []
 CSV_COLUMNS = ["id", "path", "modality", "laterality", "date", "task", "value", "units", "probability",
-               "label", "threshold", "label_meaning", "root"]
+               "label", "threshold", "label_meaning", *HEAD_CONTEXT_COLUMNS, *OOD_COLUMNS, "root"]
 PREDICT_CHUNK = 4096
 
 
