@@ -221,18 +221,68 @@ def load_image(path: Path) -> tuple[np.ndarray, str]:
     return pixels, header.format
 
 
+def tiff_codec_problem(tifffile, page) -> str | None:
+    """None when tifffile can decode `page` (its compression and predictor), else why not, naming the
+    compression and the package that decodes it. From the tags only: nothing is decompressed."""
+    checks = (
+        (page.compression, tifffile.TIFF.DECOMPRESSORS, tifffile.COMPRESSION, "compression"),
+        (page.predictor, tifffile.TIFF.UNPREDICTORS, tifffile.PREDICTOR, "predictor"),
+    )
+    for value, table, names, what in checks:
+        value = int(value or 1)
+        if value <= 1:  # none
+            continue
+        try:
+            table[value]  # resolves the codec; KeyError when no installed package has it
+        except KeyError as exc:
+            try:
+                name = names(value).name
+            except ValueError:
+                name = str(value)
+            if "imagecodecs" in str(exc):
+                return f"TIFF {what} {name} needs the 'imagecodecs' package (pip install imagecodecs)"
+            return f"TIFF {what} {name} is not supported (neither imagecodecs nor Pillow decodes it)"
+    return None
+
+
+def _pillow_tiff_page(path: Path, index: int) -> np.ndarray | None:
+    """Page `index` through Pillow's libtiff (codecs tifffile lacks), under the same guards; None when
+    Pillow cannot decode it either."""
+    Image = _pillow()
+    try:
+        with Image.open(path) as im:
+            im.seek(index)
+            _check_pixels(path, im)
+            im.load()
+            return _to_array(path, im)
+    except ReadError:
+        raise
+    except Exception:
+        return None
+
+
 def load_tiff_page(path: Path) -> np.ndarray:
-    """The first full-resolution page (budget checked from its tags before it is decompressed)."""
+    """The first full-resolution page (budget checked from its tags before it is decompressed).
+
+    LZW, Deflate, PackBits, JPEG, ... through tifffile + imagecodecs; a single-page file whose codec
+    tifffile lacks goes through Pillow's libtiff instead."""
     tifffile = quiet_tifffile()
 
     header = tiff_header(path)
     shape = header.page_shape[1:] if header.pages > 1 else header.page_shape
     check_sample_budget(path, shape, "TIFF page", header.itemsize)
+    problem = None
     try:
         with tifffile.TiffFile(path) as tif:
-            pixels = tif.pages[main_pages(tif)[0]].asarray()
+            index = main_pages(tif)[0]
+            problem = tiff_codec_problem(tifffile, tif.pages[index])
+            pixels = None if problem else tif.pages[index].asarray()
     except Exception as exc:
         raise ReadError(path, f"cannot decode TIFF ({short(exc)})") from None
+    if pixels is None and header.pages == 1:
+        pixels = _pillow_tiff_page(path, index)
+    if pixels is None:
+        raise ReadError(path, problem or "cannot decode TIFF")
     if pixels.ndim == 3 and pixels.shape[0] in (3, 4) and pixels.shape[-1] not in (3, 4):
         pixels = np.moveaxis(pixels, 0, -1)  # planar RGB
     return pixels

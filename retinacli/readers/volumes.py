@@ -10,7 +10,7 @@ import numpy as np
 from retinacli.errors import ReadError
 from retinacli.items import FundusImage, ImageMeta, OctVolume
 from retinacli.readers.common import as_fundus_array, check_sample_budget, short, to_grayscale
-from retinacli.readers.images import load_image, main_pages, quiet_tifffile, tiff_header
+from retinacli.readers.images import load_image, main_pages, quiet_tifffile, tiff_codec_problem, tiff_header
 
 
 def npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
@@ -72,7 +72,8 @@ def read_npy(path: Path) -> OctVolume | FundusImage:
 
 def read_tiff_stack(path: Path) -> OctVolume:
     """Full-resolution pages -> (n_bscans, H, W). Thumbnail / reduced-resolution pages are not slices;
-    colour pages are B-scans only when they are gray (R = G = B), else the file is refused."""
+    colour pages are B-scans only when they are gray (R = G = B), else the file is refused. Compressed
+    pages (LZW, Deflate, PackBits, JPEG, ...) decode through tifffile + imagecodecs."""
     tifffile = quiet_tifffile()
 
     header = tiff_header(path)
@@ -80,18 +81,23 @@ def read_tiff_stack(path: Path) -> OctVolume:
     try:
         with tifffile.TiffFile(path) as tif:
             pages = main_pages(tif)
+            shapes = [tuple(tif.pages[i].shape) for i in pages]
+            if len(set(shapes)) > 1:
+                odd = next(i for i, shape in enumerate(shapes) if shape != shapes[0])
+                raise ReadError(
+                    path,
+                    f"TIFF pages differ in size: page {odd + 1} is {shapes[odd]}, page 1 {shapes[0]}",
+                )
+            if len(pages) > 1:
+                check_sample_budget(path, (len(shapes), *shapes[0]), "TIFF pages", header.itemsize)
+            for index in pages:  # every page's codec, from its tags, before anything is decompressed
+                problem = tiff_codec_problem(tifffile, tif.pages[index])
+                if problem:
+                    raise ReadError(path, problem)
             if len(pages) == 1:  # one page (or an ImageJ / OME series) holding the whole stack
                 whole = tif.is_imagej or tif.is_ome
                 pixels = tif.series[0].asarray() if whole else tif.pages[pages[0]].asarray()
             else:
-                shapes = [tuple(tif.pages[i].shape) for i in pages]
-                if len(set(shapes)) > 1:
-                    odd = next(i for i, shape in enumerate(shapes) if shape != shapes[0])
-                    raise ReadError(
-                        path,
-                        f"TIFF pages differ in size: page {odd + 1} is {shapes[odd]}, page 1 {shapes[0]}",
-                    )
-                check_sample_budget(path, (len(shapes), *shapes[0]), "TIFF pages", header.itemsize)
                 pixels = None
                 for k, index in enumerate(pages):  # page by page: no second full-size copy
                     page = tif.pages[index].asarray()
