@@ -72,12 +72,15 @@ def redact_every_component(path: str, key: bytes) -> str:
 
 def file_identifiers(path: str | Path) -> list[str]:
     """Best effort, for a file that failed to read: the identifiers its header still gives (DICOM
-    PatientName / PatientID / AccessionNumber, a `.vol` header's patient id), else none."""
+    PatientName / PatientID / AccessionNumber, a `.vol` header's patient id, a HEYEX XML export's
+    patient fields), else none."""
     path = Path(path)
     found: list[str] = []
     try:
-        if not path.is_file():
-            return found
+        if path.suffix.lower() == ".xml" or not path.is_file():  # a HEYEX export: its XML, folder or series
+            from retinacli.readers.heyex_xml import export_identifiers
+
+            return export_identifiers(path)
         if path.suffix.lower() == ".vol":
             from retinacli.readers.heidelberg import read_vol_header
 

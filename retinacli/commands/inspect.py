@@ -124,7 +124,8 @@ def register(app: typer.Typer) -> None:
     def inspect(
         paths: list[Path] = typer.Argument(
             ...,
-            help="Files or folders (walked recursively): DICOM, images, B-scan folders, TIFF, .npy, .vol.",
+            help="Files or folders (walked recursively): DICOM, images, B-scan folders, TIFF, .npy, .vol, "
+            "HEYEX XML export folders.",
         ),
         as_json: bool = options.json_option(
             "Print one JSON object {items, errors, ignored, ignored_files} to stdout."

@@ -1,9 +1,11 @@
-"""Readers: OCT volumes and fundus images from DICOM, image folders, TIFF, .npy and Heidelberg .vol.
+"""Readers: OCT volumes and fundus images from DICOM, image folders, TIFF, .npy, Heidelberg .vol and
+HEYEX XML exports.
 
 Public API (torch-free; pixel decoders are imported lazily):
 
 - `read_item(path) -> OctVolume | FundusImage`: the one item at `path` (a .vol gives its OCT);
-- `read_items(path) -> list[Item]`: every item at `path` (a .vol gives OCT + IR-SLO fundus);
+- `read_items(path) -> list[Item]`: every item at `path` (a .vol or a HEYEX XML export gives OCT +
+  IR-SLO fundus);
 - `read_oct(path)`, `read_fundus(path)`: the item of that modality, or `ReadError` saying what it is;
 - `discover(paths) -> (sources, errors)`: paths of the volumes/images found (no pixels decoded);
 - `scan(paths) -> Discovery`: the same with each source's kind, modalities and header metadata,
@@ -79,6 +81,11 @@ def read_source(source: Source, modality: str | None = None) -> list[Item]:
         from retinacli.readers.heidelberg import read_vol
 
         items = list(read_vol(path))
+    elif kind == "heyex-xml":
+        from retinacli.readers.heyex_xml import read_heyex_series
+
+        number = int(source.meta("oct").extra.get("heyex_series", 1))
+        items = read_heyex_series(path, source.members[0], number, modality)
     else:  # pragma: no cover - discovery only makes the kinds above
         raise ReadError(path, f"unknown source kind {kind!r}")
     for item in items:

@@ -34,6 +34,42 @@ DICOM_SUFFIXES = {".dcm", ".dicom", ".dic", ".ima"}
 NPY_SUFFIXES = {".npy"}
 VOL_SUFFIXES = {".vol"}
 
+# Vendor OCT formats retina does not read (no sample a test could build or ship): discovery names the
+# format and the converter, never "not an image". Signatures as the reference readers check them:
+# E2E "CMDb" at 0 then "MDbMDir" at 0x24 (LibE2E; eyepy's e2e_format has the same 36-byte version
+# block), HEYEX's .sdb/.pdb/.edb databases are the same container; Topcon FDA/FDS "FOCT" at 0
+# (OCT-Converter's fda/fds header). A Zeiss Cirrus cube .img is raw voxels without a header: known by
+# its export name (..._cube_raw.img, ..._cube_z.img) or by the size of a 512x128 / 200x200 cube.
+E2E_MAGIC = b"CMDb"
+TOPCON_MAGIC = b"FOCT"
+HEYEX_DB_SUFFIXES = {".sdb", ".pdb", ".edb"}
+ZEISS_CUBE_NAME = re.compile(r"_cube_(raw|z)\.img$", re.IGNORECASE)
+ZEISS_CUBE_BYTES = {1024 * 512 * 128, 1024 * 200 * 200}
+_E2E_ADVICE = (
+    "export the scan from HEYEX as DICOM or HEYEX XML, or convert it with eyepy "
+    "(pip install 'retina[vendor]': eyepy.import_heyex_e2e) or OCT-Converter"
+)
+_TOPCON_ADVICE = "export the scan as DICOM, or convert it with OCT-Converter (pip install oct-converter: "
+VENDOR_FORMATS = {  # suffix -> (format, what to do)
+    ".e2e": ("Heidelberg E2E file", _E2E_ADVICE),
+    ".fda": (
+        "Topcon FDA file",
+        _TOPCON_ADVICE
+        + "oct_converter.readers.FDA) or eyepy (pip install 'eyepy[fda]': eyepy.import_topcon_fda)",
+    ),
+    ".fds": ("Topcon FDS file", _TOPCON_ADVICE + "oct_converter.readers.FDS)"),
+}
+_HEYEX_DB = (
+    "Heidelberg HEYEX database file (E2E container)",
+    "export the scans from HEYEX as DICOM or HEYEX XML",
+)
+_TOPCON_ANY = ("Topcon FDA/FDS file", _TOPCON_ADVICE + "oct_converter.readers.FDA / FDS)")
+_ZEISS_CUBE = (
+    "Zeiss Cirrus IMG cube (raw voxels, no header)",
+    "export the scan as DICOM from Cirrus / FORUM, or convert it with OCT-Converter "
+    "(pip install oct-converter: oct_converter.readers.IMG)",
+)
+
 
 @dataclass
 class Source:
@@ -41,7 +77,8 @@ class Source:
 
     `kind` picks the reader: "dicom" (one file), "dicom-series" (single-frame B-scan files of one
     series), "image" (one 2D image file), "bscan-folder" (numbered B-scan images), "tiff", "npy",
-    "vol". `modalities` is what reading it yields ("oct", "fundus" or both for a Heidelberg .vol).
+    "vol", "heyex-xml" (one OCT series of a HEYEX XML export; `members` holds the XML). `modalities` is
+    what reading it yields ("oct", "fundus" or both for a Heidelberg .vol or HEYEX export).
     `metas` holds the header metadata per modality, read without loading pixels (used for pairing).
     """
 
@@ -124,6 +161,35 @@ def check_sample_budget(
         if itemsize:
             size += f" ({total * itemsize / 1e9:.1f} GB)"
         raise ReadError(path, f"{what} too large: decoded size {size} exceeds --max-pixels {sci(limit)}")
+
+
+def vendor_format_reason(path: Path) -> str | None:
+    """Why `path` is a vendor OCT file retina does not read (format, then what to do), or None.
+
+    Known by suffix (.e2e, .fda, .fds, a Cirrus cube .img) or by signature under any other name; a file
+    named like a vendor format but without its signature is still named, with that said."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in IMAGE_SUFFIXES | TIFF_SUFFIXES | DICOM_SUFFIXES | NPY_SUFFIXES | VOL_SUFFIXES:
+        return None
+    if suffix == ".img":
+        if ZEISS_CUBE_NAME.search(path.name) or path.stat().st_size in ZEISS_CUBE_BYTES:
+            return "{}: retina does not read this format; {}".format(*_ZEISS_CUBE)
+        return None
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    found = None
+    if head == E2E_MAGIC:
+        found = _HEYEX_DB if suffix in HEYEX_DB_SUFFIXES else VENDOR_FORMATS[".e2e"]
+    elif head == TOPCON_MAGIC:
+        found = VENDOR_FORMATS[suffix] if suffix in (".fda", ".fds") else _TOPCON_ANY
+    if found is not None:
+        return f"{found[0]}: retina does not read this format; {found[1]}"
+    if suffix in VENDOR_FORMATS:
+        name, advice = VENDOR_FORMATS[suffix]
+        name += " (by its name; it lacks the format's signature)"
+        return f"{name}: retina does not read this format; {advice}"
+    return None
 
 
 def to_grayscale(pixels: np.ndarray) -> np.ndarray:

@@ -9,6 +9,8 @@ big export is cheap; pixels are decoded later, one source at a time. Rules (docs
   non-image files are ignored (listed too);
 - each multi-frame DICOM, TIFF, .npy, .vol and single image is one source;
 - single-frame OCT DICOM files are grouped per folder by SeriesInstanceUID into one volume;
+- a folder with a HEYEX XML export (an `.xml` whose root is HEDX) gives one OCT + localizer source per
+  OCT series of the XML; its XML and image files are not listed again;
 - numbered grayscale images of one size in one folder without subfolders (bscan_0.png, bscan_1.png,
   ...) are one volume;
 - an image-like file that cannot be read (zero bytes, wrong content, truncated header) is an error.
@@ -83,6 +85,10 @@ def _inside_output(path: Path) -> bool:
     return _is_output_dir(resolved) or (resolved.parent != resolved and _is_output_dir(resolved.parent))
 
 
+def _plain_image(name: str) -> bool:
+    return Path(name).suffix.lower() in IMAGE_SUFFIXES | TIFF_SUFFIXES
+
+
 def _image_like(path: Path) -> bool:
     suffix = path.suffix.lower()
     return suffix in IMAGE_SUFFIXES | TIFF_SUFFIXES | DICOM_SUFFIXES | NPY_SUFFIXES | VOL_SUFFIXES
@@ -123,6 +129,11 @@ class _Scanner:
                 return ("image", image_header(path))
             if suffix in DICOM_SUFFIXES or dicom_reader.has_dicom_magic(path):
                 return ("dicom", dicom_reader.read_header(path))
+            from retinacli.readers.common import vendor_format_reason
+
+            vendor = vendor_format_reason(path)  # .e2e / .fda / .fds / Cirrus .img: named, not ignored
+            if vendor:
+                raise ReadError(path, vendor)
         except ReadError as exc:
             self.result.errors.append(exc)
             return None
@@ -180,6 +191,20 @@ class _Scanner:
         if not path.is_file():  # a FIFO, socket or device: opening it could block forever
             self.result.errors.append(ReadError(path, "not a regular file (FIFO, socket or device)"))
             return
+        if path.suffix.lower() == ".xml":
+            from retinacli.readers.heyex_xml import is_heyex_xml
+
+            if is_heyex_xml(path):  # a HEYEX export named by its XML: the export's sources
+                errors_before = len(self.result.errors)
+                sources, _ = self.scan_dir(path.parent)
+                mine = [source for source in sources if source.members[:1] == (path,)]
+                # other files' problems are not this path's
+                self.result.errors[errors_before:] = [
+                    exc for exc in self.result.errors[errors_before:] if exc.path == str(path)
+                ]
+                for source in mine:
+                    self.add(source)
+                return
         found = self.classify_file(path)
         if isinstance(found, Source):
             self.add(found)
@@ -219,11 +244,13 @@ class _Scanner:
         subdirs: list[Path] = []
         series: dict[str, list[tuple[Path, object]]] = defaultdict(list)
         images: list[tuple[Path, ImageHeader]] = []
-        singles: list[Source] = []
+        singles, consumed = self.heyex_exports(directory, entries)
         for entry in entries:
             if entry.name.startswith("."):
                 continue
             path = Path(entry.path)
+            if path in consumed:  # a HEYEX export's XML and image files: read through the export
+                continue
             try:
                 if entry.is_dir():  # follows symlinks; loops are caught by the (dev, inode) set
                     why = output_dir_reason(path)
@@ -264,6 +291,53 @@ class _Scanner:
             path = directory if len(series) == 1 else directory / f"{SERIES_PREFIX}{label}"
             sources.append(_series_source(path, members))
         return sources, subdirs
+
+    def heyex_exports(self, directory: Path, entries: list) -> tuple[list[Source], set[Path]]:
+        """The HEYEX XML export(s) in `directory`: one source per OCT series, and the files they consume
+        (the XML and its images; all the folder's images when the XML is broken, whose error is listed)."""
+        from retinacli.readers import heyex_xml
+
+        xmls = []
+        for entry in entries:
+            if entry.name.startswith(".") or not entry.name.lower().endswith(".xml"):
+                continue
+            try:
+                if entry.is_file() and heyex_xml.is_heyex_xml(Path(entry.path)):
+                    xmls.append(Path(entry.path))
+            except OSError:
+                continue
+        if not xmls:
+            return [], set()
+        consumed: set[Path] = set(xmls)
+        found: list[tuple[Path, list]] = []
+        for xml_path in xmls:
+            try:
+                found.append((xml_path, heyex_xml.parse_export(xml_path)))
+            except ReadError as exc:
+                self.result.errors.append(exc)
+                # the export's images are not read as anonymous images: they would lose eye and date
+                consumed.update(Path(e.path) for e in entries if _plain_image(e.name))
+        if len(xmls) > 1:
+            why = f"folder holds {len(xmls)} HEYEX XML exports; give each its own folder"
+            self.result.errors.extend(ReadError(xml_path, why) for xml_path in xmls)
+            consumed.update(Path(e.path) for e in entries if _plain_image(e.name))
+            return [], consumed
+        sources: list[Source] = []
+        for xml_path, all_series in found:
+            for one in all_series:
+                consumed.update(heyex_xml.referenced_files([one]))
+                single = len(all_series) == 1
+                path = directory if single else directory / f"{SERIES_PREFIX}{HEYEX_LABEL}{one.number}"
+                modalities = ("oct", "fundus") if one.localizer is not None else ("oct",)
+                sources.append(
+                    Source(path, "heyex-xml", modalities, members=(xml_path,), metas=one.metas,
+                           format=heyex_xml.FORMAT)
+                )
+        return sources, consumed
+
+
+# A HEYEX export with several OCT series names each "<folder>/series=heyex-<n>" (n: its order in the XML).
+HEYEX_LABEL = "heyex-"
 
 
 def _series_label(uid: str, number: int) -> str:
