@@ -22,7 +22,22 @@ def register(app: typer.Typer) -> None:
             None,
             "--labels",
             help=f"Labels CSV: patient_id, eye, date (or visit) and any of {', '.join(LABEL_COLUMNS)}; "
-            "joined by patient, eye and date.",
+            "joined by patient, eye and date (patient_id as in the files or in --metadata / --pattern).",
+        ),
+        metadata: Path | None = typer.Option(
+            None,
+            "--metadata",
+            help="Sidecar CSV for plain images: columns path, patient, eye, date (optional time, modality). "
+            "path is relative to the CSV (a file, or a folder: applies to everything under it); eye "
+            "OD/OS/R/L/right/left; date YYYY-MM-DD or YYYYMMDD. Its values win over file headers. Bad rows "
+            "are listed with their row number.",
+        ),
+        pattern: str | None = typer.Option(
+            None,
+            "--pattern",
+            help="File-name pattern for plain images, e.g. '{patient}_{eye}_{date}_{modality}.png'. Groups "
+            "{patient}, {eye}, {date} (required), {modality} (oct/fundus), {time}; other text matches itself "
+            "(any case). With '/' it matches the last path components. Its values win over file headers.",
         ),
         window_hours: float = typer.Option(
             24.0, "--window-hours", help="Fallback matching: largest OCT-fundus time difference in hours."
@@ -43,9 +58,11 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Build the cohort manifest: each OCT volume with the fundus image of that eye and visit.
 
-        Pairs by the OCT's localizer reference (DICOM), else by patient + eye + nearest time.
-        Reports what stayed unpaired and why. Patient IDs are pseudonymised unless asked otherwise.
-        Exit 0 when at least one pair was written, 1 when none, 2 when a PATH is missing.
+        Pairs by the OCT's localizer reference (DICOM), else by patient + eye + nearest time;
+        plain images get patient, eye and date from --metadata or --pattern. Equally close
+        candidates are not guessed. Reports what stayed unpaired and why. Patient IDs (from headers,
+        the sidecar or file names) are pseudonymised unless asked otherwise.
+        Exit 0 when at least one pair was written, 1 when none, 2 when a PATH is missing or an option is bad.
         """
         from retinacli.commands.common import pass_undecodable_names_through, require_paths
         from retinacli.console import err, print_json
@@ -58,7 +75,10 @@ def register(app: typer.Typer) -> None:
         require_paths(paths)
         if labels is not None and not labels.is_file():
             raise UsageError(f"{labels}: labels CSV not found")
-        report = pair_folders(paths, out, labels, window_hours, keep_identifiers, redact_paths)
+        if metadata is not None and not metadata.is_file():
+            raise UsageError(f"{metadata}: metadata CSV not found")
+        report = pair_folders(paths, out, labels, window_hours, keep_identifiers, redact_paths,
+                              metadata_csv=metadata, pattern=pattern)
         result, shown = report.result, report.shown
         unpaired = [
             {"root": shown.locate(u.path)[0], "path": shown.show(u.path), "modality": u.modality,
