@@ -160,7 +160,54 @@ def semantic_errors(descriptor: dict[str, Any]) -> list[str]:
     for task, head in descriptor["heads"].items():
         if head["task"] != task:
             errors.append(f"heads.{task}.task: must be {task!r} (its key), got {_r(head['task'])}")
+        errors += _training_range_errors(task, head)
+    errors += _ood_errors(descriptor.get("ood"))
     return errors
+
+
+def _ood_errors(ood: dict[str, Any] | None) -> list[str]:
+    """The ``ood`` entry: at least one modality, k no more than the items, quantile keys in [0, 1],
+    input statistic ranges with low <= high.
+    The centroids' shape (k x embed_dim) is checked against its file when the package is verified
+    (retinacli.ood.reference_errors)."""
+    if ood is None:
+        return []
+    if not ood["modalities"]:
+        return ["ood.modalities: must name at least one modality"]
+    errors = []
+    for modality, stats in ood["modalities"].items():
+        where = f"ood.modalities.{modality}"
+        if stats["k"] > stats["items"]:
+            errors.append(f"{where}.k: {stats['k']} centroids from {stats['items']} items")
+        for key in stats["held_out_quantiles"]:
+            try:
+                ok = 0.0 <= float(key) <= 1.0
+            except ValueError:
+                ok = False
+            if not ok:
+                errors.append(f"{where}.held_out_quantiles: key {_r(key)} is not a quantile in [0, 1]")
+        for name, rng in ((stats.get("inputs") or {}).get("ranges") or {}).items():
+            # finiteness is checked above; a reversed range would flag every item
+            if all(isinstance(v, int | float) and v == v for v in rng.values()) and rng["low"] > rng["high"]:
+                errors.append(f"{where}.inputs.ranges.{name}: low {rng['low']} is above high {rng['high']}")
+    return errors
+
+
+def _training_range_errors(task: str, head: dict[str, Any]) -> list[str]:
+    """A regression head's training range: low <= min <= max <= high (finiteness is checked above)."""
+    rng = head.get("training_range")
+    if rng is None:
+        return []
+    where = f"heads.{task}.training_range"
+    if head["kind"] != "regression":
+        return [f"{where}: only regression heads have a training range, {task!r} is {head['kind']}"]
+    values = [rng[k] for k in ("low", "min", "max", "high")]
+    if not all(isinstance(v, int | float) and v == v and abs(v) != float("inf") for v in values):
+        return []  # already reported as not finite
+    if not values[0] <= values[1] <= values[2] <= values[3]:
+        return [f"{where}: must satisfy low <= min <= max <= high, got low {_r(values[0])}, "
+                f"min {_r(values[1])}, max {_r(values[2])}, high {_r(values[3])}"]
+    return []
 
 
 def _spec_shape(modality: str, spec: dict[str, Any]) -> list[int]:

@@ -194,6 +194,23 @@ class Engine:
         check_graphs(self.path, self.descriptor, self._blobs)
 
     @property
+    def ood(self):
+        """The package's out-of-distribution reference (retinacli.ood.OodReference), or None when the
+        package records none (exported before retina had it). Parsed from the verified bytes."""
+        if not hasattr(self, "_ood"):
+            entry = self.descriptor.get("ood")
+            if entry is None:
+                self._ood = None
+            else:
+                from retinacli.ood import parse_reference
+
+                try:
+                    self._ood = parse_reference(self._blobs[entry["file"]], self.descriptor)
+                except (KeyError, ValueError) as exc:  # load verified it; a caller-built engine may not
+                    raise ModelPackageError(f"{self.path / entry['file']}: {exc}") from None
+        return self._ood
+
+    @property
     def model_ids(self) -> tuple[str, ...]:
         """Every id this package's vectors are known by: (current, legacy)."""
         return (self.model_id, self.legacy_model_id)

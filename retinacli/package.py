@@ -356,6 +356,8 @@ def validated_descriptor(package_dir: Path) -> dict[str, Any]:
     for precision, quantized in (descriptor.get("quantized") or {}).items():
         for m, entry in (quantized.get("encoders") or {}).items():
             referenced.append((f"quantized.{precision}.encoders.{m}", entry["file"]))
+    if descriptor.get("ood") is not None:
+        referenced.append(("ood", descriptor["ood"]["file"]))
     for field_name, file_name in referenced:
         if file_name not in listed:
             raise ModelPackageError(
@@ -392,7 +394,7 @@ def verify_package(package_dir: Path, read: bool = True) -> tuple[dict[str, Any]
             )
         if sha256_bytes(data) != entry["sha256"]:
             raise ModelPackageError(f"{path}: sha256 mismatch with the descriptor (corrupt or modified file)")
-        if read and rel.endswith(".onnx"):
+        if read and (rel.endswith(".onnx") or rel == (descriptor.get("ood") or {}).get("file")):
             blobs[rel] = data
     for child in sorted(package_dir.iterdir()):
         if child.name == DESCRIPTOR_FILE or child.name.startswith(".") or child.name in listed:
@@ -401,7 +403,22 @@ def verify_package(package_dir: Path, read: bool = True) -> tuple[dict[str, Any]
             raise ModelPackageError(f"{child}: not listed in {DESCRIPTOR_FILE} (unlisted model file)")
     if read:
         check_graphs(package_dir, descriptor, blobs)
+        check_ood_reference(package_dir, descriptor, blobs)
     return descriptor, blobs
+
+
+def check_ood_reference(package_dir: Path, descriptor: dict[str, Any], blobs: dict[str, bytes]) -> None:
+    """Raise ModelPackageError when the package's out-of-distribution reference file does not fit its
+    descriptor (format, a k x embed_dim matrix of finite numbers per modality: retinacli.ood)."""
+    ood = descriptor.get("ood")
+    if ood is None:
+        return
+    from retinacli.ood import parse_reference
+
+    try:
+        parse_reference(blobs[ood["file"]], descriptor)
+    except ValueError as exc:
+        raise ModelPackageError(f"{Path(package_dir) / ood['file']}: {exc}") from None
 
 
 def _graph_signature(data: bytes) -> tuple[list[tuple[str, str, list]], dict[str, list], Any]:

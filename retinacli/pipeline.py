@@ -257,6 +257,9 @@ class EmbedReport:
     failed: int = 0
     errors: list[ReadError] = field(default_factory=list)
     seconds: float = 0.0
+    flagged: int = 0  # items out of distribution for the package (retinacli.ood), stored or refused
+    refused: int = 0  # of those, not stored because of `strict` (they are in `errors` too)
+    ood_checked: bool = False  # whether the package has an out-of-distribution reference
 
     @property
     def throughput(self) -> float:
@@ -356,10 +359,13 @@ def run_embedding(
     read_source: ReadSource | None = None,
     on_source_done: Callable[[SourceResult], None] | None = None,
     paths: PathRedactor | None = None,
+    strict: bool = False,
 ) -> EmbedReport:
     """Embed the plan's sources into `writer` (a StoreWriter). Never raises for a bad input.
 
-    `paths`: the run's roots and redaction; rows and the report's errors then carry output paths."""
+    `paths`: the run's roots and redaction; rows and the report's errors then carry output paths.
+    Rows get `ood_score` / `ood` from the package's out-of-distribution reference (null without one);
+    `strict`: an item flagged out of distribution is an error with the reason, not a row."""
     started = time.perf_counter()
     read_source = read_source or read_with_readers
     workers = max(1, int(workers or default_workers()))
@@ -369,6 +375,8 @@ def run_embedding(
     secret = writer.secret
     batches: dict[str, list[tuple[str, Prepared]]] = {"oct": [], "fundus": []}
     open_sources: dict[str, _OpenSource] = {}
+    ood = getattr(engine, "ood", None)
+    report.ood_checked = ood is not None
 
     def load(job: tuple[Any, str, str]) -> SourceResult:
         source, identity, key = job
@@ -395,21 +403,31 @@ def run_embedding(
             return
         variant = getattr(engine, "variant", None)
         variant_label = variant(mod).label if variant is not None else None
+        arrays = np.stack([p.array for _, p in batch])  # also what the input check of retinacli.ood reads
         try:
-            vectors = np.asarray(engine.embed(mod, np.stack([p.array for _, p in batch])), dtype=np.float32)
+            vectors = np.asarray(engine.embed(mod, arrays), dtype=np.float32)
         except Exception as exc:  # e.g. onnxruntime refusing an input: report, retry next run
             vectors = None
             reason = f"the model failed on it ({_first_line(exc)})"
             report.errors.extend(ReadError(prepared.path or prepared.row["path"], reason)
                                  for _, prepared in batch)
+        checks = ood.check(mod, vectors, arrays) if ood is not None and vectors is not None else None
         for i, (key, prepared) in enumerate(batch):
             state = open_sources[key]
             if vectors is None:
                 state.failed = True
             else:
                 prepared.row["engine"] = variant_label
-                state.rows.append(prepared.row)
-                state.vectors.append(vectors[i])
+                if checks is not None:
+                    prepared.row.update(checks[i].fields)
+                    report.flagged += checks[i].flag
+                if strict and checks is not None and checks[i].flag:
+                    report.refused += 1
+                    reason = ood.reason(mod, checks[i].score, engine.model_id, checks[i])
+                    report.errors.append(ReadError(prepared.path or prepared.row["path"], reason))
+                else:
+                    state.rows.append(prepared.row)
+                    state.vectors.append(vectors[i])
             state.outstanding -= 1
             if state.outstanding == 0:
                 finish_source(key)

@@ -16,7 +16,7 @@ from retinacli.store import EmbeddingStore
 
 BLOCK_ROWS = 65536
 OTHER_MODALITY = {"oct": "fundus", "fundus": "oct"}
-RESULT_COLUMNS = ["id", "root", "path", "modality", "laterality", "date"]
+RESULT_COLUMNS = ["id", "root", "path", "modality", "laterality", "date", "ood_score", "ood"]
 
 
 @dataclass
@@ -34,6 +34,9 @@ class Hit:
             "modality": self.row.get("modality"),
             "laterality": self.row.get("laterality"),
             "date": _iso_date(self.row.get("date")),
+            # out of distribution for the package (retinacli.ood): null in rows of store format < 4
+            "ood_score": self.row.get("ood_score"),
+            "ood": self.row.get("ood"),
         }
 
 

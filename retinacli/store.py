@@ -41,8 +41,8 @@ STORE_FORMAT = "retina-embedding-store"
 # store.json layout version (docs/store.md): 2 added the `package` record; 3 the `roots` list and the
 # rows' `root` column (paths relative to a root; older rows keep their absolute paths). A reader opens
 # every version up to its own and refuses newer ones; a writer upgrades an older store's index when it
-# next writes.
-STORE_FORMAT_VERSION = 3
+# next writes. 4 added the `ood_score` and `ood` columns (older rows read them as null).
+STORE_FORMAT_VERSION = 4
 INDEX_FILE = "store.json"
 ERRORS_FILE = "errors.csv"
 LOCK_FILE = ".lock"
@@ -69,6 +69,11 @@ METADATA_COLUMNS: dict[str, str] = {
     "patient_identifier": "the raw patient id; only with --keep-identifiers",
     "model_id": "the model that made the vector (name@version+hash)",
     "engine": "how the vector was computed: backend/precision, e.g. onnxruntime/fp32 or openvino/int8",
+    "ood_score": "cosine similarity to the nearest training centroid of the package (float; null when the "
+                 "package has no out-of-distribution reference, and in rows of format 1-3)",
+    "ood": "true when ood_score is below the package's threshold or a statistic of the model input lies "
+           "outside its training range: the item does not look like the training data (boolean; null as "
+           "ood_score)",
     "embedded_at": "UTC time the shard was committed",
 }
 
@@ -112,8 +117,10 @@ def _parquet_bytes(rows: list[dict[str, Any]]) -> bytes:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    schema = pa.schema([(name, pa.string()) for name in METADATA_COLUMNS])
-    columns = {name: [_as_text(row.get(name)) for row in rows] for name in METADATA_COLUMNS}
+    types = {"ood_score": pa.float64(), "ood": pa.bool_()}  # every other column is text
+    schema = pa.schema([(name, types.get(name, pa.string())) for name in METADATA_COLUMNS])
+    columns = {name: [row.get(name) if name in types else _as_text(row.get(name)) for row in rows]
+               for name in METADATA_COLUMNS}
     table = pa.Table.from_pydict(columns, schema=schema)
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
@@ -270,6 +277,8 @@ class EmbeddingStore:
             raise self._damaged(shard, f"{shard.metadata.name}: {table.num_rows} rows, "
                                 f"store.json says {shard.rows}")
         data = table.to_pydict()
+        if columns is None:  # every column: rows written before format 4 have null ood fields
+            missing = [c for c in ("ood_score", "ood") if c not in data]
         data.update({c: [None] * shard.rows for c in missing})
         return data
 
@@ -654,6 +663,7 @@ def _upgraded_index(
     updated["format_version"] = STORE_FORMAT_VERSION
     updated["package"] = new_record if stale and new_record is not None else record
     updated.setdefault("roots", [])  # rows written before format 3 keep absolute paths and no root
+    updated["columns"] = METADATA_COLUMNS  # rows of older formats read the new columns as null
     return (old_version if old_version < STORE_FORMAT_VERSION else None), updated
 
 

@@ -35,7 +35,9 @@ def test_package_holds_only_onnx_and_a_valid_descriptor(tiny_package, tiny_loade
     on_disk = sorted(p.name for p in tiny_package.iterdir())
     listed = sorted(f["path"] for f in m["files"])
     assert on_disk == sorted([*listed, "retina.json"])
-    assert all(name.endswith(".onnx") for name in listed)
+    # ONNX graphs plus the out-of-distribution reference (retina.json `ood`; tests/test_ood.py)
+    assert all(name.endswith(".onnx") for name in listed if name != m["ood"]["file"])
+    assert m["ood"]["file"] == "ood_reference.json" and "ood_reference.json" in listed
     for entry in m["files"]:
         data = (tiny_package / entry["path"]).read_bytes()
         assert hashlib.sha256(data).hexdigest() == entry["sha256"] and len(data) == entry["bytes"]

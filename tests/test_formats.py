@@ -80,7 +80,7 @@ def test_0_1_0_package_verifies_and_embeds(frozen, tmp_path, monkeypatch):
     summary = json.loads(result.stdout)
     assert summary["embedded"] == 4 and summary["failed"] == 0 and summary["model"] == CURRENT_MODEL
     store = EmbeddingStore.open(tmp_path / "new")
-    assert store.format_version == STORE_FORMAT_VERSION == 3
+    assert store.format_version == STORE_FORMAT_VERSION == 4
     # format 3: the root given is recorded; rows name it and a path relative to its parent folder
     assert [(r.id, r.path) for r in store.roots] == [("r0", str((frozen / "source").absolute()))]
     assert {r["root"] for r in store.metadata()} == {"r0"}
@@ -130,10 +130,10 @@ def test_0_1_0_store_is_upgraded_by_the_next_embed(frozen, monkeypatch):
     shutil.copytree(frozen / "package", Path("exported") / "toy")
     result = run("embed", frozen / "source", "--workers", 1)
     assert result.exit_code == 0, result.output
-    assert "upgraded store.json from format version 1 to 3" in result.stderr
+    assert "upgraded store.json from format version 1 to 4" in result.stderr
     assert "the store's package" in result.stderr
     index = _store_json(store_dir)
-    assert index["format_version"] == 3 and index["rows"] == 8
+    assert index["format_version"] == 4 and index["rows"] == 8
     assert index["package"]["path"] == str((Path("exported") / "toy").resolve())
     assert index["package"]["model_id"] == FROZEN_MODEL
 

@@ -169,7 +169,7 @@ def test_patient_named_folders_never_reach_any_output(export, tmp_path):
     # the store: rows name root r0 (the PATH given) and a path under it; the folder became the pseudonym
     # of the patient it named, the very value of the `patient` column
     s = EmbeddingStore.open(store)
-    assert s.format_version == 3 and [(r.id, r.path) for r in s.roots] == [("r0", str(root))]
+    assert s.format_version == 4 and [(r.id, r.path) for r in s.roots] == [("r0", str(root))]
     rows = s.metadata()
     assert len(rows) == 4 and {r["root"] for r in rows} == {"r0"}
     for row in rows:
@@ -312,7 +312,7 @@ def test_format_2_store_opens_is_read_and_is_not_duplicated(plain_export, tmp_pa
     monkeypatch.chdir(tmp_path / "elsewhere")
     assert json.loads(run("embed", "../src", "--store", store, "--json").stdout)["embedded"] == 0
     upgraded = EmbeddingStore.open(store)
-    assert upgraded.format_version == 3 and len(upgraded) == 2
+    assert upgraded.format_version == 4 and len(upgraded) == 2
     assert [(r.id, r.path) for r in upgraded.roots] == [("r0", str(root))]
     # a changed file is a new source (its DICOM instance is still known: not duplicated)
     os.utime(root / "f.dcm", ns=(10**9, 10**9))

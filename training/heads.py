@@ -5,7 +5,9 @@
 The tasks (name, kind, units, label meaning) come from the registry, :mod:`retinacli.tasks`.
 
 * regression tasks (e.g. ``cst``, µm): ridge regression, alpha chosen by sklearn ``RidgeCV``
-  (efficient leave-one-out) over a log grid. Output in the task's units.
+  (efficient leave-one-out) over a log grid. Output in the task's units. The head records the range
+  of the labels it was fitted on and a plausible output range, that range widened by
+  ``PLAUSIBLE_MARGIN`` (10 %) of its width on each side: `retina predict` flags values outside it.
 * binary tasks (e.g. ``bcva`` / ``tn``): logistic regression with ``class_weight="balanced"`` (the positive
   rate of real cohorts is far from 50 %, and an unweighted fit drifts to the majority class).
   The decision threshold is the one maximising Youden's J (sensitivity + specificity - 1) on
@@ -37,6 +39,9 @@ HEADS_SCHEMA_VERSION = 1
 RIDGE_ALPHAS = tuple(float(a) for a in np.logspace(-3, 4, 15))
 LOGISTIC_C = 1.0  # on standardised features; small cohorts need the regularisation
 MAX_FOLDS = 5
+# A regression output further than this fraction of the training label range outside that range is
+# implausible (a linear head extrapolates without limit: an off-distribution input gave CST -301.6 µm).
+PLAUSIBLE_MARGIN = 0.10
 
 
 @dataclass
@@ -54,6 +59,8 @@ class LinearHead:
     n_train: int = 0
     input_modality: str = "oct"  # which encoder's embeddings the head was fitted on
     checkpoint_sha256: str | None = None  # the run checkpoint whose embeddings it was fitted on
+    # regression: {"min", "max"} of the training labels, "margin", plausible "low"/"high"; None for binary
+    training_range: dict[str, float] | None = None
 
     @property
     def embed_dim(self) -> int:
@@ -91,6 +98,7 @@ class LinearHead:
             n_train=int(d.get("n_train", 0)),
             input_modality=d.get("input_modality", "oct"),
             checkpoint_sha256=d.get("checkpoint_sha256"),
+            training_range=d.get("training_range"),  # absent in heads fitted before it was recorded
         )
 
 
@@ -129,6 +137,7 @@ def fit_linear_head(
             raise ValueError(f"{task}: need at least 3 labelled rows, got {len(y)}")
         weight, bias, metrics = _fit_ridge(x, y, g, seed)
         threshold = None
+        training_range = label_range(y)
     else:
         if not set(np.unique(y)) <= {0.0, 1.0}:
             raise ValueError(f"{task}: binary labels must be 0 or 1")
@@ -136,6 +145,7 @@ def fit_linear_head(
             only = int(y[0]) if len(y) else "-"
             raise ValueError(f"{task}: labels have a single class ({only}); cannot fit")
         weight, bias, threshold, metrics = _fit_logistic(x, y, g, seed)
+        training_range = None
     return LinearHead(
         task=task,
         kind=info.kind,
@@ -147,7 +157,16 @@ def fit_linear_head(
         metrics=metrics,
         n_train=len(y),
         input_modality=input_modality,
+        training_range=training_range,
     )
+
+
+def label_range(y: np.ndarray, margin: float = PLAUSIBLE_MARGIN) -> dict[str, float]:
+    """The labels' range and the plausible output range: [min, max] widened by ``margin`` x its width
+    on each side (a constant label gets no widening: any other value is outside what was seen)."""
+    low, high = float(np.min(y)), float(np.max(y))
+    pad = margin * (high - low)
+    return {"min": low, "max": high, "margin": float(margin), "low": low - pad, "high": high + pad}
 
 
 def _standardise(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

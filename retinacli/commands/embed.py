@@ -58,6 +58,12 @@ def register(app: typer.Typer) -> None:
             "the PATH given and only components naming the file's patient are replaced."
         ),
         max_pixels: str | None = options.max_pixels_option(),
+        strict: bool = typer.Option(
+            False, "--strict",
+            help="Do not store items the package flags as out of distribution (unlike its training data); "
+            "list them in STORE/errors.csv with their score and the package's threshold instead. Without "
+            "it they are stored with ood=true.",
+        ),
     ) -> None:
         """Embed files into a store; re-runs skip what is already in it; failures go to STORE/errors.csv."""
         from retinacli.commands.common import require_paths
@@ -72,7 +78,7 @@ def register(app: typer.Typer) -> None:
         try:
             report, store_root, engine, errors_file, total_rows, shown, ignored = _run(
                 paths, model, store, None if modality == "auto" else modality, batch_size, workers,
-                shard_size, keep_identifiers, engine_name, precision, redact_paths,
+                shard_size, keep_identifiers, engine_name, precision, redact_paths, strict,
             )
         except OSError as exc:  # disk full, read-only or vanished store: committed shards stay valid
             where = f" ({exc.filename})" if exc.filename else ""
@@ -100,6 +106,9 @@ def register(app: typer.Typer) -> None:
             "items_per_second": round(report.throughput, 2),
             "errors": [{"path": e.path, "error": e.reason} for e in report.errors],
             "ignored": ignored,
+            # out of distribution (retinacli.ood): null when the package has no reference
+            "ood_flagged": report.flagged if report.ood_checked else None,
+            "ood_refused": report.refused if report.ood_checked else None,
         }
         if json_output:
             print_json(summary)
@@ -109,11 +118,15 @@ def register(app: typer.Typer) -> None:
                 f"failed {report.failed} -> {store_root} ({total_rows} vectors, model {engine.model_id})"),
                 highlight=False,
             )
+        if report.ood_checked and report.flagged:
+            what = "not stored (--strict)" if strict else "stored with ood=true"
+            err.print(styled(("out of distribution:", "yellow"), f" {report.flagged} item(s) do not look "
+                             f"like the package's training data; {what}"), highlight=False)
         raise typer.Exit(EXIT_OK if report.embedded + report.skipped > 0 else EXIT_NOTHING_DONE)
 
 
 def _run(paths, model, out, modality, batch_size, workers, shard_size, keep_identifiers,
-         backend="auto", precision="auto", redact_paths=False):
+         backend="auto", precision="auto", redact_paths=False, strict=False):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from retinacli.console import err, safe, styled
@@ -164,6 +177,10 @@ def _run(paths, model, out, modality, batch_size, workers, shard_size, keep_iden
                       highlight=False)
     err.print(f"store: {safe(store_root)} ({store_origin})", highlight=False)
     err.print(f"modality: {modality or 'auto'}, batch size {batch_size}, workers {workers}", highlight=False)
+    if getattr(engine, "ood", None) is None:
+        from retinacli.ood import say_no_check
+
+        say_no_check(engine)
     opened = False  # set once this run holds the lock: only then is a new store this run's own
     try:
         with StoreWriter.open_for_model(
@@ -206,7 +223,7 @@ def _run(paths, model, out, modality, batch_size, workers, shard_size, keep_iden
                 report = run_embedding(
                     engine, plan, writer, modality=modality, batch_size=batch_size, workers=workers,
                     keep_identifiers=keep_identifiers, on_source_done=lambda _r: progress.advance(task),
-                    paths=shown,
+                    paths=shown, strict=strict,
                 )
             writer.commit()
             writer.record_roots(run_roots, shown)

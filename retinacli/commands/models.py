@@ -82,8 +82,14 @@ def register(app: typer.Typer) -> None:
         name: str = typer.Argument(None, help=NAME_HELP, show_default=False),
         as_json: bool = options.json_option("Print the whole package descriptor (retina.json) as JSON."),
     ) -> None:
-        """Show a package's retina.json: inputs, heads and their metrics, training provenance, parity."""
+        """Show a package's retina.json: inputs, heads and their metrics, training provenance, parity.
+
+        Each head is listed with its cross-validated quality and a reliability mark (unreliable below
+        AUROC 0.6 / R² 0.1, or without a cross-validated result). Predictions are for research use
+        only, not for diagnosis or treatment decisions.
+        """
         from retinacli.console import out, print_json, styled
+        from retinacli.headinfo import RESEARCH_USE, range_text, reliability_text
         from retinacli.package import model_id_for, resolve_package, validated_descriptor
 
         path = resolve_package(name)
@@ -108,7 +114,8 @@ def register(app: typer.Typer) -> None:
             threshold = "" if head["threshold"] is None else f", threshold {head['threshold']:.3f}"
             rows.append(
                 (f"head {task}", f"{head['kind']} on {head['input_modality']} embeddings, n={head['n_train']}"
-                 f"{threshold}; {_metric_summary(head)}; {head['label_meaning']}")
+                 f"{threshold}; {_metric_summary(head)}; {reliability_text(head)}; {head['label_meaning']}"
+                 + (f"; training range {range_text(head)}" if range_text(head) else ""))
             )
         if not m["heads"]:
             rows.append(("heads", "none"))
@@ -130,10 +137,15 @@ def register(app: typer.Typer) -> None:
                 f"top-5 {g['top5_agreement']:.2f})" for backend, g in entry["gate"].items()
             )
             rows.append((f"int8 {modality}", f"{entry['file']}: gate {gates}"))
+        ood = m.get("ood")  # retinacli.ood: the out-of-distribution reference, when the export made one
+        rows.append(("out of distribution", "; ".join(
+            f"{modality}: flagged below {s['threshold']:.3f} (k={s['k']}, {s['items']} training items)"
+            for modality, s in ood["modalities"].items()) if ood else "no check in this package"))
         rows.append(("exporter", f"{m['export']['exporter']}, opset {m['export']['opset']}"))
         rows.append(("packages", ", ".join(f"{k} {v}" for k, v in m["packages"].items() if v)))
         size = sum(f["bytes"] for f in m["files"])
         rows.append(("files", f"{len(m['files'])} files, {size / 1e6:.1f} MB"))
+        rows.append(("use", RESEARCH_USE))
         for key, value in rows:
             out.print(styled((f"  {key:>13}", "bold"), f"  {value}"), highlight=False)
 

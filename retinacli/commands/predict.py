@@ -12,9 +12,9 @@ from retinacli.commands import options
 from retinacli.tasks import TASKS, tasks_help
 
 # What the head says about each prediction: plausibility, validation, cross-validated quality.
-HEAD_CONTEXT_COLUMNS: list[str] = []
+HEAD_CONTEXT_COLUMNS: list[str] = ["plausible", "validated", "note", "reliable"]
 # Whether the item looks like the package's training data (out-of-distribution score and flag).
-OOD_COLUMNS: list[str] = []
+OOD_COLUMNS: list[str] = ["ood_score", "ood"]
 CSV_COLUMNS = ["id", "path", "modality", "laterality", "date", "task", "value", "units", "probability",
                "label", "threshold", "label_meaning", *HEAD_CONTEXT_COLUMNS, *OOD_COLUMNS, "root"]
 PREDICT_CHUNK = 4096
@@ -42,7 +42,8 @@ def register(app: typer.Typer) -> None:
         modality: str | None = typer.Option(
             None, "--modality", help="Items to predict on: oct or fundus. Default: the modality the head was "
             "fitted on (its input_modality in retina.json, normally oct); the other one applies the head in "
-            "the shared embedding space.",
+            "the shared embedding space, marked 'not validated on <modality>' unless the package records a "
+            "cross-validated result there.",
         ),
         batch_size: int = typer.Option(16, "--batch-size", min=1, help="Items per model call (with PATHs)."),
         json_output: bool = options.json_option("Print predictions as JSON."),
@@ -53,8 +54,20 @@ def register(app: typer.Typer) -> None:
             "to the root given (to 'retina embed', or PATH here), components naming the patient replaced."
         ),
         max_pixels: str | None = options.max_pixels_option(),
+        strict: bool = typer.Option(
+            False, "--strict",
+            help="Refuse items the package flags as out of distribution (unlike its training data): they "
+            "are listed under errors with their score and the threshold, not predicted. Without it every "
+            "prediction carries ood_score and ood.",
+        ),
     ) -> None:
-        """Predict a clinical task per item with the package's head (units, threshold from the package)."""
+        """Predict a clinical task per item with the package's head (units, threshold from the package).
+
+        Each prediction comes with the head's label meaning, threshold and cross-validated quality; a
+        head below AUROC 0.6 / R² 0.1 is marked unreliable, a value outside the training range
+        (±10 %) implausible, a head applied to another modality "not validated". Predictions are for
+        research use only, not for diagnosis or treatment decisions.
+        """
         from retinacli.console import err, print_json, styled
         from retinacli.errors import EXIT_NOTHING_DONE, EXIT_OK, UsageError
 
@@ -69,9 +82,9 @@ def register(app: typer.Typer) -> None:
             from retinacli.commands.common import require_paths
 
             require_paths(paths)  # a missing PATH is a typo to fix (exit 2), before the model loads
-            payload = _predict_files(paths, task, model, modality, batch_size, store, redact_paths)
+            payload = _predict_files(paths, task, model, modality, batch_size, store, redact_paths, strict)
         else:
-            payload = _predict_store(task, model, store, modality, redact_paths)
+            payload = _predict_store(task, model, store, modality, redact_paths, strict)
         for error in payload["errors"][:20]:
             err.print(styled(("failed:", "yellow"), f" {error['path']}: {error['error']}"), highlight=False)
         if json_output:
@@ -100,9 +113,22 @@ def _head_modality(engine: Any, task: str, modality: str | None) -> str:
     return head.get("input_modality", "oct")
 
 
+def _head_entry(engine: Any, task: str) -> dict[str, Any]:
+    """The head's retina.json entry ({} for an engine without a descriptor)."""
+    return (getattr(engine, "descriptor", None) or {}).get("heads", {}).get(task) or {}
+
+
+def _head_summary(engine: Any, task: str, modality: str) -> dict[str, Any]:
+    from retinacli.headinfo import head_summary
+
+    return head_summary(task, _head_entry(engine, task), modality)
+
+
 def _records(engine: Any, task: str, rows: list[dict[str, Any]], vectors: Any) -> list[dict[str, Any]]:
+    from retinacli.headinfo import record_context
     from retinacli.readers.sanitize import iso_date
 
+    head = _head_entry(engine, task)
     records = []
     for start in range(0, len(rows), PREDICT_CHUNK):
         chunk = rows[start : start + PREDICT_CHUNK]
@@ -111,12 +137,41 @@ def _records(engine: Any, task: str, rows: list[dict[str, Any]], vectors: Any) -
             record = {k: row.get(k) for k in ("id", "root", "path", "modality", "laterality", "date")}
             record["date"] = iso_date(record["date"])  # 0.1.0 stores hold YYYYMMDD
             record.update(pred)
+            record.update(record_context(head, pred, record["modality"]))  # plausible, validated, note
+            record.update({"ood_score": row.get("ood_score"), "ood": row.get("ood")})  # retinacli.ood
             records.append(record)
     return records
 
 
+def _ood_check(engine: Any, rows: list[dict[str, Any]], vectors: Any, strict: bool
+               ) -> tuple[list[dict[str, Any]], Any, list[dict[str, str]]]:
+    """Fill `ood_score` / `ood` where a row lacks them (rows of store formats before 4) from its vector,
+    when the package has a reference (else say once that it has none); with `strict`, drop flagged
+    rows: (rows, vectors, errors naming each dropped item and why)."""
+    import numpy as np
+
+    from retinacli.ood import say_no_check
+
+    ood = getattr(engine, "ood", None)
+    if ood is None:
+        say_no_check(engine)
+        return rows, vectors, []
+    todo = [i for i, row in enumerate(rows) if row.get("ood") is None]
+    for modality in {rows[i]["modality"] for i in todo}:
+        mine = [i for i in todo if rows[i]["modality"] == modality]
+        for i, fields in zip(mine, ood.fields(modality, vectors[mine]), strict=True):
+            rows[i].update(fields)
+    if not strict:
+        return rows, vectors, []
+    keep = np.array([not row.get("ood") for row in rows], dtype=bool)
+    errors = [{"path": row.get("path") or row.get("id"),
+               "error": ood.reason(row["modality"], row["ood_score"], engine.model_id)}
+              for row, kept in zip(rows, keep, strict=True) if not kept]
+    return [r for r, k in zip(rows, keep, strict=True) if k], vectors[keep], errors
+
+
 def _predict_store(task: str, model: str | None, index: Path | None, modality: str | None,
-                   redact_paths: bool = False) -> dict[str, Any]:
+                   redact_paths: bool = False, strict: bool = False) -> dict[str, Any]:
     import numpy as np
 
     from retinacli.console import err, safe
@@ -138,7 +193,8 @@ def _predict_store(task: str, model: str | None, index: Path | None, modality: s
     from retinacli.redaction import stored_path
 
     key = existing_secret(store_root)
-    for _shard, vectors, meta in store.iter_shards(["id", "root", "path", "modality", "laterality", "date"]):
+    columns = ["id", "root", "path", "modality", "laterality", "date", "ood_score", "ood"]
+    for _shard, vectors, meta in store.iter_shards(columns):
         keep = np.array([m == modality for m in meta["modality"]], dtype=bool)
         parts.append(np.asarray(vectors[keep]))
         names = list(meta)
@@ -148,8 +204,10 @@ def _predict_store(task: str, model: str | None, index: Path | None, modality: s
     vectors = np.concatenate(parts) if parts else np.zeros((0, store.embed_dim), np.float32)
     if not rows:
         err.print(f"the store holds no {modality} items", highlight=False)
-    return {"task": task, "model": engine.model_id, "source": "store", "store": str(store_root),
-            "predictions": _records(engine, task, rows, vectors), "errors": []}
+    rows, vectors, refused = _ood_check(engine, rows, vectors, strict)
+    return {"task": task, "model": engine.model_id, "head": _head_summary(engine, task, modality),
+            "source": "store", "store": str(store_root),
+            "predictions": _records(engine, task, rows, vectors), "errors": refused}
 
 
 class _MemoryWriter:
@@ -170,7 +228,7 @@ class _MemoryWriter:
 
 
 def _predict_files(paths: list[Path], task: str, model: str | None, modality: str | None, batch_size: int,
-                   index: Path | None, redact_paths: bool = False) -> dict[str, Any]:
+                   index: Path | None, redact_paths: bool = False, strict: bool = False) -> dict[str, Any]:
     import secrets
 
     import numpy as np
@@ -205,12 +263,19 @@ def _predict_files(paths: list[Path], task: str, model: str | None, modality: st
     shown = PathRedactor.for_paths(paths, secret, redact_all=redact_paths)  # r0 is the first PATH
     plan = plan_embedding(paths, secret, set())
     writer = _MemoryWriter(engine.embed_dim, secret)
-    report = run_embedding(engine, plan, writer, modality=modality, batch_size=batch_size, paths=shown)
+    # flagged items are refused here with --strict (errors, with the reason); rows carry ood fields
+    report = run_embedding(engine, plan, writer, modality=modality, batch_size=batch_size, paths=shown,
+                           strict=strict)
+    if getattr(engine, "ood", None) is None:
+        from retinacli.ood import say_no_check
+
+        say_no_check(engine)
     vectors = np.stack(writer.vectors) if writer.vectors else np.zeros((0, engine.embed_dim), np.float32)
     if not writer.rows and not report.errors:
         where = ", ".join(shown.show(p) for p in paths)
         err.print(f"no {modality} items found under {safe(where)}", highlight=False)
-    return {"task": task, "model": engine.model_id, "source": "files",
+    return {"task": task, "model": engine.model_id, "head": _head_summary(engine, task, modality),
+            "source": "files",
             "predictions": _records(engine, task, writer.rows, vectors),
             "errors": [{"path": e.path, "error": e.reason} for e in report.errors]}
 
@@ -221,8 +286,11 @@ def _print_csv(payload: dict[str, Any]) -> None:
 
     writer = csv.DictWriter(sys.stdout, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
+    head = payload.get("head") or {}
+    context = {"task": payload["task"], "label_meaning": head.get("label_meaning"),
+               "reliable": head.get("reliable")}
     for record in payload["predictions"]:
-        writer.writerow({"task": payload["task"], **record})
+        writer.writerow({**context, **record})
     sys.stdout.flush()
 
 
@@ -233,18 +301,57 @@ def _print_table(payload: dict[str, Any]) -> None:
     from retinacli.retrieval import display_path
 
     preds = payload["predictions"]
-    regression = bool(preds) and "value" in preds[0]
-    table = Table(title=safe(f"{payload['task']} predictions ({payload['model']})"), title_justify="left")
+    head = payload.get("head") or {}
+    kind = head.get("kind") or ("regression" if preds and "value" in preds[0] else "binary")
+    regression = kind == "regression"
+    caption = "\n".join(map(safe, _context_lines(head))) if head else None  # one safe line each
+    table = Table(title=safe(f"{payload['task']} predictions ({payload['model']})"), title_justify="left",
+                  caption=caption, caption_justify="left")
+    units = head.get("units") or (preds[0].get("units", "") if preds else "")
     columns = ["id", "source", "laterality", "date"]
-    columns += [f"value ({preds[0].get('units', '')})"] if regression else ["probability", "label"]
+    columns += [f"value ({units})"] if regression else ["probability", "label"]
+    show_ood = any("ood" in p for p in preds)
+    show_note = any(p.get("plausible") is False for p in preds)
+    columns += ["ood"] * show_ood + ["note"] * show_note
     for column in columns:
         table.add_column(column, overflow="fold", no_wrap=column != "source")
     for p in preds:
         cells = [p.get("id") or "", display_path(p.get("path")), p.get("laterality") or "",
                  p.get("date") or ""]
         if regression:
-            cells.append(f"{p['value']:.1f}")
+            # an implausible value is never shown bare: it is marked, and the note says why
+            cells.append(f"{p['value']:.1f}" + (" (implausible)" if p.get("plausible") is False else ""))
         else:
             cells += [f"{p['probability']:.3f}", str(p.get("label"))]
+        if show_ood:
+            cells.append({True: "flagged", False: ""}.get(p.get("ood"), "n/a"))
+        if show_note:
+            cells.append(p["note"] if p.get("plausible") is False else "")
         table.add_row(*map(safe, cells))
     out.print(table)
+
+
+def _context_lines(head: dict[str, Any]) -> list[str]:
+    """The table caption: what the head predicts, how well, and what the values can be trusted for."""
+    from retinacli.headinfo import NO_RANGE, RESEARCH_USE, quality_text, range_text
+
+    threshold = head.get("threshold")
+    meaning = f"{head.get('label_meaning') or '-'}"
+    if threshold is not None:
+        meaning += f"; label 1 when probability >= {threshold:.3f}"
+    trust = f"reliable ({head['reason']})" if head.get("reliable") else f"UNRELIABLE: {head.get('reason')}"
+    lines = [f"head: {head['task']} ({head.get('kind')}, fitted on {head.get('input_modality')}): {meaning}",
+             f"quality: {quality_text({**head, 'metrics': {'cv': head.get('cv')}})}; {trust}"]
+    if head.get("kind") == "regression":
+        rng = range_text(head)
+        lines.append(f"plausible: within the training range {rng}; values outside are marked (implausible)"
+                     if rng else NO_RANGE)
+    if head.get("cv_applied"):
+        swapped = quality_text({**head, "metrics": {"cv": head["cv_applied"]}})
+        lines.append(f"applied to {head['applied_to']} (fitted on {head['input_modality']}): {swapped}")
+    if not head.get("validated", True):
+        applied, fitted = head["applied_to"], head["input_modality"]
+        lines.append(f"not validated on {applied}: the head was fitted on {fitted} embeddings and the "
+                     f"package records no cross-validated {applied} result")
+    lines.append(RESEARCH_USE)
+    return lines

@@ -99,7 +99,8 @@ def _retrieve(query: str, index: Path | None, top: int, model: str | None, targe
             engine = load_engine(model)[0]
             store.require_model(engine.model_id, *getattr(engine, "model_ids", ()))
         vector, row = found
-        info = {k: row.get(k) for k in ("id", "root", "path", "modality", "laterality", "date")}
+        info = {k: row.get(k) for k in ("id", "root", "path", "modality", "laterality", "date", "ood_score",
+                                        "ood")}
         info["path"] = stored_path(row, key, redact_paths)
     target = target or OTHER_MODALITY[info["modality"]]
     method, note = search_plan(store, search_method, target)  # reads the index, never builds it
@@ -155,7 +156,24 @@ def _embed_query(store: Any, path: Path, model: str | None, target: str | None,
         raise RetinaError(f"{shown.show(path)}: no OCT volume or fundus image found")
     # A source holding both modalities (a Heidelberg .vol) queries with the one not searched.
     chosen = next((i for i in items if target is None or i.modality != target), items[0])
-    vector = engine.embed(chosen.modality, engine.preprocess(chosen)[None])[0]
+    array = engine.preprocess(chosen)[None]
+    vector = engine.embed(chosen.modality, array)[0]
+    ood = getattr(engine, "ood", None)
+    if ood is None:
+        from retinacli.ood import say_no_check
+
+        say_no_check(engine)
+        check = {"ood_score": None, "ood": None}
+    else:
+        verdicts = ood.check(chosen.modality, vector[None], array)  # embedding and input checks
+        verdict = verdicts[0] if verdicts else None  # None: no reference for this modality
+        check = verdict.fields if verdict is not None else {"ood_score": None, "ood": None}
+        if verdict is not None and verdict.flag:
+            from retinacli.console import err, safe, styled
+
+            err.print(styled(("warning:", "yellow"), " the query is " + safe(ood.reason(
+                chosen.modality, verdict.score, engine.model_id, verdict)) + "; the results may mean little"),
+                highlight=False)
     if secret is None:
         from retinacli.console import err, safe
 
@@ -169,6 +187,7 @@ def _embed_query(store: Any, path: Path, model: str | None, target: str | None,
         "modality": chosen.modality,
         "laterality": meta.laterality,
         "date": date_of(meta.study_date, meta.acquisition_datetime),
+        **check,
     }
     return vector, info
 
@@ -182,13 +201,22 @@ def _print_table(payload: dict[str, Any]) -> None:
     q = payload["query"]
     # Name the query as the user gave it; show only the metadata it has (a PNG has no eye or date).
     known = ", ".join(str(v) for v in (q.get("modality"), q.get("laterality"), q.get("date")) if v)
+    if q.get("ood"):
+        known += f", OUT OF DISTRIBUTION: score {q['ood_score']:.3f}"
     name = display_path(q["path"]) if q.get("path") else q.get("id")
     table = Table(title=safe(f"{payload['target']} items nearest to {name} ({known})"), title_justify="left")
-    for column in ("rank", "score", "id", "source", "laterality", "date"):
+    for column in ("rank", "score", "id", "source", "laterality", "date", "ood"):
         # Paths wrap rather than being cut: the source is what the user opens next.
         table.add_column(column, justify="right" if column in ("rank", "score") else "left",
                          overflow="fold", no_wrap=column != "source")
     for r in payload["results"]:
         table.add_row(*map(safe, (r["rank"], f"{r['score']:.4f}", r["id"] or "", display_path(r["path"]),
-                                  r["laterality"] or "", r["date"] or "")))
+                                  r["laterality"] or "", r["date"] or "", _ood_cell(r))))
     out.print(table)
+
+
+def _ood_cell(record: dict[str, Any]) -> str:
+    """The ood column: "yes (0.412)" when flagged, "no" when checked, empty without a check."""
+    if record.get("ood") is None:
+        return ""
+    return f"yes ({record['ood_score']:.3f})" if record["ood"] else "no"

@@ -7,6 +7,7 @@ Split by job:
 - :mod:`training.export.parity`: onnxruntime vs torch on real preprocessed items of the run's cohort
   manifest; the export fails when any output differs by more than the tolerance;
 - :mod:`training.export.quantize`: optional int8 encoders and their accuracy gate;
+- :mod:`training.export.ood`: the out-of-distribution reference (training centroids, threshold);
 - :mod:`training.export.package`: the package folder and its retina.json, built in a staging folder
   and swapped in only when complete, so a failed export never leaves a half-written package.
 

@@ -22,10 +22,13 @@ from typing import Any
 
 import numpy as np
 
-from retinacli.fsutil import atomic_write_json, building_dir
+from retinacli.fsutil import atomic_write_bytes, atomic_write_json, building_dir
+from retinacli.ood import REFERENCE_FILE, reference_json
 from retinacli.package import sha256_file
 from training.export import graphs, parity
 from training.export.graphs import DEFAULT_OPSET, ENCODER_FILES, EXPORTERS, HEAD_OUTPUTS, export_head
+from training.export.ood import DEFAULT_OOD_ITEMS
+from training.export.ood import build_reference as build_ood_reference
 from training.export.parity import DEFAULT_PARITY_ITEMS, DEFAULT_TOLERANCE, ExportError
 from training.export.quantize import DEFAULT_CALIBRATION_ITEMS, DEFAULT_GATE_ITEMS, QUANTIZE_CHOICES
 from training.export.quantize import quantize_package as write_int8_encoders
@@ -104,6 +107,8 @@ def _head_entry(head) -> dict[str, Any]:
             "threshold": head.threshold,
             "metrics": head.metrics,
             "n_train": head.n_train,
+            # regression: training label range and plausible output range (training.heads.label_range)
+            **({"training_range": head.training_range} if head.training_range else {}),
         }
     )
 
@@ -137,11 +142,13 @@ def export_run(
     loaded: Any = None,
     quantize: str | None = None,
     calibration_items: int = DEFAULT_CALIBRATION_ITEMS,
+    ood_items: int = DEFAULT_OOD_ITEMS,
 ) -> ExportResult:
     """Export a training run (and its heads from ``retina probe``) to a model package at ``out_dir``.
 
     ``loaded``: an already loaded run (``training.model.load_run``) to reuse.
     ``quantize="int8"``: also write calibrated int8 encoders and record their accuracy gate.
+    ``ood_items``: cohort items embedded for the out-of-distribution reference (0: none).
     """
     import torch
 
@@ -211,9 +218,12 @@ def export_run(
         quantized = None
         if quantize == "int8":
             quantized = write_int8_encoders(model, staging, all_arrays, cohort_source, calibration_items, say)
+        ood = build_ood_reference(model, run, manifest, ood_items, say) if ood_items > 0 else None
+        if ood is not None:
+            atomic_write_bytes(staging / REFERENCE_FILE, reference_json(ood[1]))
 
         files = sorted(p for p in staging.iterdir() if p.is_file())
-        unexpected = [p.name for p in files if p.suffix != ".onnx"]
+        unexpected = [p.name for p in files if p.suffix != ".onnx" and p.name != REFERENCE_FILE]
         if unexpected:  # e.g. external weight files: the package must stay self-contained
             raise ExportError(f"exporter wrote unexpected files: {', '.join(unexpected)}")
         epochs = _epochs_trained(run)
@@ -248,6 +258,7 @@ def export_run(
             "files": [{"path": p.name, "sha256": sha256_file(p), "bytes": p.stat().st_size} for p in files],
             "parity": checks,
             **({"quantized": quantized} if quantized else {}),
+            **({"ood": ood[0]} if ood is not None else {}),
             "packages": {
                 "retina": _version("retina"),
                 "torch": torch.__version__,
