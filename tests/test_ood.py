@@ -429,6 +429,9 @@ def test_predict_carries_ood_in_json_and_csv_and_strict_refuses(tiny_package, od
     rows = list(csv.DictReader(io.StringIO(run(*args, "--csv").stdout)))
     assert len(rows) == 4 and {r["ood"] for r in rows} == {"True"}
     assert all(float(r["ood_score"]) < 1 for r in rows)
+    table = run(*args).stdout  # the table says what the flag means, not only "flagged" per row
+    assert table.count("flagged") >= 4
+    assert "ood: 4 of 4 item(s) look unlike the package's training data" in " ".join(table.split())
     strict = run(*args, "--strict", "--json")
     assert strict.exit_code == EXIT_NOTHING_DONE  # nothing predicted
     refused = json.loads(strict.stdout)

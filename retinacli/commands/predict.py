@@ -304,7 +304,12 @@ def _print_table(payload: dict[str, Any]) -> None:
     head = payload.get("head") or {}
     kind = head.get("kind") or ("regression" if preds and "value" in preds[0] else "binary")
     regression = kind == "regression"
-    caption = "\n".join(map(safe, _context_lines(head))) if head else None  # one safe line each
+    lines = _context_lines(head) if head else []
+    flagged = sum(p.get("ood") is True for p in preds)
+    if flagged:
+        lines.insert(0, f"ood: {flagged} of {len(preds)} item(s) look unlike the package's training data; "
+                        "their values are not to be trusted (--strict refuses them)")
+    caption = "\n".join(map(safe, lines)) or None  # one safe line each
     table = Table(title=safe(f"{payload['task']} predictions ({payload['model']})"), title_justify="left",
                   caption=caption, caption_justify="left")
     units = head.get("units") or (preds[0].get("units", "") if preds else "")
