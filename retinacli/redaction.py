@@ -7,9 +7,10 @@ with the root's id (`r0` is the first PATH argument; a store numbers the roots i
 Automatic redaction: a path component that contains one of the file's own identifiers (PatientName,
 PatientID, AccessionNumber from its header, or a `.vol` export's patient id) is replaced by the
 patient's pseudonym. Matching rule (:func:`tokens`): identifiers and components are split on
-``^ _ - .`` and space, compared case-insensitively as whole tokens, and only tokens of at least
-MIN_TOKEN characters count. So ``DOE^JANE`` matches ``doe_jane_4711``, an ID of ``1`` matches nothing,
-and ``JANEWAY`` does not match ``JANE``.
+every character that is not a letter or digit (``^ _ - .``, space, comma, apostrophe, ...), compared
+case-insensitively as whole tokens, and only tokens of at least MIN_TOKEN characters count. So
+``DOE^JANE`` matches ``doe_jane_4711`` and ``Doe, Jane``, an ID of ``1`` matches nothing, and
+``JANEWAY`` does not match ``JANE``.
 
 `--redact-paths` replaces every component with a keyed pseudonym (:func:`redact_every_component`).
 What this does not cover (pixels, burned-in text, names spelled differently) is in docs/reliability.md.
@@ -27,7 +28,7 @@ from typing import Any
 
 from retinacli.privacy import pseudonym
 
-SEPARATORS = re.compile(r"[\^_\-. ]+")
+SEPARATORS = re.compile(r"[\W_]+")  # every character that is not a letter or digit
 MIN_TOKEN = 3
 _EXTENSION = re.compile(r"^\.[A-Za-z0-9]{1,5}$")
 _WORD = re.compile(r"[^\s()\[\]{},;:'\"/\\]+")  # a file name or word inside a message
@@ -36,8 +37,8 @@ _REDACTED = re.compile(r"^c[0-9a-f]{10}(\.[A-Za-z0-9]{1,5})?$")  # what redact_e
 
 
 def tokens(text: str | None) -> set[str]:
-    """The matching tokens of a name or path component: split on ``^ _ - .`` and space, lower-cased,
-    at least MIN_TOKEN characters."""
+    """The matching tokens of a name or path component: split on every character that is not a letter
+    or digit, lower-cased, at least MIN_TOKEN characters."""
     if not text:
         return set()
     return {t.casefold() for t in SEPARATORS.split(str(text)) if len(t) >= MIN_TOKEN}

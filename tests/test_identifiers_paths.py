@@ -99,6 +99,10 @@ def test_matching_rule_splits_on_separators_and_compares_whole_tokens():
     assert name == {"doe", "jane"}
     assert matches("doe_jane_4711", name) and matches("Jane Doe", name) and matches("x-DOE.y", name)
     assert not matches("janeway", name) and not matches("doe2", name)  # whole tokens only
+    # any non-letter, non-digit separates: a "Last, First" folder, a name with an apostrophe or a plus
+    assert matches("Doe, Jane (2019)", name) and matches("jane+doe", name) and matches("doe's scans", name)
+    assert tokens("O'Brien, Mary") == {"brien", "mary"} and matches("OBrien_mary", tokens("O'Brien, Mary"))
+    assert tokens("Müller^Zoë") == {"müller", "zoë"}  # letters beyond ASCII stay letters
     assert tokens("1") == set() and not matches("1", tokens("1")) and not matches("scan_1", tokens("1"))
     assert tokens("AB^C") == set()  # tokens shorter than 3 characters never match
     assert matches("ACC99123.dcm", tokens("acc99123"))
