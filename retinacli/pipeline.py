@@ -338,13 +338,15 @@ class _Spelled:
 
 
 class _OpenSource:
-    __slots__ = ("failed", "outstanding", "rows", "vectors")
+    __slots__ = ("failed", "files", "outstanding", "refused", "rows", "vectors")
 
     def __init__(self, outstanding: int):
         self.outstanding = outstanding
         self.rows: list[dict[str, Any]] = []
         self.vectors: list[np.ndarray] = []
+        self.files: list[str] = []  # each row's item file, for error reports
         self.failed = False
+        self.refused = False  # an item was refused as out of distribution (--strict)
 
 
 def run_embedding(
@@ -394,6 +396,11 @@ def run_embedding(
         state = open_sources.pop(key)
         if state.failed or not state.rows:
             return  # not committed: the source is retried on the next run
+        if state.refused:  # a source is stored whole or not at all, so a later run can still add it whole
+            reason = ("not stored: another item of the same file was refused as out of distribution "
+                      "(--strict); the file is read again on the next run")
+            report.errors.extend(ReadError(file, reason) for file in state.files)
+            return
         writer.add(state.rows, np.stack(state.vectors))
         report.embedded += len(state.rows)
 
@@ -423,11 +430,13 @@ def run_embedding(
                     report.flagged += checks[i].flag
                 if strict and checks is not None and checks[i].flag:
                     report.refused += 1
+                    state.refused = True
                     reason = ood.reason(mod, checks[i].score, engine.model_id, checks[i])
                     report.errors.append(ReadError(prepared.path or prepared.row["path"], reason))
                 else:
                     state.rows.append(prepared.row)
                     state.vectors.append(vectors[i])
+                    state.files.append(prepared.path or prepared.row["path"])
             state.outstanding -= 1
             if state.outstanding == 0:
                 finish_source(key)

@@ -499,3 +499,19 @@ def test_a_synthetic_only_package_flags_real_retinal_images(tiny_package, shared
     assert summary["embedded"] == 4 and summary["ood_flagged"] >= 3
     rows = EmbeddingStore.open(store).metadata()
     assert [r["ood"] for r in rows if r["modality"] == "fundus"] == [True, True]
+
+
+def test_strict_stores_a_multi_item_file_whole_or_not_at_all(tiny_package, shared_samples, tmp_path):
+    """A .vol holds an OCT and its SLO: with --strict, one flagged item keeps the whole file out (the other
+    item listed with why), so a later run without --strict stores the file whole instead of skipping it."""
+    pytest.importorskip("eyepy")
+    store = tmp_path / "store"
+    args = ("embed", shared_samples / "heidelberg_vol", "--model", tiny_package, "--store", store,
+            "--workers", 1, "--json")
+    strict = _json(run(*args, "--strict"))
+    assert strict["embedded"] == 0 and strict["ood_refused"] >= 3
+    reasons = [e["error"] for e in strict["errors"]]  # nothing stored: no store, so no errors.csv either
+    held_back = [r for r in reasons if r.startswith("not stored: another item of the same file")]
+    assert len(reasons) == 4 and len(held_back) == 4 - strict["ood_refused"]
+    again = _json(run(*args))
+    assert again["embedded"] == 4 and again["skipped"] == 0
