@@ -77,6 +77,21 @@ def _table_line(table: str, path: str) -> str:
     return line
 
 
+def _field(shown: str, key: str) -> str:
+    """A `models show` field as one line: its value wraps under its own column at the terminal width."""
+    lines = shown.splitlines()
+    (start,) = [i for i, ln in enumerate(lines) if ln.strip().startswith(f"{key} ")]
+    head = lines[start]
+    column = head.index(key) + len(key) + len(head[head.index(key) + len(key):]) \
+        - len(head[head.index(key) + len(key):].lstrip())
+    value = [head[column:].strip()]
+    for line in lines[start + 1:]:
+        if not line.strip() or line[:column].strip():
+            break
+        value.append(line.strip())
+    return " ".join(value)
+
+
 # --- the training range: fitting, export, descriptor checks -----------------------------------------
 
 
@@ -269,7 +284,7 @@ def test_heads_below_the_bars_are_marked_unreliable(env, task, change, reason):
     assert f"UNRELIABLE: {reason}" in table
     assert [r["reliable"] for r in rows] == ["False"] * 2
     code, shown, _ = run("models", "show", package)
-    assert code == 0 and f"UNRELIABLE: {reason}" in _table_line(shown, f"head {task}")
+    assert code == 0 and f"UNRELIABLE: {reason}" in _field(shown, f"head {task}")
 
 
 def test_reliability_bars_are_inclusive():
@@ -294,6 +309,6 @@ def test_research_use_in_predict_help_and_models_show(env):
     assert code == 0 and RESEARCH in shown
     heads = json.loads((package / "retina.json").read_text())["heads"]
     cv = heads["tn"]["metrics"]["cv"]
-    assert f"reliable (cross-validated AUROC {cv['auroc']:.2f} >= 0.6)" in _table_line(shown, "head tn")
+    assert f"reliable (cross-validated AUROC {cv['auroc']:.2f} >= 0.6)" in _field(shown, "head tn")
     rng = heads["cst"]["training_range"]
-    assert f"training range {rng['min']:.1f} to {rng['max']:.1f} µm (±10 %)" in _table_line(shown, "head cst")
+    assert f"training range {rng['min']:.1f} to {rng['max']:.1f} µm (±10 %)" in _field(shown, "head cst")

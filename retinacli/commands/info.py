@@ -65,7 +65,7 @@ def register(app: typer.Typer) -> None:
         as_json: bool = options.json_option("Print the information as JSON."),
     ) -> None:
         """Show versions, onnxruntime providers, threads, the default model and where things are stored."""
-        from retinacli.console import out, print_json, styled
+        from retinacli.console import out, print_fields, print_json
 
         data = collect_info()
         if as_json:
@@ -88,6 +88,7 @@ def register(app: typer.Typer) -> None:
             "model_used_by_default": "model used",
             "default_embedding_store": "embedding store",
         }
+        fields = []
         for key, label in labels.items():
             value = data[key]
             if isinstance(value, list):
@@ -96,5 +97,5 @@ def register(app: typer.Typer) -> None:
                 value = f"{value} ({data['retina_home_source']})"
             if key == "model_used_by_default" and value is None:
                 value = f"none ({data['model_problem']})"
-            shown = value if value is not None else "-"
-            out.print(styled((f"{label:>24}", "bold"), f"  {shown}"), highlight=False)
+            fields.append((label, value))
+        print_fields(out, fields, key_width=24, right=True, gap=2, key_style="bold")

@@ -84,18 +84,15 @@ def _read_one(source, items: list[dict], errors: list[dict], shown=None) -> None
 
 
 def _print_table(items: list[dict], errors: list[dict], ignored: list[dict]) -> None:
-    from rich.table import Table
-
-    from retinacli.console import err, out, print_error_table, safe
+    from retinacli.console import err, out, print_error_table, print_table, safe
 
     if items:
-        table = Table(title=f"{len(items)} item(s)", title_justify="left")
-        table.add_column("path", overflow="fold", min_width=24)
-        for column in ("modality", "format", "shape", "eye", "date", "device", "spacing (mm)"):
-            table.add_column(column, overflow="fold")
+        columns = [("path", "path"), ("modality", "short"), ("format", "short"), ("shape", "text"),
+                   ("eye", "short"), ("date", "short"), ("device", "text"), ("spacing (mm)", "text")]
+        rows = []
         for record in items:
             spacing = record["pixel_spacing_mm"]
-            table.add_row(*map(safe, (
+            rows.append([
                 record["path"],
                 record["modality"],
                 record["format"],
@@ -104,8 +101,8 @@ def _print_table(items: list[dict], errors: list[dict], ignored: list[dict]) -> 
                 record["study_date"] or "-",
                 record["device"] or "-",
                 " x ".join("-" if v is None else f"{v:.4g}" for v in spacing) if spacing else "-",
-            )))
-        out.print(table)
+            ])
+        print_table(out, columns, rows, title=f"{len(items)} item(s)")
     if errors:
         print_error_table(errors)
     from retinacli.readers.discover import OUTPUT_FOLDER_NOTE

@@ -61,19 +61,18 @@ def register(app: typer.Typer) -> None:
             err.print(f"no model packages found (searched {safe(where)}); "
                       "create one with 'retina export RUN'")
             return
-        from rich.table import Table
+        from retinacli.console import print_table
 
-        table = Table(title=f"{len(records)} model package(s)", title_justify="left")
-        for column in ("", "name", "version", "objective", "dim", "tasks", "created", "path"):
-            table.add_column(column, overflow="fold")
-        for r in records:
-            # Names, versions and problems come from each package's retina.json: data, never markup.
-            table.add_row(
-                *map(safe, ("*" if r["default"] else "", r["name"], r["version"], r["objective"] or "-",
-                            str(r["embed_dim"] or "-"), ",".join(r["tasks"]) or "-", r["created"] or "-")),
-                styled(r["path"], (f" ({r['problem']})", "red")) if r["problem"] else safe(r["path"]),
-            )
-        out.print(table)
+        columns = [("", "short"), ("name", "short"), ("version", "short"), ("objective", "short"),
+                   ("dim", "short"), ("tasks", "text"), ("created", "short"), ("path", "path")]
+        problems = any(r["problem"] for r in records)
+        columns += [("problem", "text")] * problems
+        # Names, versions and problems come from each package's retina.json: data, never markup
+        # (print_table passes every cell through safe). Dates show as YYYY-MM-DD, like every date.
+        rows = [["*" if r["default"] else "", r["name"], r["version"], r["objective"] or "-",
+                 str(r["embed_dim"] or "-"), ", ".join(r["tasks"]) or "-", (r["created"] or "-")[:10],
+                 r["path"]] + [styled((r["problem"] or "", "red"))] * problems for r in records]
+        print_table(out, columns, rows, title=f"{len(records)} model package(s)")
         if default_path:
             err.print("* = used when no --model is given")
 
@@ -88,7 +87,7 @@ def register(app: typer.Typer) -> None:
         AUROC 0.6 / R² 0.1, or without a cross-validated result). Predictions are for research use
         only, not for diagnosis or treatment decisions.
         """
-        from retinacli.console import out, print_json, styled
+        from retinacli.console import out, print_fields, print_json, styled
         from retinacli.headinfo import RESEARCH_USE, range_text, reliability_text
         from retinacli.package import model_id_for, resolve_package, validated_descriptor
 
@@ -146,8 +145,8 @@ def register(app: typer.Typer) -> None:
         size = sum(f["bytes"] for f in m["files"])
         rows.append(("files", f"{len(m['files'])} files, {size / 1e6:.1f} MB"))
         rows.append(("use", RESEARCH_USE))
-        for key, value in rows:
-            out.print(styled((f"  {key:>13}", "bold"), f"  {value}"), highlight=False)
+        print_fields(out, [(f"  {key}", value) for key, value in rows], key_width=15, right=True, gap=2,
+                     key_style="bold")
 
     @models.command("verify")
     def verify(

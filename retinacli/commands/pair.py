@@ -107,9 +107,7 @@ def register(app: typer.Typer) -> None:
 
 
 def _print_summary(report, unpaired: list[dict], errors: list[dict], stdout, err) -> None:
-    from rich.table import Table
-
-    from retinacli.console import print_error_table, safe, styled
+    from retinacli.console import print_error_table, print_table, safe, styled
 
     if report.rows:
         methods = ", ".join(f"{n} by {m}" for m, n in sorted(report.by_method().items()))
@@ -121,12 +119,9 @@ def _print_summary(report, unpaired: list[dict], errors: list[dict], stdout, err
                 highlight=False,
             )
     if unpaired:
-        table = Table(title=f"{len(unpaired)} unpaired", title_justify="left", title_style="bold yellow")
-        for column in ("path", "modality", "reason"):
-            table.add_column(column, overflow="fold")
-        for record in unpaired:
-            table.add_row(safe(record["path"]), safe(record["modality"]), safe(record["reason"]))
-        err.print(table)
+        print_table(err, [("path", "path"), ("modality", "short"), ("reason", "text")],
+                    [[record["path"], record["modality"], record["reason"]] for record in unpaired],
+                    title=f"{len(unpaired)} unpaired", title_style="bold yellow")
     if errors:
         print_error_table(errors)
     if not report.rows:

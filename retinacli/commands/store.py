@@ -71,7 +71,7 @@ def register(app: typer.Typer) -> None:
         as_json: bool = options.json_option("Print the description as JSON."),
     ) -> None:
         """Describe a store: format version, rows per modality, shards, model, and the package it uses."""
-        from retinacli.console import err, out, print_json, safe
+        from retinacli.console import err, out, print_fields, print_json, safe
         from retinacli.store import store_path_and_origin
 
         store_root, origin = store_path_and_origin(store, "--store")
@@ -97,9 +97,7 @@ def register(app: typer.Typer) -> None:
             ("created", summary["created"] or "-"),
             ("updated", summary["updated"] or "-"),
         ]
-        width = max(len(k) for k, _ in lines)
-        for key, value in lines:
-            out.print(f"{key + ':':<{width + 1}} {safe(value)}", highlight=False, soft_wrap=True)
+        print_fields(out, [(f"{key}:", value) for key, value in lines])  # wrapped to the terminal
 
 
     @store_app.command("index")
