@@ -139,6 +139,12 @@ def source_key(identity: str, secret: bytes) -> str:
     return pseudonym(identity, secret, prefix="s", length=16)
 
 
+def patient_pseudonym(meta: Any, secret: bytes) -> str | None:
+    """The store's `patient` column for an item's ImageMeta: keyed with the store's secret, so a query
+    file read by `retina retrieve` gets the pseudonym its patient has in the store."""
+    return pseudonym(meta.patient_id, secret, prefix="p") if meta.patient_id else None
+
+
 def metadata_row(
     item: OctVolume | FundusImage, identity: str, skey: str, secret: bytes, keep_identifiers: bool,
     paths: PathRedactor | None = None,
@@ -162,7 +168,7 @@ def metadata_row(
         "date": date,
         "acquisition_datetime": meta.acquisition_datetime,
         "device": meta.device,
-        "patient": pseudonym(meta.patient_id, secret, prefix="p") if meta.patient_id else None,
+        "patient": patient_pseudonym(meta, secret),
         "study": pseudonym(meta.study_uid, secret, prefix="st") if meta.study_uid else None,
         "references": " ".join(references) or None,
         "patient_identifier": meta.patient_id if keep_identifiers else None,

@@ -40,6 +40,18 @@ class Hit:
         }
 
 
+EYES = ("OD", "OS")
+
+
+def same_eye(query_patient: str | None, query_laterality: str | None, row: dict[str, Any]) -> bool | None:
+    """Whether a result is the query's own eye: True for the same pseudonymous patient (store column
+    `patient`) and laterality, False otherwise, None when either side's patient or eye is unknown."""
+    eyes = [(v or "").upper() for v in (query_laterality, row.get("laterality"))]
+    if not query_patient or not row.get("patient") or any(e not in EYES for e in eyes):
+        return None
+    return query_patient == row["patient"] and eyes[0] == eyes[1]
+
+
 def _iso_date(value: Any) -> str | None:
     """A stored date as YYYY-MM-DD (stores written by 0.1.0 hold YYYYMMDD)."""
     from retinacli.readers.sanitize import iso_date

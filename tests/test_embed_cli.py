@@ -94,7 +94,7 @@ def test_retrieve_json_other_modality_laterality_and_self(standins, tmp_path):
     results = payload["results"]
     assert [r["rank"] for r in results] == [1, 2, 3, 4, 5]
     assert set(results[0]) == {"rank", "score", "id", "root", "path", "modality", "laterality", "date",
-                               "ood_score", "ood"}
+                               "same_eye", "ood_score", "ood"}
     assert all(r["modality"] == "oct" for r in results)
     assert [r["score"] for r in results] == sorted((r["score"] for r in results), reverse=True)
     # The query file's id is its id in the store: retrieving by id with --target gives itself at ~1.

@@ -15,8 +15,15 @@ TARGETS = ("oct", "fundus")
 def register(app: typer.Typer) -> None:
     @app.command("retrieve")
     def retrieve(
-        query: str = typer.Argument(
-            ..., help="An OCT volume / fundus image file (embedded on the fly), or an item id in the store."
+        queries: list[str] | None = typer.Argument(
+            None, metavar="QUERY",
+            help="OCT volume / fundus image files (embedded on the fly) or item ids in the store; several "
+            "are searched in turn with the store and model opened once.",
+        ),
+        queries_file: Path | None = typer.Option(
+            None, "--queries",
+            help="A text file of more queries, one file path or item id a line (blank lines and lines "
+            "starting with # skipped; relative paths are relative to the file's folder).",
         ),
         store: Path | None = options.store_option(f"Embedding store to search. {options.STORE_DEFAULT_HELP}"),
         index: Path | None = options.hidden_alias("--index", "-i"),
@@ -40,41 +47,138 @@ def register(app: typer.Typer) -> None:
             "current, else exact with a note).",
         ),
         json_output: bool = options.json_option("Print the query and results as JSON."),
+        csv_output: bool = typer.Option(
+            False, "--csv", help="Print one CSV row per query and rank (columns in docs/store.md)."
+        ),
         redact_paths: bool = options.redact_paths_option(
             "Print every path with each component replaced by a pseudonym keyed with the store's key (for "
             "outputs that leave the site). Without it, paths are shown as stored: relative to the root "
             "given to 'retina embed', components naming the patient replaced."
         ),
         max_pixels: str | None = options.max_pixels_option(),
+        html_report: Path | None = typer.Option(
+            None, "--html", metavar="FILE",
+            help="Also write a self-contained HTML report to FILE: each query beside its results (OCT: "
+            "central B-scan and en-face thumbnails), score, rank, eye, date and a same-eye marker; a file "
+            "that cannot be shown gets a placeholder with the reason.",
+        ),
     ) -> None:
-        """Search the store by cosine similarity (fundus query -> OCT results and the reverse)."""
+        """Search the store by cosine similarity (fundus query -> OCT results and the reverse).
+
+        A query that cannot be read or found is listed with the reason and the others still run: exit 0
+        when at least one query was answered, 1 when none."""
         from retinacli.console import err, print_json
-        from retinacli.errors import EXIT_OK, UsageError
+        from retinacli.errors import EXIT_NOTHING_DONE, EXIT_OK, UsageError
 
         store = options.resolve_store(store, index, "--index")
+        if json_output and csv_output:
+            raise UsageError("--json and --csv cannot be combined: choose one output format")
+        given = list(queries or [])
+        if queries_file is not None:
+            given += _read_queries_file(queries_file)
+        if not given:
+            raise UsageError("no query: give QUERY files or item ids, or --queries FILE")
+        if html_report is not None:
+            from retinacli.reports.html import check_report_path
+
+            check_report_path(html_report)  # before any query is embedded
         if target is not None and target not in TARGETS:
             raise UsageError(f"--target must be oct or fundus, not {target!r}")
         if laterality is not None:
             laterality = laterality.upper()
             if laterality not in ("OD", "OS"):
                 raise UsageError(f"--laterality must be OD or OS, not {laterality!r}")
-        payload = _retrieve(query, store, top, model, target, laterality, search_method, redact_paths)
-        if not payload["results"]:
-            err.print(f"no {payload['target']} items in the store match the filters", highlight=False)
-        if json_output:
-            print_json(payload)
+        # One query argument keeps the single-query shape and fails as a whole; a batch lists failures.
+        single = len(given) == 1 and queries_file is None
+        payload = _retrieve_many(given, store, top, model, target, laterality, search_method, redact_paths,
+                                 stop_on_error=single)
+        for answer in payload["queries"]:
+            if not answer["results"]:
+                err.print(f"no {answer['target']} items in the store match the filters", highlight=False)
+        if payload["errors"]:
+            from retinacli.console import safe, styled
+
+            err.print(styled(("failed:", "red"), f" {len(payload['errors'])} of {len(given)} queries"),
+                      highlight=False)
+            for entry in payload["errors"]:
+                err.print(safe(f"  {entry['error']}"), highlight=False)
+        if html_report is not None:
+            _write_html(html_report, payload, redact_paths)
+        if csv_output:
+            _print_csv(payload)
+        elif json_output:
+            print_json(_single_payload(payload) if single else _batch_json(payload))
         else:
-            _print_table(payload)
-        raise typer.Exit(EXIT_OK)
+            for answer in payload["queries"]:
+                _print_table({**payload, **answer})
+        raise typer.Exit(EXIT_OK if payload["queries"] else EXIT_NOTHING_DONE)
 
 
-def _retrieve(query: str, index: Path | None, top: int, model: str | None, target: str | None,
-              laterality: str | None, search_method: str = "exact", redact_paths: bool = False
-              ) -> dict[str, Any]:
+def _write_html(path: Path, payload: dict[str, Any], redact_paths: bool) -> None:
+    """The --html report; each answered query's file is the query as given (None for a stored id, which
+    the report locates in the store)."""
+    from retinacli.console import err, safe
+    from retinacli.reports.html import retrieval_report, write_report
+
+    files: list[Path | None] = []
+    for answer in payload["queries"]:
+        source = Path(answer["given"]).expanduser()
+        files.append(source if source.exists() else None)
+    written = write_report(path, retrieval_report(payload, query_files=files))
+    err.print(f"wrote report: {safe(written)}", highlight=False)
+
+
+def _read_queries_file(path: Path) -> list[str]:
+    """The queries listed in `path`: one a line, blank and # lines skipped, relative paths resolved
+    against the file's folder (a line naming no file there and holding no / or . is an item id)."""
+    from retinacli.errors import UsageError
+
+    try:
+        text = path.expanduser().read_text(encoding="utf-8", errors="surrogateescape")
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read the --queries file ({exc.strerror or type(exc).__name__})") \
+            from None
+    found = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        candidate = Path(line).expanduser()
+        if not candidate.is_absolute():
+            candidate = path.expanduser().parent / candidate
+        # A line that names no file there and looks like no file name ("/" or ".") is an item id.
+        found.append(str(candidate) if candidate.exists() or "/" in line or "." in line else line)
+    return found
+
+
+def _batch_json(batch: dict[str, Any]) -> dict[str, Any]:
+    """The batch JSON shape: {"model", "store", "search", "queries": [{"query", "target", "results"}],
+    "errors": [{"query", "error"}]}."""
+    queries = [{k: answer[k] for k in ("query", "target", "results")} for answer in batch["queries"]]
+    return {**batch, "queries": queries}
+
+
+def _single_payload(batch: dict[str, Any]) -> dict[str, Any]:
+    """The one-query JSON shape: {"query", "model", "store", "target", "search", "results"}."""
+    answer = batch["queries"][0]
+    return {"query": answer["query"], "model": batch["model"], "store": batch["store"],
+            "target": answer["target"], "search": batch["search"], "results": answer["results"]}
+
+
+def _retrieve_many(queries: list[str], index: Path | None, top: int, model: str | None, target: str | None,
+                   laterality: str | None, search_method: str = "exact", redact_paths: bool = False,
+                   stop_on_error: bool = False) -> dict[str, Any]:
+    """Search the store for each query in turn, the store and model opened once.
+
+    Returns {"model", "store", "search", "queries": [{"query", "target", "results"}], "errors":
+    [{"query", "error"}]}; a query that cannot be read or found is an error entry (raised instead with
+    `stop_on_error`). Errors of the whole command (store, model, index) are raised."""
     from retinacli.ann import resolve_method, search_plan
     from retinacli.console import err, safe
-    from retinacli.errors import UsageError
-    from retinacli.retrieval import OTHER_MODALITY, search
+    from retinacli.errors import RetinaError
+    from retinacli.privacy import existing_secret
+    from retinacli.redaction import stored_path
+    from retinacli.retrieval import OTHER_MODALITY, same_eye, search
     from retinacli.store import EmbeddingStore, store_path_and_origin
 
     store_root, origin = store_path_and_origin(index)
@@ -82,62 +186,116 @@ def _retrieve(query: str, index: Path | None, top: int, model: str | None, targe
     store = EmbeddingStore.open(store_root)
     resolve_method(store, search_method)  # a bad --search fails before the query is embedded
     err.print(f"model: {safe(store.model_id)} (the store's)", highlight=False)
-    from retinacli.privacy import existing_secret
-    from retinacli.redaction import stored_path
-
     key = existing_secret(store.root)  # never created here: retrieve does not write into the store
-    query_path = Path(query).expanduser()
-    if query_path.exists():
-        vector, info = _embed_query(store, query_path, model, target, redact_paths, key)
-    else:
-        found = store.find(query)
-        if found is None:
-            raise UsageError(f"{query}: not a file, and no item with this id in {store_root}")
-        if model is not None:
-            from retinacli.pipeline import load_engine
-
-            engine = load_engine(model)[0]
-            store.require_model(engine.model_id, *getattr(engine, "model_ids", ()))
-        vector, row = found
-        info = {k: row.get(k) for k in ("id", "root", "path", "modality", "laterality", "date", "ood_score",
-                                        "ood")}
-        info["path"] = stored_path(row, key, redact_paths)
-    target = target or OTHER_MODALITY[info["modality"]]
-    method, note = search_plan(store, search_method, target)  # reads the index, never builds it
-    if note:
-        err.print(safe(note), highlight=False)
-    err.print(f"searching {target} items, top {top}, {method} search"
-              + (f", laterality {laterality}" if laterality else ""), highlight=False)
-    hits = search(store, vector, target=target, laterality=laterality, top_k=top, method=method,
-                  log=lambda message: err.print(safe(message), highlight=False))
+    engine = _engine(store, model, [Path(q).expanduser() for q in queries])
+    plans: dict[str, str] = {}  # target -> search method, planned once per target
+    said: set[str] = set()  # notes printed once per command, not once per query
+    answers: list[dict[str, Any]] = []
+    errors: list[dict[str, str]] = []
+    for query in queries:
+        try:
+            vector, info, patient = _resolve_query(store, engine, query, target, redact_paths, key, said)
+        except Exception as exc:
+            if stop_on_error:
+                raise
+            # A reader bug must not stop the batch; its message may quote header values, so not shown.
+            label = _query_label(query, key, redact_paths)
+            reason = str(exc) if isinstance(exc, RetinaError) else \
+                f"{label}: could not be read ({type(exc).__name__})"
+            errors.append({"query": label, "error": reason})
+            continue
+        wanted = target or OTHER_MODALITY[info["modality"]]
+        if wanted not in plans:
+            plans[wanted], note = search_plan(store, search_method, wanted)  # reads the index only
+            if note:
+                err.print(safe(note), highlight=False)
+            err.print(f"searching {wanted} items, top {top}, {plans[wanted]} search"
+                      + (f", laterality {laterality}" if laterality else ""), highlight=False)
+        hits = search(store, vector, target=wanted, laterality=laterality, top_k=top, method=plans[wanted],
+                      log=lambda message: err.print(safe(message), highlight=False))
+        # label: the query as outputs name it (the CSV's query column); given: as typed (the report opens
+        # it). Neither is part of the JSON.
+        answers.append({"label": _query_label(query, key, redact_paths), "given": query, "query": info,
+                        "target": wanted,
+                        "results": [
+            {**hit.to_dict(), "same_eye": same_eye(patient, info.get("laterality"), hit.row),
+             "root": hit.row.get("root"), "path": stored_path(hit.row, key, redact_paths)} for hit in hits]})
     return {
-        "query": info,
         "model": store.model_id,
         "store": str(store_root),
-        "target": target,
-        "search": method,
-        "results": [{**hit.to_dict(), "root": hit.row.get("root"),
-                     "path": stored_path(hit.row, key, redact_paths)} for hit in hits],
+        "search": ", ".join(dict.fromkeys(plans.values())) or resolve_method(store, search_method),
+        "queries": answers,
+        "errors": errors,
     }
 
 
-def _embed_query(store: Any, path: Path, model: str | None, target: str | None,
-                 redact_paths: bool = False, secret: bytes | None = None) -> tuple[Any, dict]:
-    """Read and embed the query file with the store's model; its id is the one it has (or would
-    have) in the store. Its path is shown relative to the folder holding it (retinacli.redaction)."""
+def _engine(store: Any, model: str | None, paths: list[Path]) -> Any:
+    """The store's engine, loaded once when a query is a file (or --model is to be checked); None when
+    every query is a stored id and no --model is given (stored vectors need no model)."""
+    from retinacli.pipeline import engine_for_store, load_engine
+
+    if any(p.exists() for p in paths):
+        return engine_for_store(store, model)[0]
+    if model is None:
+        return None
+    engine = load_engine(model)[0]
+    store.require_model(engine.model_id, *getattr(engine, "model_ids", ()))
+    return engine
+
+
+def _resolve_query(store: Any, engine: Any, query: str, target: str | None, redact_paths: bool,
+                   key: bytes | None, said: set[str]) -> tuple[Any, dict[str, Any], str | None]:
+    """(vector, the query's output record, its patient pseudonym or None) for a file or a stored id."""
+    from retinacli.errors import UsageError
+    from retinacli.redaction import stored_path
+
+    query_path = Path(query).expanduser()
+    if query_path.exists():
+        return _embed_query(store, query_path, engine, target, redact_paths, key, said)
+    found = store.find(query)
+    if found is None:
+        label = _query_label(query, key, redact_paths)
+        if "/" in query or "." in query:  # meant as a file: an item id has neither
+            raise UsageError(f"{label}: no such file (nor an item id in {store.root})")
+        raise UsageError(f"{label}: not a file, and no item with this id in {store.root}")
+    vector, row = found
+    info = {k: row.get(k) for k in ("id", "root", "path", "modality", "laterality", "date", "ood_score",
+                                    "ood")}
+    info["path"] = stored_path(row, key, redact_paths)
+    return vector, info, row.get("patient")
+
+
+def _query_label(query: str, key: bytes | None, redact_paths: bool) -> str:
+    """A query as outputs name it: an item id as given, a path relative to its folder (components
+    naming a patient, or every one with --redact-paths, replaced), like the query file's own path."""
+    import re
+
+    from retinacli.redaction import PathRedactor
+
+    if re.fullmatch(r"i[0-9a-f]{16}", query):
+        return query
+    path = Path(query).expanduser()
+    return PathRedactor.for_paths([path], key, redact_all=redact_paths).show(path, probe=path.exists())
+
+
+def _embed_query(store: Any, path: Path, engine: Any, target: str | None, redact_paths: bool = False,
+                 secret: bytes | None = None, said: set[str] | None = None) -> tuple[Any, dict, str | None]:
+    """Read and embed the query file with the store's engine; its id and patient pseudonym are the
+    ones it has (or would have) in the store. Its path is shown relative to the folder holding it
+    (retinacli.redaction). `said`: the once-per-command notes already printed (a batch has many queries)."""
     from retinacli.errors import ReadError, RetinaError
     from retinacli.pipeline import (
         discover_with_readers,
-        engine_for_store,
         item_id,
         item_identity,
+        patient_pseudonym,
         read_with_readers,
         source_identity,
     )
     from retinacli.readers.sanitize import date_of
     from retinacli.redaction import PathRedactor
 
-    engine, _package = engine_for_store(store, model)
+    said = said if said is not None else set()
     shown = PathRedactor.for_paths([path], secret, redact_all=redact_paths)
     sources, errors = discover_with_readers([path])
     if len(sources) != 1:
@@ -162,7 +320,9 @@ def _embed_query(store: Any, path: Path, model: str | None, target: str | None,
     if ood is None:
         from retinacli.ood import say_no_check
 
-        say_no_check(engine)
+        if "no check" not in said:
+            say_no_check(engine)
+        said.add("no check")
         check = {"ood_score": None, "ood": None}
     else:
         verdicts = ood.check(chosen.modality, vector[None], array)  # embedding and input checks
@@ -174,11 +334,12 @@ def _embed_query(store: Any, path: Path, model: str | None, target: str | None,
             err.print(styled(("warning:", "yellow"), " the query is " + safe(ood.reason(
                 chosen.modality, verdict.score, engine.model_id, verdict)) + "; the results may mean little"),
                 highlight=False)
-    if secret is None:
+    if secret is None and "no key" not in said:
         from retinacli.console import err, safe
 
+        said.add("no key")
         err.print(f"note: {safe(store.root)} has no secret.key, so the query's id cannot be computed "
-                  "(shown as none)", highlight=False)
+                  "(shown as none; same_eye unknown)", highlight=False)
     identity = item_identity(chosen, source_identity(sources[0]), items.index(chosen), len(items))
     meta = chosen.meta
     info = {
@@ -189,13 +350,11 @@ def _embed_query(store: Any, path: Path, model: str | None, target: str | None,
         "date": date_of(meta.study_date, meta.acquisition_datetime),
         **check,
     }
-    return vector, info
+    return vector, info, patient_pseudonym(meta, secret) if secret is not None else None
 
 
 def _print_table(payload: dict[str, Any]) -> None:
-    from rich.table import Table
-
-    from retinacli.console import out, safe
+    from retinacli.console import middle_truncate, out, print_table
     from retinacli.retrieval import display_path
 
     q = payload["query"]
@@ -204,15 +363,39 @@ def _print_table(payload: dict[str, Any]) -> None:
     if q.get("ood"):
         known += f", OUT OF DISTRIBUTION: score {q['ood_score']:.3f}"
     name = display_path(q["path"]) if q.get("path") else q.get("id")
-    table = Table(title=safe(f"{payload['target']} items nearest to {name} ({known})"), title_justify="left")
-    for column in ("rank", "score", "id", "source", "laterality", "date", "ood"):
-        # Paths wrap rather than being cut: the source is what the user opens next.
-        table.add_column(column, justify="right" if column in ("rank", "score") else "left",
-                         overflow="fold", no_wrap=column != "source")
-    for r in payload["results"]:
-        table.add_row(*map(safe, (r["rank"], f"{r['score']:.4f}", r["id"] or "", display_path(r["path"]),
-                                  r["laterality"] or "", r["date"] or "", _ood_cell(r))))
-    out.print(table)
+    # Paths too long for the terminal are cut in the middle (file name kept); --json/--csv keep them whole.
+    name = middle_truncate(name, max(20, out.width // 2))
+    columns = [("rank", "short", "right"), ("score", "short", "right"), ("id", "short"), ("source", "path"),
+               ("laterality", "short"), ("date", "short"), ("same eye", "short"), ("ood", "short")]
+    rows = [[r["rank"], f"{r['score']:.4f}", r["id"] or "", display_path(r["path"]), r["laterality"] or "",
+             r["date"] or "", _same_eye_cell(r), _ood_cell(r)] for r in payload["results"]]
+    print_table(out, columns, rows, title=f"{payload['target']} items nearest to {name} ({known})")
+
+
+def _same_eye_cell(record: dict[str, Any]) -> str:
+    """The same-eye column: "yes" for the query's own eye, "no" for another, empty when unknown."""
+    flag = record.get("same_eye")
+    return "" if flag is None else "yes" if flag else "no"
+
+
+CSV_COLUMNS = ["query", "query_id", "query_path", "query_modality", "query_laterality", "rank", "score", "id",
+               "path", "modality", "laterality", "date", "same_eye", "ood_score", "ood", "root"]
+
+
+def _print_csv(payload: dict[str, Any]) -> None:
+    """One row per query x rank (docs/store.md); `query` names the query as the error list does."""
+    import csv
+    import sys
+
+    writer = csv.DictWriter(sys.stdout, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for answer in payload["queries"]:
+        q = answer["query"]
+        context = {"query": answer["label"], "query_id": q.get("id"), "query_path": q.get("path"),
+                   "query_modality": q.get("modality"), "query_laterality": q.get("laterality")}
+        for record in answer["results"]:
+            writer.writerow({**record, **context})
+    sys.stdout.flush()
 
 
 def _ood_cell(record: dict[str, Any]) -> str:
