@@ -60,6 +60,12 @@ def register(app: typer.Typer) -> None:
             "are listed under errors with their score and the threshold, not predicted. Without it every "
             "prediction carries ood_score and ood.",
         ),
+        html_report: Path | None = typer.Option(
+            None, "--html", metavar="FILE",
+            help="Also write a self-contained HTML report to FILE: the head's label meaning, threshold, "
+            "cross-validated quality and reliability, and one row per item with a thumbnail, the value or "
+            "probability and label, and its out-of-distribution and plausibility flags.",
+        ),
     ) -> None:
         """Predict a clinical task per item with the package's head (units, threshold from the package).
 
@@ -78,6 +84,10 @@ def register(app: typer.Typer) -> None:
             raise UsageError(f"--modality must be oct or fundus, not {modality!r}")
         if json_output and csv_output:
             raise UsageError("choose one of --json and --csv")
+        if html_report is not None:
+            from retinacli.reports.html import check_report_path
+
+            check_report_path(html_report)  # before the model loads
         if paths:
             from retinacli.commands.common import require_paths
 
@@ -87,6 +97,8 @@ def register(app: typer.Typer) -> None:
             payload = _predict_store(task, model, store, modality, redact_paths, strict)
         for error in payload["errors"][:20]:
             err.print(styled(("failed:", "yellow"), f" {error['path']}: {error['error']}"), highlight=False)
+        if html_report is not None:
+            _write_html(html_report, payload, paths)
         if json_output:
             print_json(payload)
         elif csv_output:
@@ -94,6 +106,18 @@ def register(app: typer.Typer) -> None:
         else:
             _print_table(payload)
         raise typer.Exit(EXIT_OK if payload["predictions"] else EXIT_NOTHING_DONE)
+
+
+def _write_html(path: Path, payload: dict[str, Any], paths: list[Path] | None) -> None:
+    """The --html report; item files are found under the PATHs (numbered as the records' roots) or
+    through the store's roots."""
+    from retinacli.console import err, safe
+    from retinacli.reports.html import prediction_report, write_report
+    from retinacli.reports.thumbnails import Locator
+
+    locator = Locator.for_paths(paths) if paths else Locator.for_store(payload.get("store"))
+    written = write_report(path, prediction_report(payload, locator))
+    err.print(f"wrote report: {safe(written)}", highlight=False)
 
 
 def _check_task(engine: Any, task: str) -> None:
@@ -295,9 +319,7 @@ def _print_csv(payload: dict[str, Any]) -> None:
 
 
 def _print_table(payload: dict[str, Any]) -> None:
-    from rich.table import Table
-
-    from retinacli.console import out, safe
+    from retinacli.console import out, print_table, safe
     from retinacli.retrieval import display_path
 
     preds = payload["predictions"]
@@ -310,16 +332,14 @@ def _print_table(payload: dict[str, Any]) -> None:
         lines.insert(0, f"ood: {flagged} of {len(preds)} item(s) look unlike the package's training data; "
                         "their values are not to be trusted (--strict refuses them)")
     caption = "\n".join(map(safe, lines)) or None  # one safe line each
-    table = Table(title=safe(f"{payload['task']} predictions ({payload['model']})"), title_justify="left",
-                  caption=caption, caption_justify="left")
     units = head.get("units") or (preds[0].get("units", "") if preds else "")
     columns = ["id", "source", "laterality", "date"]
     columns += [f"value ({units})"] if regression else ["probability", "label"]
     show_ood = any("ood" in p for p in preds)
     show_note = any(p.get("plausible") is False for p in preds)
     columns += ["ood"] * show_ood + ["note"] * show_note
-    for column in columns:
-        table.add_column(column, overflow="fold", no_wrap=column != "source")
+    kinds = {"source": "path", "note": "text"}  # the rest are short: never wrapped (see print_table)
+    rows = []
     for p in preds:
         cells = [p.get("id") or "", display_path(p.get("path")), p.get("laterality") or "",
                  p.get("date") or ""]
@@ -332,8 +352,9 @@ def _print_table(payload: dict[str, Any]) -> None:
             cells.append({True: "flagged", False: ""}.get(p.get("ood"), "n/a"))
         if show_note:
             cells.append(p["note"] if p.get("plausible") is False else "")
-        table.add_row(*map(safe, cells))
-    out.print(table)
+        rows.append(cells)
+    print_table(out, [(column, kinds.get(column, "short")) for column in columns], rows,
+                title=f"{payload['task']} predictions ({payload['model']})", caption=caption)
 
 
 def _context_lines(head: dict[str, Any]) -> list[str]:
