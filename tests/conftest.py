@@ -18,6 +18,7 @@ def shared_samples() -> Path:
 
 
 # Session fixtures that build data and models once (synthetic cohort, tiny trained run, tiny package).
+from browser import browser  # noqa: E402, F401  (headless Chromium, tests/browser.py)
 from fixtures_cohort import *  # noqa: E402, F403
 from fixtures_models import *  # noqa: E402, F403
 from fixtures_packages import *  # noqa: E402, F403
