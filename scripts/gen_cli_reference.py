@@ -18,7 +18,10 @@ HEADER = """# CLI reference
 
 Generated from each command's `--help` by `scripts/gen_cli_reference.py`; the help text is the source of
 truth. All commands print data to stdout (`--json` where the output is data) and progress / messages to
-stderr.
+stderr. Tables fit the terminal's width (80 columns included) without splitting a word: a path too long
+for its column is cut in the middle, keeping its file name (`…`; `--json` prints it in full), text wraps
+between words, and a table that cannot fit prints one `key  value` line a field instead. Every date is
+YYYY-MM-DD.
 
 ## Exit codes
 
@@ -59,6 +62,18 @@ The same option means the same thing in every command: `--store` / `-s` is the e
 Deprecated spellings still work in this release and print a one-line warning on stderr:
 `retina embed --out/-o` and `retina retrieve|predict --index/-i` (use `--store`), and `-m` for
 `--manifest` on `train`, `probe` and `evaluate` (use `--manifest`; `-m` will mean `--model` there).
+
+## Reports
+
+`retina retrieve ... --html FILE` and `retina predict ... --html FILE` also write one self-contained
+HTML file (stdout is unchanged; `wrote report: FILE` on stderr). Images are embedded PNGs (OCT: central
+B-scan and en-face projection; fundus: the photo, at most 256 px), a Content-Security-Policy forbids
+scripts and every external resource, and ids and paths are the pseudonymous ones of the text output. A
+source that cannot be shown (moved or deleted, a path redacted into a pseudonym, unreadable) gets a
+placeholder with the reason. Retrieval: one block per query, results with rank, score, eye, date and a
+"same eye" marker; predictions: the head's label meaning, threshold, cross-validated quality and
+reliability, one row per item with its flags (thumbnails for the first 200 items). The DOM (class
+and `data-` attributes) is listed in `retinacli/reports/html.py`; `tests/test_reports_html.py` holds it.
 
 """
 
