@@ -286,15 +286,26 @@ def test_broken_files_give_one_line_reasons(tmp_path):
 
 def test_unsupported_transfer_syntax_names_the_plugin(tmp_path):
     from pydicom.encaps import encapsulate
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import JPEGLosslessSV1
 
-    path = tmp_path / "jls.dcm"
+    # JPEG Lossless (process 14) has no decoder in the default or test install (pyjpegls, which highdicom
+    # brings, decodes JPEG-LS, so that one is no longer "unsupported" here)
+    assert not get_decoder(JPEGLosslessSV1).is_available
+    path = tmp_path / "jpeg_lossless.dcm"
     ds = write_opt(path, ramp_volume(2, 32, 32))
-    ds.file_meta.TransferSyntaxUID = JPEGLSLossless
+    ds.file_meta.TransferSyntaxUID = JPEGLosslessSV1
     ds.PixelData = encapsulate([b"\xff\xd8garbage\xff\xd9", b"\xff\xd8garbage\xff\xd9"])
     ds["PixelData"].VR = "OB"
     ds.save_as(path, enforce_file_format=True)
-    with pytest.raises(ReadError, match=r"unsupported transfer syntax JPEG-LS Lossless .*pip install"):
+    with pytest.raises(ReadError, match=r"unsupported transfer syntax JPEG Lossless.*pip install"):
         read_item(path)
+    # a decodable syntax with a broken stream: still one line naming the file
+    jls = tmp_path / "jls.dcm"
+    ds.file_meta.TransferSyntaxUID = JPEGLSLossless
+    ds.save_as(jls, enforce_file_format=True)
+    with pytest.raises(ReadError, match=r"jls\.dcm: (cannot decode pixel data|unsupported transfer syntax)"):
+        read_item(jls)
 
 
 def test_decompression_bomb_guards(tmp_path, monkeypatch):

@@ -66,6 +66,14 @@ def register(app: typer.Typer) -> None:
             "cross-validated quality and reliability, and one row per item with a thumbnail, the value or "
             "probability and label, and its out-of-distribution and plausibility flags.",
         ),
+        dicom_sr: Path | None = typer.Option(
+            None, "--dicom-sr", metavar="OUTDIR",
+            help="Also write one DICOM Structured Report (TID 1500 measurement report) per DICOM input into "
+            "OUTDIR, named by its SOPInstanceUID: the model, the value with its units, and a reference to "
+            "the source instance. It COPIES THE SOURCE'S PATIENT AND STUDY MODULES (name, ID, birth date) "
+            "so a PACS can file it: the one output that carries identifiers, never written by default. "
+            "Needs the 'retina\\[sr]' extra.",
+        ),
     ) -> None:
         """Predict a clinical task per item with the package's head (units, threshold from the package).
 
@@ -88,6 +96,10 @@ def register(app: typer.Typer) -> None:
             from retinacli.reports.html import check_report_path
 
             check_report_path(html_report)  # before the model loads
+        if dicom_sr is not None:
+            from retinacli.reports.dicom_sr import check_option
+
+            check_option(dicom_sr)  # before the model loads
         if paths:
             from retinacli.commands.common import require_paths
 
@@ -95,6 +107,9 @@ def register(app: typer.Typer) -> None:
             payload = _predict_files(paths, task, model, modality, batch_size, store, redact_paths, strict)
         else:
             payload = _predict_store(task, model, store, modality, redact_paths, strict)
+        sources, algorithm = payload.pop("_sources", None), payload.pop("_algorithm", None)
+        if dicom_sr is not None:
+            payload["dicom_sr"] = _write_sr(dicom_sr, payload, sources, algorithm)
         for error in payload["errors"][:20]:
             err.print(styled(("failed:", "yellow"), f" {error['path']}: {error['error']}"), highlight=False)
         if html_report is not None:
@@ -118,6 +133,37 @@ def _write_html(path: Path, payload: dict[str, Any], paths: list[Path] | None) -
     locator = Locator.for_paths(paths) if paths else Locator.for_store(payload.get("store"))
     written = write_report(path, prediction_report(payload, locator))
     err.print(f"wrote report: {safe(written)}", highlight=False)
+
+
+def _write_sr(outdir: Path, payload: dict[str, Any], sources: dict[str, Path] | None,
+              algorithm: dict[str, str]) -> dict[str, Any]:
+    """The --dicom-sr reports: each prediction's source file (remembered when predicting on files,
+    found through the store's roots otherwise), one SR per DICOM source."""
+    from retinacli.console import err, safe
+    from retinacli.reports.dicom_sr import write_reports
+    from retinacli.reports.thumbnails import Locator
+
+    reasons: dict[str, str] = {}
+    if sources is None:
+        locator, sources = Locator.for_store(payload.get("store")), {}
+        for record in payload["predictions"]:
+            path, why = locator.locate(record)
+            sources[record["id"]] = path
+            if why:
+                reasons[record["id"]] = why
+    result = write_reports(outdir, payload["task"], payload["predictions"], algorithm, sources, reasons)
+    for skipped in result["skipped"][:20]:
+        err.print(safe(f"no DICOM SR: {skipped['path']}: {skipped['reason']}"), highlight=False)
+    err.print(safe(f"wrote {len(result['written'])} DICOM SR file(s) to {outdir} (they carry the "
+                   "sources' patient and study identifiers)"), highlight=False)
+    return result
+
+
+def _algorithm(engine: Any) -> dict[str, str]:
+    """The package behind the predictions, as the SR's observer device and algorithm."""
+    descriptor = getattr(engine, "descriptor", None) or {}
+    return {"name": str(descriptor.get("name") or engine.model_id),
+            "version": str(descriptor.get("version") or "unknown"), "model_id": str(engine.model_id)}
 
 
 def _check_task(engine: Any, task: str) -> None:
@@ -231,7 +277,8 @@ def _predict_store(task: str, model: str | None, index: Path | None, modality: s
     rows, vectors, refused = _ood_check(engine, rows, vectors, strict)
     return {"task": task, "model": engine.model_id, "head": _head_summary(engine, task, modality),
             "source": "store", "store": str(store_root),
-            "predictions": _records(engine, task, rows, vectors), "errors": refused}
+            "predictions": _records(engine, task, rows, vectors), "errors": refused,
+            "_algorithm": _algorithm(engine)}
 
 
 class _MemoryWriter:
@@ -249,6 +296,26 @@ class _MemoryWriter:
     def add(self, rows: list[dict[str, Any]], vectors: Any) -> None:
         self.rows.extend(rows)
         self.vectors.extend(vectors)
+
+
+class _Remembering:
+    """A PathRedactor that remembers the file behind each output path (for --dicom-sr: an output path
+    may be redacted, so it cannot be resolved back)."""
+
+    def __init__(self, inner: Any):
+        self.inner = inner
+        self.files: dict[tuple[str | None, str], Path] = {}
+
+    def output(self, path: str | Path, meta: Any = None, probe: bool = False) -> tuple[str | None, str]:
+        root, shown = self.inner.output(path, meta, probe)
+        self.files[(root, shown)] = Path(path)
+        return root, shown
+
+    def show(self, path: str | Path, meta: Any = None, probe: bool = False) -> str:
+        return self.output(path, meta, probe)[1]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
 
 
 def _predict_files(paths: list[Path], task: str, model: str | None, modality: str | None, batch_size: int,
@@ -284,7 +351,7 @@ def _predict_files(paths: list[Path], task: str, model: str | None, modality: st
                       "do not match the store's", highlight=False)
     from retinacli.redaction import PathRedactor
 
-    shown = PathRedactor.for_paths(paths, secret, redact_all=redact_paths)  # r0 is the first PATH
+    shown = _Remembering(PathRedactor.for_paths(paths, secret, redact_all=redact_paths))  # r0: 1st PATH
     plan = plan_embedding(paths, secret, set())
     writer = _MemoryWriter(engine.embed_dim, secret)
     # flagged items are refused here with --strict (errors, with the reason); rows carry ood fields
@@ -301,7 +368,9 @@ def _predict_files(paths: list[Path], task: str, model: str | None, modality: st
     return {"task": task, "model": engine.model_id, "head": _head_summary(engine, task, modality),
             "source": "files",
             "predictions": _records(engine, task, writer.rows, vectors),
-            "errors": [{"path": e.path, "error": e.reason} for e in report.errors]}
+            "errors": [{"path": e.path, "error": e.reason} for e in report.errors],
+            "_algorithm": _algorithm(engine),
+            "_sources": {row["id"]: shown.files.get((row["root"], row["path"])) for row in writer.rows}}
 
 
 def _print_csv(payload: dict[str, Any]) -> None:

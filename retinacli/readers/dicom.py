@@ -442,9 +442,9 @@ def _decoder_hint(uid) -> str:
     if "2000" in name or "htj2k" in name or "high-throughput" in name:
         return "pip install pylibjpeg pylibjpeg-openjpeg"
     if "jpeg-ls" in name or "jpeg ls" in name:
-        return "pip install pylibjpeg pylibjpeg-libjpeg"
+        return "pip install pyjpegls"  # MIT; pylibjpeg-libjpeg decodes it too but is GPL
     if "jpeg" in name:
-        return "pip install pylibjpeg pylibjpeg-libjpeg"
+        return "pip install pylibjpeg pylibjpeg-libjpeg (GPL-3.0) or python-gdcm"
     if "rle" in name:
         return "pip install pylibjpeg pylibjpeg-rle"
     return "pip install python-gdcm"
