@@ -23,6 +23,20 @@ def _metric_summary(head: dict) -> str:
     return "-"
 
 
+def _install_url(url: str, sha256: str | None, model_id: str | None, force: bool, console):
+    """install_from_url with a download bar on stderr (shown only on a terminal)."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+    from retinacli.package_install import install_from_url
+
+    with Progress(TextColumn("downloading"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  console=console, transient=True, disable=not console.is_terminal) as progress:
+        task = progress.add_task("download", total=None)
+        return install_from_url(url, sha256=sha256, model_id=model_id, force=force,
+                                on_progress=lambda done, total: progress.update(task, completed=done,
+                                                                                total=total))
+
+
 def register(app: typer.Typer) -> None:
     models = typer.Typer(
         help="List, inspect, verify model packages and choose the default one.", no_args_is_help=True
@@ -81,7 +95,8 @@ def register(app: typer.Typer) -> None:
         name: str = typer.Argument(None, help=NAME_HELP, show_default=False),
         as_json: bool = options.json_option("Print the whole package descriptor (retina.json) as JSON."),
     ) -> None:
-        """Show a package's retina.json: inputs, heads and their metrics, training provenance, parity.
+        """Show a package's retina.json: inputs, heads and their metrics, training provenance, parity,
+        and its model card (licence, intended use, training data, validation) or "no model card".
 
         Each head is listed with its cross-validated quality and a reliability mark (unreliable below
         AUROC 0.6 / R² 0.1, or without a cross-validated result). Predictions are for research use
@@ -89,13 +104,14 @@ def register(app: typer.Typer) -> None:
         """
         from retinacli.console import out, print_fields, print_json, styled
         from retinacli.headinfo import RESEARCH_USE, range_text, reliability_text
+        from retinacli.modelcard import card_fields
         from retinacli.package import model_id_for, resolve_package, validated_descriptor
 
         path = resolve_package(name)
         m = validated_descriptor(path)
         model_id = model_id_for(m)
         if as_json:
-            print_json({"path": str(path), "model_id": model_id, **m})
+            print_json({"path": str(path), "model_id": model_id, "card": None, **m})  # card: null = none
             return
         out.print(styled((f"{m['name']}@{m['version']}", "bold"), f"  ({model_id})"))
         rows = [
@@ -144,6 +160,7 @@ def register(app: typer.Typer) -> None:
         rows.append(("packages", ", ".join(f"{k} {v}" for k, v in m["packages"].items() if v)))
         size = sum(f["bytes"] for f in m["files"])
         rows.append(("files", f"{len(m['files'])} files, {size / 1e6:.1f} MB"))
+        rows += card_fields(m)  # the model card, or "no model card"
         rows.append(("use", RESEARCH_USE))
         print_fields(out, [(f"  {key}", value) for key, value in rows], key_width=15, right=True, gap=2,
                      key_style="bold")
@@ -183,16 +200,50 @@ def register(app: typer.Typer) -> None:
 
     @models.command("install")
     def install(
-        source: str = typer.Argument(..., help="Package folder (or name) to copy into the model store.",
-                                     show_default=False),
+        source: str = typer.Argument(
+            ..., help="Package folder (or name), or an https:// / http:// URL of a .tar.gz or .zip package "
+            "archive, to install into the model store.", show_default=False),
+        sha256: str = typer.Option(None, "--sha256", metavar="HEX", show_default=False,
+                                   help="URL only: the archive's sha256 as its publisher gives it; "
+                                   "a different archive is refused (exit 3)."),
+        model_id: str = typer.Option(None, "--model-id", metavar="ID", show_default=False,
+                                     help="The package's model id (as 'retina models show' prints it); "
+                                     "a different package is refused (exit 3)."),
         force: bool = typer.Option(False, "--force", help="Replace an installed copy of this version."),
         as_json: bool = options.json_option("Print the result as JSON."),
     ) -> None:
-        """Verify a package and copy it to $RETINA_HOME/models/<name>-<version> (usable from any folder)."""
-        from retinacli.console import out, print_json, safe
-        from retinacli.package import install_package, resolve_package
+        """Verify a package and copy it to $RETINA_HOME/models/<name>-<version> (usable from any folder).
 
-        target = install_package(resolve_package(source), force=force)
+        A URL is downloaded (at most 2 GiB, $RETINA_INSTALL_MAX_DOWNLOAD_BYTES; 60 s timeout per read)
+        and extracted safely (no absolute paths, '..', links or devices; at most 1000 entries and
+        4 GiB, $RETINA_INSTALL_MAX_ENTRIES / $RETINA_INSTALL_MAX_EXTRACT_BYTES) into a temp folder;
+        every file is verified against the package's retina.json before anything is written into the
+        models folder. The descriptor travels inside the archive, so pin --sha256 or --model-id (a warning
+        says so when neither is given). Exit 2 for a URL that cannot be fetched, 3 for a refused
+        archive or package; either way the models folder is unchanged.
+        """
+        from retinacli.console import err, out, print_json, safe
+        from retinacli.errors import UsageError
+        from retinacli.package import install_package, resolve_package
+        from retinacli.package_install import (
+            NO_PIN_WARNING,
+            check_model_id,
+            check_sha256_pin,
+            is_url,
+        )
+
+        if is_url(source):
+            pin = check_sha256_pin(sha256)
+            if pin is None and model_id is None:
+                err.print(safe(NO_PIN_WARNING))
+            target = _install_url(source, pin, model_id, force, err)
+        else:
+            if sha256 is not None:
+                raise UsageError("--sha256 pins a downloaded archive; give a URL, or use --model-id")
+            package = resolve_package(source)
+            if model_id is not None:
+                check_model_id(package, model_id, str(package))
+            target = install_package(package, force=force)
         if as_json:
             print_json({"installed": str(target)})
         else:
@@ -241,3 +292,68 @@ def register(app: typer.Typer) -> None:
         else:
             out.print(safe(f"default model: {value} -> {m['name']}@{m['version']} ({path}); "
                            f"saved in {config}"))
+
+    @models.command("remove")
+    def remove(
+        name: str = typer.Argument(..., help="Installed package: name, or name@version when several "
+                                   "versions are installed.", show_default=False),
+        as_json: bool = options.json_option("Print what was removed as JSON."),
+    ) -> None:
+        """Remove a package installed in $RETINA_HOME/models (only there: a folder elsewhere, such as
+        ./exported/NAME, is refused). The folder is renamed aside, then deleted, so a package is never
+        left half there; the default model is cleared when it was this package. Stores keep their
+        vectors. Exit 2 for a name that is not installed.
+        """
+        import os
+        import shutil
+        from pathlib import Path
+
+        from retinacli.console import out, print_json, safe
+        from retinacli.errors import ModelPackageError, UsageError
+        from retinacli.package import (
+            DESCRIPTOR_FILE,
+            get_default_model,
+            list_packages,
+            models_dir,
+            resolve_package,
+            search_dirs,
+            set_default_model,
+        )
+
+        installed = list_packages([models_dir()])
+        ref, _, version = name.partition("@")
+        folder = Path(name).expanduser().resolve() if os.sep in name else None
+        matches = [p for p in installed if (p.name == ref and (not version or p.version == version))
+                   or p.path.name == name or p.path.resolve() == folder]
+        if not matches:
+            elsewhere = [p for p in list_packages([d for d in search_dirs() if d != models_dir()])
+                         if (p.name == ref and (not version or p.version == version)) or p.path.name == name]
+            if elsewhere or os.sep in name:
+                where = elsewhere[0].path if elsewhere else Path(name)
+                raise UsageError(f"{where}: not an installed package (only packages in {models_dir()} are "
+                                 "removed; delete that folder yourself if you mean to)")
+            known = ", ".join(sorted(f"{p.name}@{p.version}" for p in installed)) or "none"
+            raise UsageError(f"{name}: no such installed package in {models_dir()}; installed: {known}")
+        if len(matches) > 1:
+            versions = ", ".join(sorted(f"{p.name}@{p.version}" for p in matches))
+            raise UsageError(f"{name}: several versions are installed ({versions}); name one as NAME@VERSION")
+        target = matches[0].path
+        default = get_default_model()
+        try:
+            default_here = bool(default) and resolve_package(default).resolve() == target.resolve()
+        except ModelPackageError:
+            default_here = False
+        aside = target.with_name(f".{target.name}.removing-{os.getpid()}")
+        target.rename(aside)  # gone from every listing at once; the delete below may take a while
+        (aside / DESCRIPTOR_FILE).unlink(missing_ok=True)  # a delete cut short leaves no package behind
+        shutil.rmtree(aside, ignore_errors=True)
+        if default_here:
+            set_default_model(None)
+        record = {"removed": f"{matches[0].name}@{matches[0].version}", "path": str(target),
+                  "default_cleared": default_here}
+        if as_json:
+            print_json(record)
+            return
+        out.print(safe(f"removed {record['removed']} ({target})"), highlight=False, soft_wrap=True)
+        if default_here:
+            out.print(safe(f"default model cleared (it was {default})"), highlight=False, soft_wrap=True)

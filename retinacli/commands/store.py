@@ -201,3 +201,81 @@ def register(app: typer.Typer) -> None:
                       + f": {report['rows']} rows kept", highlight=False)
         if not report["healthy"]:
             raise typer.Exit(EXIT_STORE_DAMAGED)
+
+    @store_app.command("remove")
+    def remove(
+        patient: str = typer.Option(..., "--patient", help="The patient's pseudonym (the store's `patient` "
+                                    "column; the raw patient ID is also matched, through the store's key).",
+                                    show_default=False),
+        store: Path = options.store_option(),
+        dry_run: bool = typer.Option(False, "--dry-run", help="List the rows that would go; change nothing."),
+        as_json: bool = options.json_option("Print what was (or would be) removed as JSON."),
+    ) -> None:
+        """Remove every row of one patient (consent withdrawn): the shards holding them are rewritten
+        without them, then store.json is replaced (a crash leaves the old store intact); their lines in
+        errors.csv go too, and the ANN indexes are rebuilt (dropped without faiss). Takes the store's
+        lock. Exit 1 and nothing changed when no row names the patient.
+        """
+        from retinacli.privacy import SecretKeyError, load_secret
+        from retinacli.storeedit import patient_selector, rewrite
+
+        store_root = _existing_store_root(store)
+        try:
+            secret: bytes | None = load_secret(store_root)
+        except SecretKeyError:
+            secret = None  # the pseudonym still matches; a raw ID cannot be hashed without the key
+        select, tokens = patient_selector(patient, secret)
+        summary = rewrite(store_root, lambda _store: select, dry_run=dry_run, errors_token=tokens,
+                          log=_log, none_message=f"{store_root}: no rows for this patient; nothing changed")
+        _print_removal(summary, as_json, [])
+
+    @store_app.command("prune")
+    def prune(
+        store: Path = options.store_option(),
+        dry_run: bool = typer.Option(False, "--dry-run", help="List the rows that would go; change nothing."),
+        as_json: bool = options.json_option("Print what was (or would be) removed as JSON."),
+    ) -> None:
+        """Remove the rows whose source file changed (size or mtime) or vanished, found by scanning each
+        root the store records as 'retina embed' does; 'retina embed' then adds changed files again.
+        Rewrites shards and store.json atomically and rebuilds (or drops) the ANN indexes, under the
+        store's lock. A root that is missing or holds no readable file (an unmounted drive looks so)
+        keeps its rows, with a note.
+        """
+        from retinacli.privacy import load_secret
+        from retinacli.storeedit import prune_selector, rewrite
+
+        store_root = _existing_store_root(store)
+        notes: list[str] = []
+        summary = rewrite(store_root, lambda opened: prune_selector(opened, load_secret(store_root), notes),
+                          dry_run=dry_run, log=_log)
+        _print_removal(summary, as_json, notes)
+
+
+def _log(message: str) -> None:
+    from retinacli.console import err
+
+    err.print(message, highlight=False)
+
+
+def _print_removal(summary: dict[str, Any], as_json: bool, notes: list[str]) -> None:
+    """`remove` / `prune` output: each row that went (id, path, why), then a one-line summary."""
+    from retinacli.console import err, out, print_json, safe
+
+    summary["notes"] = notes
+    if as_json:
+        print_json(summary)
+        return
+    for note in notes:
+        err.print(safe(f"note: {note}"), highlight=False, soft_wrap=True)
+    verb = "would remove" if summary["dry_run"] else "removed"
+    for row in summary["removed"]:
+        where = f"{row['root']}:{row['path']}" if row["root"] else (row["path"] or "-")
+        out.print(safe(f"{verb} {row['id']} {where} ({row['reason']})"), highlight=False, soft_wrap=True)
+    index = {"dropped": "; ANN indexes dropped (retina store index rebuilds them)",
+             "rebuilt": "; ANN indexes rebuilt", "none": ""}[summary["index"]]
+    shards = len(summary["shards_rewritten"]) + len(summary["shards_dropped"])
+    errors = f", {summary['errors_rows_removed']} errors.csv lines" if summary["errors_rows_removed"] else ""
+    out.print(f"{verb} {summary['rows_removed']} rows{errors}"
+              + ("" if summary["dry_run"] else f" ({shards} shards rewritten{index})")
+              + f"; {summary['rows_after']} rows {'would remain' if summary['dry_run'] else 'remain'}",
+              highlight=False)
