@@ -1,9 +1,10 @@
 """Validate a model package descriptor (``retina.json``) against ``retinacli/retina.schema.json``.
 
 A small validator for the JSON Schema subset the descriptor schema uses (type, const, enum,
-required, properties, additionalProperties, items, minItems, pattern, minimum, maximum, $ref
-into ``$defs``), so the base install needs no extra dependency. Errors name the bad field with
-its dotted path, e.g. ``heads.cst.threshold: must be number or null, got 'high'``.
+required, properties, additionalProperties, items, minItems, pattern, minimum, maximum, maxLength,
+maxProperties, propertyNames, $ref into ``$defs``), so the base install needs no extra dependency.
+Errors name the bad field with its dotted path, e.g.
+``heads.cst.threshold: must be number or null, got 'high'``.
 """
 
 from __future__ import annotations
@@ -74,6 +75,8 @@ def _validate(value: Any, schema: dict[str, Any], path: str, root: dict[str, Any
             return
     if isinstance(value, str) and "pattern" in schema and not re.search(schema["pattern"], value):
         errors.append(f"{_where(path)}: {_r(value)} does not match the pattern {schema['pattern']}")
+    if isinstance(value, str) and "maxLength" in schema and len(value) > schema["maxLength"]:
+        errors.append(f"{_where(path)}: {len(value)} characters, more than the {schema['maxLength']} allowed")
     if isinstance(value, int | float) and not isinstance(value, bool):
         if "minimum" in schema and value < schema["minimum"]:
             errors.append(f"{_where(path)}: must be >= {schema['minimum']}, got {_r(value)}")
@@ -83,6 +86,12 @@ def _validate(value: Any, schema: dict[str, Any], path: str, root: dict[str, Any
         for key in schema.get("required", []):
             if key not in value:
                 errors.append(f"{_where(path)}: missing required field {_r(_join(path, key))}")
+        if "maxProperties" in schema and len(value) > schema["maxProperties"]:
+            errors.append(f"{_where(path)}: {len(value)} entries, more than the {schema['maxProperties']} "
+                          "allowed")
+        for key in value:
+            if "propertyNames" in schema:
+                _validate(key, schema["propertyNames"], f"{_join(path, '(key)')} {_r(key)}", root, errors)
         props = schema.get("properties", {})
         extra = schema.get("additionalProperties", True)
         for key, sub in value.items():
@@ -162,7 +171,48 @@ def semantic_errors(descriptor: dict[str, Any]) -> list[str]:
             errors.append(f"heads.{task}.task: must be {task!r} (its key), got {_r(head['task'])}")
         errors += _training_range_errors(task, head)
     errors += _ood_errors(descriptor.get("ood"))
+    if descriptor.get("card") is not None:
+        errors += _card_text_errors(descriptor["card"])
     return errors
+
+
+# Line breaks are allowed in card text (a TOML multi-line string); every other C0/C1 control character,
+# line/paragraph separators and bidirectional overrides would act on a terminal or hide text.
+_CARD_CONTROL = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e"
+                           "\u2066-\u2069]")
+
+
+def _card_text_errors(card: dict[str, Any]) -> list[str]:
+    """The card's text (a card that passed the schema): no control characters, required values not
+    blank. Lengths and metric counts are bounded by the schema (maxLength, maxProperties)."""
+    from retinacli.modelcard import REQUIRED_KEYS
+
+    texts = [(f"card.{k}", v) for k, v in card.items() if isinstance(v, str)]
+    validation = card.get("validation")
+    if isinstance(validation, dict):
+        if isinstance(validation.get("summary"), str):
+            texts.append(("card.validation.summary", validation["summary"]))
+        texts += [(f"card.validation.metrics (key) {_r(k)}", k) for k in validation.get("metrics") or {}]
+    errors = []
+    for where, text in texts:
+        bad = _CARD_CONTROL.search(text)
+        if bad:
+            errors.append(f"{where}: holds the control character {_r(bad.group())} at offset {bad.start()}")
+    errors += [f"card.{k}: must not be blank" for k in REQUIRED_KEYS if not str(card.get(k, "x")).strip()]
+    return errors
+
+
+def card_errors(card: Any) -> list[str]:
+    """Every problem of a model card on its own (schema and text checks), as :func:`descriptor_errors`
+    reports them inside a descriptor: ``card.<field>: ...``."""
+    schema = load_schema()
+    errors: list[str] = []
+    _validate(card, schema["properties"]["card"], "card", schema, errors)
+    if errors:
+        return errors
+    errors = [f"{_r(p, 200)[1:-1]}: must be a finite number, got {_r(v)}"
+              for p, v in non_finite_paths(card, "card")]
+    return errors + _card_text_errors(card)
 
 
 def _ood_errors(ood: dict[str, Any] | None) -> list[str]:

@@ -46,6 +46,13 @@ def test_demo_summary_covers_both_objectives_through_the_exported_packages(demo)
         assert 0 <= f2o["top1"] <= f2o["top5"] <= 1
         assert Path(result["package"], "retina.json").is_file()
         assert set(result["heads_cv"]) == set(TASKS)  # probe's default: every registry task
+        # its model card says what it is: synthetic data, demo/research only, the project's licence
+        card = json.loads(Path(result["package"], "retina.json").read_text())["card"]
+        assert card["licence"] == "Apache-2.0" and "validation" not in card  # shown from the heads' CV
+        assert "synthetic patients" in card["training_data"]
+        assert "no real patient data" in card["training_data"]
+        assert "research and demonstration only" in card["intended_use"]
+        assert "Any clinical use" in card["out_of_scope_use"]
     for name in ("manifest.csv", "train.toml", "fundus.png", "demo_summary.json", ".retina/store/store.json"):
         assert (workdir / name).exists(), name
     assert summary["card"]["predict_records"] == summary["card"]["oct_dir_volumes"]

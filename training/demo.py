@@ -218,6 +218,24 @@ def final_validation_score(run_dir: Path) -> tuple[float, float, float]:
     return f2o["top1"], f2o["top5"], -f2o["median_rank"]
 
 
+def demo_card(settings: DemoSettings, objective: str) -> dict[str, Any]:
+    """The model card of a demo package: what it honestly is (synthetic data, demo only)."""
+    epochs = "the demo preset's" if settings.epochs is None else str(settings.epochs)
+    return {
+        "licence": "Apache-2.0",
+        "intended_use": "Trying out the retina tool chain (embed, retrieve, predict) on the demo's synthetic "
+                        "images; research and demonstration only.",
+        "out_of_scope_use": "Any clinical use (diagnosis, screening, treatment decisions) and any real "
+                            "patient image: the model has never seen one.",
+        "training_data": f"Synthetic cohort made by 'retina demo' (retina synth): {settings.patients} "
+                         f"synthetic patients, {settings.visits} visits, seed {settings.seed}; no real "
+                         f"patient data. {objective.upper()} pre-training, {epochs} epochs.",
+        "authors": "retina demo (generated)",
+        "limitations": "Its metrics describe synthetic images only and say nothing about real fundus "
+                       "photographs or OCT volumes.",
+    }
+
+
 def run_demo(
     settings: DemoSettings,
     echo: Callable[[str], None] = print,
@@ -274,7 +292,8 @@ def run_demo(
         # TorchScript exporter: half the dynamo exporter's time for these small graphs, same parity
         # check; `retina export` defaults to dynamo.
         result = export_run(runs[objective], workdir / "exported" / f"retina-demo-{objective}",
-                            name=f"retina-demo-{objective}", overwrite=True, exporter="torchscript")
+                            name=f"retina-demo-{objective}", overwrite=True, exporter="torchscript",
+                            card=demo_card(settings, objective))
         packages[objective] = result.package_dir
         t = lap(f"probe_export_{objective}", t)
     default_objective = list(packages)[-1]

@@ -37,6 +37,20 @@ def register(app: typer.Typer) -> None:
         calibration_items: int = typer.Option(
             32, "--calibration-items", min=1, help="Cohort items used to calibrate --quantize int8."
         ),
+        card_file: Path = typer.Option(
+            None, "--card", help="Model card file (.toml or .json) with the keys licence, intended_use, "
+            "out_of_scope_use, training_data, validation, authors, contact, limitations.",
+        ),
+        licence: str = typer.Option(
+            None, "--licence", help="Model card: licence (SPDX identifier such as Apache-2.0, or text); "
+            "overrides the --card file.",
+        ),
+        intended_use: str = typer.Option(
+            None, "--intended-use", help="Model card: what the model is for; overrides the --card file."
+        ),
+        training_data: str = typer.Option(
+            None, "--training-data", help="Model card: what it was trained on; overrides the --card file."
+        ),
         force: bool = typer.Option(False, "--force", help="Replace an existing package folder."),
         as_json: bool = options.json_option("Print the package descriptor (retina.json) as JSON."),
     ) -> None:
@@ -45,6 +59,7 @@ def register(app: typer.Typer) -> None:
         from retinacli.console import err, print_json, safe, styled
         from retinacli.console import out as stdout
         from retinacli.errors import RetinaError, UsageError
+        from retinacli.modelcard import assemble_card
 
         require_training("retina export", "torch", "onnx")
         from training.export import export_run, package_name_for
@@ -52,6 +67,9 @@ def register(app: typer.Typer) -> None:
         if quantize is not None and quantize != "int8":
             raise UsageError(f"--quantize must be int8, not {quantize!r}")
         require_run_dir(run_dir)
+        # checked before the (slow) export: a card problem is a usage error naming the file or field
+        card = assemble_card(card_file, licence=licence, intended_use=intended_use,
+                             training_data=training_data)
         name = name or package_name_for(run_dir)
         target = out or Path("exported") / name
         if target.exists() and not force and (not target.is_dir() or any(target.iterdir())):
@@ -72,6 +90,7 @@ def register(app: typer.Typer) -> None:
                 overwrite=force,
                 quantize=quantize,
                 calibration_items=calibration_items,
+                card=card,
                 log=lambda message: err.print(f"  {safe(message)}", highlight=False),
             )
         except RetinaError:
@@ -105,5 +124,7 @@ def register(app: typer.Typer) -> None:
         if not m["heads"]:
             stdout.print(f"  no task heads (run 'retina probe {safe(run_dir)}' before exporting to "
                          "include them)")
+        stdout.print(safe(f"  model card: licence {card['licence']}") if card else
+                     "  no model card (add one with --card FILE or --licence/--intended-use/--training-data)")
         took = f"{result.seconds:.1f} s"
         stdout.print(f"  parity inputs: {parity['inputs']}; export took {took}", highlight=False)

@@ -47,9 +47,28 @@ def collect_info() -> dict:
         "default_model": default_model,
         "model_used_by_default": used,
         "model_problem": why,
+        "model_card": _model_card(used),
         "default_embedding_store": str(default_store_path().absolute()),
         "executable": sys.executable,
     }
+
+
+def _model_card(package: str | None) -> dict | None:
+    """The model used by default: its ref and card (None: it has none), or why it cannot be read."""
+    if package is None:
+        return None
+    from pathlib import Path
+
+    from retinacli.errors import ModelPackageError
+    from retinacli.modelcard import card_fields
+    from retinacli.package import validated_descriptor
+
+    try:
+        m = validated_descriptor(Path(package))
+    except ModelPackageError as exc:  # reported, not fatal here
+        return {"package": package, "problem": str(exc)}
+    return {"package": f"{m['name']}@{m['version']}", "card": m.get("card"),
+            "fields": card_fields(m)}
 
 
 def _version(metadata, dist: str) -> str | None:
@@ -64,10 +83,13 @@ def register(app: typer.Typer) -> None:
     def info(
         as_json: bool = options.json_option("Print the information as JSON."),
     ) -> None:
-        """Show versions, onnxruntime providers, threads, the default model and where things are stored."""
+        """Show versions, onnxruntime providers, threads, the default model (with its model card) and
+        where things are stored."""
         from retinacli.console import out, print_fields, print_json
 
         data = collect_info()
+        card = data["model_card"]
+        card_rows = card.pop("fields", []) if card else []  # display rows: not part of the JSON
         if as_json:
             print_json(data)
             return
@@ -98,4 +120,12 @@ def register(app: typer.Typer) -> None:
             if key == "model_used_by_default" and value is None:
                 value = f"none ({data['model_problem']})"
             fields.append((label, value))
+        if card and card.get("problem"):
+            fields.append(("model card", f"unreadable ({card['problem']})"))
+        elif card:  # the card of the model used, or "no model card"
+            if card["card"] is None:
+                fields.append(("model card", f"no model card ({card['package']})"))
+            else:
+                fields.append(("model card", card["package"]))
+                fields += card_rows
         print_fields(out, fields, key_width=24, right=True, gap=2, key_style="bold")

@@ -143,12 +143,14 @@ def export_run(
     quantize: str | None = None,
     calibration_items: int = DEFAULT_CALIBRATION_ITEMS,
     ood_items: int = DEFAULT_OOD_ITEMS,
+    card: dict[str, Any] | None = None,
 ) -> ExportResult:
     """Export a training run (and its heads from ``retina probe``) to a model package at ``out_dir``.
 
     ``loaded``: an already loaded run (``training.model.load_run``) to reuse.
     ``quantize="int8"``: also write calibrated int8 encoders and record their accuracy gate.
     ``ood_items``: cohort items embedded for the out-of-distribution reference (0: none).
+    ``card``: the model card (retinacli.modelcard.assemble_card), recorded as ``card``; not part of the id.
     """
     import torch
 
@@ -259,6 +261,7 @@ def export_run(
             "parity": checks,
             **({"quantized": quantized} if quantized else {}),
             **({"ood": ood[0]} if ood is not None else {}),
+            **({"card": card} if card else {}),
             "packages": {
                 "retina": _version("retina"),
                 "torch": torch.__version__,
