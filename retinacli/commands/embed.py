@@ -58,9 +58,8 @@ def register(app: typer.Typer) -> None:
             "the PATH given and only components naming the file's patient are replaced."
         ),
         max_pixels: str | None = options.max_pixels_option(),
-        strict: bool = typer.Option(
-            False, "--strict",
-            help="Do not store items the package flags as out of distribution (unlike its training data); "
+        strict: bool = options.strict_option(
+            "Do not store items the package flags as out of distribution (unlike its training data); "
             "list them in STORE/errors.csv with their score and the package's threshold instead. Without "
             "it they are stored with ood=true.",
         ),

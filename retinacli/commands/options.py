@@ -54,6 +54,11 @@ def redact_paths_option(help: str = REDACT_PATHS_HELP) -> Any:
     return typer.Option(False, "--redact-paths", help=help)
 
 
+def strict_option(help: str) -> Any:
+    """`--strict`: items the package flags as out of distribution (retinacli.ood) are refused, not used."""
+    return typer.Option(False, "--strict", help=help)
+
+
 MAX_PIXELS_HELP = (
     "Largest item decoded, in samples (voxels or pixels x channels: frames x rows x columns x samples "
     "per pixel), e.g. 134217728, 1.2e8 or 2**27. A file whose header, JPEG 2000/JPEG codestream or TIFF "

@@ -54,9 +54,8 @@ def register(app: typer.Typer) -> None:
             "to the root given (to 'retina embed', or PATH here), components naming the patient replaced."
         ),
         max_pixels: str | None = options.max_pixels_option(),
-        strict: bool = typer.Option(
-            False, "--strict",
-            help="Refuse items the package flags as out of distribution (unlike its training data): they "
+        strict: bool = options.strict_option(
+            "Refuse items the package flags as out of distribution (unlike its training data): they "
             "are listed under errors with their score and the threshold, not predicted. Without it every "
             "prediction carries ood_score and ood.",
         ),
