@@ -182,60 +182,76 @@ class _Budget:
                 f"{self.where}: entry '{name}' is truncated ({written} of {declared} bytes)")
 
 
+# What an archive entry is, the same for both formats: only files and folders are ever written.
+_FILE, _DIR, _LINK, _SPECIAL = "file", "folder", "link", "special"
+
+
+def _tar_entries(tar: tarfile.TarFile):
+    """(name, kind, declared size, opener) per member; headers are read one by one, so a huge entry
+    list stops at the entry cap."""
+    for member in tar:
+        if member.issym() or member.islnk():
+            kind = _LINK
+        else:
+            kind = _FILE if member.isfile() else _DIR if member.isdir() else _SPECIAL
+        size = member.size if member.isfile() else 0
+        yield member.name, kind, size, lambda member=member: tar.extractfile(member)
+
+
+def _zip_entries(zf: zipfile.ZipFile, budget: _Budget, where: str):
+    """(name, kind, declared size, opener) per entry; the central directory gives the count up front."""
+    infos = zf.infolist()
+    if len(infos) > budget.max_entries:
+        raise ModelPackageError(f"{where}: {len(infos)} entries, over the {budget.max_entries} cap")
+    for info in infos:
+        mode = stat.S_IFMT(info.external_attr >> 16)  # 0: no Unix mode recorded
+        if mode == stat.S_IFLNK:
+            kind = _LINK
+        elif mode not in (0, stat.S_IFREG, stat.S_IFDIR):
+            kind = _SPECIAL
+        else:
+            kind = _DIR if info.is_dir() else _FILE
+        yield info.filename, kind, info.file_size, lambda info=info: zf.open(info)
+
+
+def _extract_entries(entries, out: Path, where: str, budget: _Budget) -> None:
+    """Check each entry (name, kind, size cap) before writing it under `out`; the copy is capped too."""
+    seen: set = set()
+    for name, kind, size, open_source in entries:
+        rel = _safe_name(name, where, seen)
+        if kind == _LINK:
+            raise ModelPackageError(f"{where}: entry '{name}' is a link (not allowed)")
+        if kind == _SPECIAL:
+            raise ModelPackageError(f"{where}: entry '{name}' is a device, FIFO or special file")
+        budget.entry(name, size)
+        if rel is None:
+            continue
+        target = out.joinpath(*rel.parts)
+        if kind == _DIR:
+            target.mkdir(parents=True, exist_ok=True)
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        src = open_source()
+        if src is None:
+            raise ModelPackageError(f"{where}: entry '{name}' cannot be read")
+        with src:
+            budget.copy(name, src, target, size)
+
+
 def _extract_tar(archive: Path, out: Path, where: str) -> None:
-    budget, seen = _Budget(where), set()
+    budget = _Budget(where)
     try:
         with tarfile.open(archive, "r:gz") as tar:
-            for member in tar:  # headers are read one by one: a huge entry list stops at the cap
-                rel = _safe_name(member.name, where, seen)
-                if member.issym() or member.islnk():
-                    raise ModelPackageError(f"{where}: entry '{member.name}' is a link (not allowed)")
-                if not (member.isfile() or member.isdir()):
-                    raise ModelPackageError(
-                        f"{where}: entry '{member.name}' is a device, FIFO or special file")
-                budget.entry(member.name, member.size if member.isfile() else 0)
-                if rel is None:
-                    continue
-                target = out.joinpath(*rel.parts)
-                if member.isdir():
-                    target.mkdir(parents=True, exist_ok=True)
-                    continue
-                target.parent.mkdir(parents=True, exist_ok=True)
-                src = tar.extractfile(member)
-                if src is None:
-                    raise ModelPackageError(f"{where}: entry '{member.name}' cannot be read")
-                with src:
-                    budget.copy(member.name, src, target, member.size)
+            _extract_entries(_tar_entries(tar), out, where, budget)
     except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
         raise ModelPackageError(f"{where}: not a readable .tar.gz archive ({_line(exc)})") from None
 
 
 def _extract_zip(archive: Path, out: Path, where: str) -> None:
-    budget, seen = _Budget(where), set()
+    budget = _Budget(where)
     try:
         with zipfile.ZipFile(archive) as zf:
-            infos = zf.infolist()
-            if len(infos) > budget.max_entries:
-                raise ModelPackageError(f"{where}: {len(infos)} entries, over the {budget.max_entries} cap")
-            for info in infos:
-                rel = _safe_name(info.filename, where, seen)
-                mode = info.external_attr >> 16
-                kind = stat.S_IFMT(mode)
-                if kind == stat.S_IFLNK:
-                    raise ModelPackageError(f"{where}: entry '{info.filename}' is a link (not allowed)")
-                if kind not in (0, stat.S_IFREG, stat.S_IFDIR):
-                    raise ModelPackageError(
-                        f"{where}: entry '{info.filename}' is a device, FIFO or special file")
-                budget.entry(info.filename, info.file_size)
-                if rel is None:
-                    continue
-                target = out.joinpath(*rel.parts)
-                if info.is_dir():
-                    target.mkdir(parents=True, exist_ok=True)
-                    continue
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with zf.open(info) as src:
-                    budget.copy(info.filename, src, target, info.file_size)
+            _extract_entries(_zip_entries(zf, budget, where), out, where, budget)
     except ModelPackageError:
         raise
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, NotImplementedError,
