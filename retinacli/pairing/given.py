@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import os
 import re
 from collections import defaultdict
@@ -10,6 +9,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from retinacli.errors import ReadError, UsageError
+from retinacli.pairing.csvfile import read_csv_rows
 from retinacli.pairing.entries import NO_KEY, Entry, _normal_eye
 
 _MODALITY_WORDS = {"oct": "oct", "fundus": "fundus", "cfp": "fundus", "slo": "fundus", "ir": "fundus",
@@ -34,7 +34,7 @@ class Given:
 
 def _given(patient: str, eye: str, date: str, time: str = "", modality: str = "") -> Given | str:
     """A Given, or why the values are not usable (the reason never quotes a value: it could be anything)."""
-    from retinacli.readers.sanitize import _iso_time, iso_date
+    from retinacli.readers.sanitize import iso_date, iso_time
 
     if not patient.strip():
         return "no patient"
@@ -48,7 +48,7 @@ def _given(patient: str, eye: str, date: str, time: str = "", modality: str = ""
         return "date is not a real calendar date written YYYY-MM-DD or YYYYMMDD"
     clock = None
     if time.strip():
-        clock = _iso_time(time.strip())
+        clock = iso_time(time.strip())
         if clock is None:
             return "time is not a clock time written HH:MM[:SS] or HHMM[SS]"
     kind = None
@@ -98,22 +98,7 @@ def read_metadata(path: Path) -> Sidecar:
     header names in any case. `path` is relative to the CSV's folder (or absolute). A bad row is kept
     with its problem, to be reported; a CSV without the columns is a usage error."""
     path = Path(path)
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
-            fields = [(f or "").strip().casefold() for f in reader.fieldnames or []]
-            reader.fieldnames = fields
-            rows = []
-            for row in reader:
-                cells = {k: (v or "").strip() for k, v in row.items() if isinstance(k, str)}
-                rows.append((reader.line_num, cells))
-    except OSError as exc:
-        raise UsageError(f"{path}: cannot read metadata CSV ({exc.strerror or exc})") from None
-    except UnicodeDecodeError as exc:
-        raise UsageError(f"{path}: metadata CSV is not UTF-8 text (byte {exc.start}); save it as UTF-8") \
-            from None
-    except csv.Error as exc:
-        raise UsageError(f"{path}: malformed metadata CSV ({' '.join(str(exc).split())})") from None
+    fields, rows = read_csv_rows(path, "metadata", header=lambda name: name.strip().casefold())
     twice = sorted({f for f in fields if f and fields.count(f) > 1})
     if twice:
         raise UsageError(f"{path}: metadata CSV has the column(s) {', '.join(twice)[:80]} more than once")

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from retinacli.cohort_manifest import LABEL_COLUMNS
 from retinacli.errors import UsageError
+from retinacli.pairing.csvfile import read_csv_rows
 from retinacli.pairing.entries import _normal_date, _normal_eye
 
 
@@ -26,22 +26,8 @@ def read_labels(path: Path) -> Labels:
     of cst_um, bcva_letters, bcva_label, tn_label. patient_id is the PatientID in the files (or the
     pseudonym this manifest uses)."""
     path = Path(path)
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
-            fields = [f.strip() for f in reader.fieldnames or []]
-            # Cells past the header's columns (restkey None -> a list) are not ours: dropped.
-            rows = [
-                {(k or "").strip(): (v or "").strip() for k, v in row.items() if isinstance(k, str)}
-                for row in reader
-            ]
-    except OSError as exc:
-        raise UsageError(f"{path}: cannot read labels CSV ({exc.strerror or exc})") from None
-    except UnicodeDecodeError as exc:
-        raise UsageError(f"{path}: labels CSV is not UTF-8 text (byte {exc.start}); save it as UTF-8") \
-            from None
-    except csv.Error as exc:
-        raise UsageError(f"{path}: malformed labels CSV ({' '.join(str(exc).split())})") from None
+    fields, numbered = read_csv_rows(path, "labels")
+    rows = [cells for _line, cells in numbered]
     missing = [c for c in ("patient_id", "eye") if c not in fields]
     if missing or not ({"date", "visit"} & set(fields)):
         found = ", ".join(" ".join(f.split())[:40] for f in fields[:20]) or "no header"

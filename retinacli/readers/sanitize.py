@@ -48,7 +48,7 @@ def iso_date(value: object) -> str | None:
     return day.isoformat() if day else None
 
 
-def _iso_time(value: object) -> str | None:
+def iso_time(value: object) -> str | None:
     """A DICOM TM (``HH``, ``HHMM``, ``HHMMSS[.ffffff]``, or with colons) -> ``HH:MM:SS``, else None."""
     if value is None:
         return None
@@ -70,7 +70,7 @@ def iso_datetime(date: object, time: object = None) -> str | None:
     day = iso_date(date)
     if day is None:
         return None
-    clock = _iso_time(time) if time not in (None, "") else "00:00:00"
+    clock = iso_time(time) if time not in (None, "") else "00:00:00"
     return f"{day}T{clock or '00:00:00'}"
 
 
@@ -82,7 +82,7 @@ def iso_dicom_datetime(value: object) -> str | None:
     if not match:
         return None
     date, time = match.groups()
-    if time is not None and _iso_time(time) is None:
+    if time is not None and iso_time(time) is None:
         return None
     return iso_datetime(date, time)
 
