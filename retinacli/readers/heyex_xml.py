@@ -25,7 +25,6 @@ from retinacli.readers.common import (
     check_sample_budget,
     normalise_laterality,
     short,
-    to_grayscale,
 )
 from retinacli.readers.sanitize import device_name, iso_date, iso_datetime
 
@@ -334,17 +333,10 @@ def read_heyex_series(
     series = all_series[number - 1]
     items: list[OctVolume | FundusImage] = []
     if modality in (None, "oct"):
-        scans: list[np.ndarray] = []
-        for member in series.bscans:
-            pixels = _load(member)
-            if pixels.ndim == 3:
-                pixels = to_grayscale(pixels)
-            if scans and pixels.shape != scans[0].shape:
-                shapes = f"{member.name} has shape {pixels.shape}, the others {scans[0].shape}"
-                raise ReadError(source_path, f"B-scans differ in size: {shapes}")
-            scans.append(pixels)
-            check_sample_budget(source_path, (len(series.bscans), *scans[0].shape))  # the whole stack, first
-        items.append(OctVolume(str(source_path), np.stack(scans), FORMAT, series.metas["oct"]))
+        from retinacli.readers.volumes import stack_bscans
+
+        volume = stack_bscans(source_path, series.bscans)
+        items.append(OctVolume(str(source_path), volume, FORMAT, series.metas["oct"]))
     if series.localizer is not None and modality in (None, "fundus"):
         loc = as_fundus_array(series.localizer, _load(series.localizer))
         items.append(FundusImage(str(source_path), np.ascontiguousarray(loc), FORMAT, series.metas["fundus"]))

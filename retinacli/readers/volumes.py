@@ -130,6 +130,13 @@ def read_bscan_folder(path: Path, members: tuple[Path, ...]) -> OctVolume:
     """Numbered B-scan images (already in natural order) -> (n_bscans, H, W)."""
     if not members:
         raise ReadError(path, "folder holds no B-scan images")
+    meta = ImageMeta(extra={"files": len(members)})
+    return OctVolume(str(path), stack_bscans(path, members), "bscan-folder", meta)
+
+
+def stack_bscans(path: Path, members) -> np.ndarray:
+    """One image file per B-scan (in order) -> (n_bscans, H, W), grayscale; errors name `path` (the
+    volume). The budget is checked for the whole stack once the first B-scan's size is known."""
     scans: list[np.ndarray] = []
     for member in members:
         pixels, _fmt = load_image(member)
@@ -140,5 +147,4 @@ def read_bscan_folder(path: Path, members: tuple[Path, ...]) -> OctVolume:
             raise ReadError(path, f"B-scans differ in size: {shapes}")
         scans.append(pixels)
         check_sample_budget(path, (len(members), *scans[0].shape))  # the whole stack, before the rest
-    meta = ImageMeta(extra={"files": len(members)})
-    return OctVolume(str(path), np.stack(scans), "bscan-folder", meta)
+    return np.stack(scans)
