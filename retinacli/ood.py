@@ -133,9 +133,6 @@ class OodReference:
     thresholds: dict[str, float]
     inputs: dict[str, tuple[list[str], np.ndarray, np.ndarray]] = field(default_factory=dict)
 
-    def has(self, modality: str) -> bool:
-        return modality in self.centroids
-
     def score(self, modality: str, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
         """(scores, flags) for (N, D) embeddings, or None when the package has no reference for
         `modality`. Score: cosine similarity to the nearest training centroid; flag: score < threshold."""
@@ -265,11 +262,6 @@ def _input_ranges(modality: str, entry: dict[str, Any], descriptor: dict[str, An
     low = np.array([float(entry["ranges"][n]["low"]) for n in names])
     high = np.array([float(entry["ranges"][n]["high"]) for n in names])
     return names, low, high
-
-
-def reference_of(engine: Any) -> OodReference | None:
-    """The engine's reference (``Engine.ood``), or None for a package without one."""
-    return getattr(engine, "ood", None)
 
 
 def say_no_check(engine: Any) -> None:
