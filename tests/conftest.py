@@ -25,6 +25,18 @@ from fixtures_packages import *  # noqa: E402, F403
 
 
 @pytest.fixture
+def private_home(monkeypatch, tmp_path) -> Path:
+    """A private $RETINA_HOME (tmp/home: nothing installed, no default model), no $RETINA_MODEL, and an
+    empty working folder tmp/work; returns tmp_path. $RETINA_STORE is left to the test."""
+    monkeypatch.setenv("RETINA_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("RETINA_MODEL", raising=False)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    return tmp_path
+
+
+@pytest.fixture
 def isolated_cli(monkeypatch, tmp_path):
     """No $RETINA_STORE / $RETINA_MODEL, wide tables, and an empty working folder tmp/work."""
     monkeypatch.delenv("RETINA_STORE", raising=False)

@@ -56,6 +56,17 @@ def tiny_package(tiny_package_run, tiny_loaded_run, tmp_path_factory) -> Path:
 # --- a torch-free toy package -----------------------------------------------------------------------
 
 
+@pytest.fixture
+def toy_packages_home(private_home, monkeypatch) -> Path:
+    """`private_home` (no $RETINA_STORE either) with toy 1.0.0 and 1.1.0 installed in $RETINA_HOME/models
+    and ./exported/mine 0.1.0 in the working folder; returns tmp_path."""
+    monkeypatch.delenv("RETINA_STORE", raising=False)
+    make_toy_package(private_home / "home" / "models" / "toy-1.0.0", version="1.0.0")
+    make_toy_package(private_home / "home" / "models" / "toy-1.1.0", version="1.1.0")
+    make_toy_package(private_home / "work" / "exported" / "mine", name="mine", version="0.1.0")
+    return private_home
+
+
 def _linear_encoder(path: Path, input_name: str, in_shape: list, weight: np.ndarray, opset: int = 18) -> None:
     """x (batch, *in_shape) -> normalize(flatten(x) @ weight): the same contract as the real encoders."""
     from onnx import TensorProto, helper, numpy_helper, save

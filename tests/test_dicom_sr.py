@@ -45,14 +45,9 @@ def cohort(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def env(tmp_path, monkeypatch):
-    monkeypatch.setenv("RETINA_HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("RETINA_MODEL", raising=False)
-    monkeypatch.setenv("RETINA_STORE", str(tmp_path / "store"))
-    work = tmp_path / "work"
-    work.mkdir()
-    monkeypatch.chdir(work)
-    return tmp_path
+def env(private_home, monkeypatch):
+    monkeypatch.setenv("RETINA_STORE", str(private_home / "store"))
+    return private_home
 
 
 def _sources(cohort: Path) -> dict[str, Path]:

@@ -34,17 +34,12 @@ def run(*args):
 
 
 @pytest.fixture
-def frozen(tmp_path, monkeypatch):
+def frozen(private_home, monkeypatch):
     """The 0.1.0 fixtures copied to tmp (tests never touch the originals); a private $RETINA_HOME,
     no $RETINA_MODEL, and an empty working folder."""
-    copy = tmp_path / "v0_1_0"
+    copy = private_home / "v0_1_0"
     shutil.copytree(FROZEN, copy)
-    monkeypatch.setenv("RETINA_HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("RETINA_MODEL", raising=False)
     monkeypatch.delenv("RETINA_STORE", raising=False)
-    work = tmp_path / "work"
-    work.mkdir()
-    monkeypatch.chdir(work)
     return copy
 
 

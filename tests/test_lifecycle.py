@@ -174,17 +174,8 @@ def test_prune_keeps_rows_of_a_root_that_is_not_there(built):
 
 
 @pytest.fixture
-def home(tmp_path, monkeypatch):
-    home = tmp_path / "home"
-    monkeypatch.setenv("RETINA_HOME", str(home))
-    monkeypatch.delenv("RETINA_MODEL", raising=False)
-    work = tmp_path / "work"
-    work.mkdir()
-    monkeypatch.chdir(work)
-    make_toy_package(home / "models" / "toy-1.0.0", version="1.0.0")
-    make_toy_package(home / "models" / "toy-1.1.0", version="1.1.0")
-    make_toy_package(work / "exported" / "mine", name="mine", version="0.1.0")
-    return home
+def home(toy_packages_home):
+    return toy_packages_home / "home"
 
 
 def test_models_remove_removes_and_clears_the_default(home):

@@ -34,15 +34,10 @@ def run(*args):
 
 
 @pytest.fixture
-def env(tmp_path, monkeypatch):
+def env(private_home, monkeypatch):
     """Private $RETINA_HOME, an empty working folder, no default model or store."""
-    monkeypatch.setenv("RETINA_HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("RETINA_MODEL", raising=False)
-    monkeypatch.setenv("RETINA_STORE", str(tmp_path / "store"))
-    work = tmp_path / "work"
-    work.mkdir()
-    monkeypatch.chdir(work)
-    return tmp_path
+    monkeypatch.setenv("RETINA_STORE", str(private_home / "store"))
+    return private_home
 
 
 @pytest.fixture

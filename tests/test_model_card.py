@@ -56,15 +56,10 @@ def run(*args):
 
 
 @pytest.fixture
-def env(tmp_path, monkeypatch):
+def env(private_home, monkeypatch):
     """A private $RETINA_HOME and an empty working folder, no $RETINA_MODEL."""
-    monkeypatch.setenv("RETINA_HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("RETINA_MODEL", raising=False)
     monkeypatch.delenv("RETINA_STORE", raising=False)
-    work = tmp_path / "work"
-    work.mkdir()
-    monkeypatch.chdir(work)
-    return work
+    return private_home / "work"
 
 
 def _with_card(package: Path, card) -> Path:

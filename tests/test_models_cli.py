@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-from fixtures_packages import make_toy_package
 from typer.testing import CliRunner
 
 from retinacli.cli import app
@@ -16,19 +15,9 @@ pytest.importorskip("onnx")
 
 
 @pytest.fixture
-def env(tmp_path, monkeypatch):
+def env(toy_packages_home):
     """Isolated RETINA_HOME + working dir with two packages in the store and one in ./exported."""
-    home = tmp_path / "home"
-    monkeypatch.setenv("RETINA_HOME", str(home))
-    monkeypatch.delenv("RETINA_MODEL", raising=False)
-    monkeypatch.delenv("RETINA_STORE", raising=False)
-    work = tmp_path / "work"
-    work.mkdir()
-    monkeypatch.chdir(work)
-    make_toy_package(home / "models" / "toy-1.0.0", version="1.0.0")
-    make_toy_package(home / "models" / "toy-1.1.0", version="1.1.0")
-    make_toy_package(work / "exported" / "mine", name="mine", version="0.1.0")
-    return tmp_path
+    return toy_packages_home
 
 
 def run(*args):

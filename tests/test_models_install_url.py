@@ -44,17 +44,11 @@ def served(tmp_path):
 
 
 @pytest.fixture
-def home(tmp_path, monkeypatch):
-    home = tmp_path / "home"
-    monkeypatch.setenv("RETINA_HOME", str(home))
-    monkeypatch.delenv("RETINA_MODEL", raising=False)
+def home(private_home, monkeypatch):
     for env in ("RETINA_INSTALL_MAX_DOWNLOAD_BYTES", "RETINA_INSTALL_MAX_EXTRACT_BYTES",
                 "RETINA_INSTALL_MAX_ENTRIES"):
         monkeypatch.delenv(env, raising=False)
-    work = tmp_path / "work"
-    work.mkdir()
-    monkeypatch.chdir(work)
-    return home
+    return private_home / "home"
 
 
 def run(*args):

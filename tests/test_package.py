@@ -24,14 +24,9 @@ pytest.importorskip("onnx")
 
 
 @pytest.fixture
-def home(tmp_path, monkeypatch):
+def home(private_home):
     """An empty RETINA_HOME and working directory, no RETINA_MODEL."""
-    monkeypatch.setenv("RETINA_HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("RETINA_MODEL", raising=False)
-    work = tmp_path / "work"
-    work.mkdir()
-    monkeypatch.chdir(work)
-    return tmp_path
+    return private_home
 
 
 def _flip_byte(path, offset=None):

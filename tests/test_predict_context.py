@@ -38,18 +38,13 @@ def run(*args):
 
 
 @pytest.fixture
-def env(tmp_path, monkeypatch):
+def env(private_home, monkeypatch):
     """Private $RETINA_HOME, no store or default model, wide tables; the frozen source images
     (2 patients, one OCT folder and one fundus photo each) copied to tmp/src."""
-    monkeypatch.setenv("RETINA_HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("RETINA_MODEL", raising=False)
-    monkeypatch.setenv("RETINA_STORE", str(tmp_path / "store"))
+    monkeypatch.setenv("RETINA_STORE", str(private_home / "store"))
     monkeypatch.setenv("COLUMNS", "250")
-    work = tmp_path / "work"
-    work.mkdir()
-    monkeypatch.chdir(work)
-    shutil.copytree(FROZEN / "source", tmp_path / "src")
-    return tmp_path
+    shutil.copytree(FROZEN / "source", private_home / "src")
+    return private_home
 
 
 def _edit(package: Path, change) -> dict:
