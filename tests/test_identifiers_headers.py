@@ -228,7 +228,7 @@ def test_a_readers_unexpected_exception_is_reported_without_its_message(planted,
     """A parser's exception text can quote a header value: the catch-all keeps its type only."""
     from retinacli.readers import dicom, iter_items
 
-    def broken(path, source_format="dicom"):
+    def broken(path, *args, **kwargs):
         raise ValueError(f"invalid literal for int() with base 10: {NAME!r} {PATIENT_ID}")
 
     monkeypatch.setattr(dicom, "read_dicom", broken)

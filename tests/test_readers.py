@@ -48,24 +48,22 @@ def test_multiframe_opt_pixels_and_metadata(tmp_path):
 
 
 def test_a_dicom_header_is_parsed_once_per_read_and_again_after_the_file_changes(tmp_path, monkeypatch):
-    from retinacli.readers import dicom
-
+    """One parse per read: discovery's dataset is the one decoded (Source.header); a changed file is
+    parsed afresh. (Counts pydicom.dcmread: no element-by-element conversion pass exists any more.)"""
     volume = ramp_volume(4, 16, 24)
     path = tmp_path / "oct.dcm"
     write_opt(path, volume, "SYN000123", "OD", "20240215103000")
     parses = []
-    real = dicom._parse_dataset
-    monkeypatch.setattr(dicom, "_parse_dataset", lambda p, ds, depth=0: (
-        parses.append(depth) if depth == 0 else None, real(p, ds, depth))[1])
-    dicom._VALIDATED.clear()
-    np.testing.assert_array_equal(read_oct(path).pixels, volume)  # discovery header + pixel read
-    assert parses == [0, 0]  # file meta + dataset, converted once
+    real = pydicom.dcmread
+    monkeypatch.setattr(pydicom, "dcmread", lambda *a, **k: (parses.append(str(a[0])), real(*a, **k))[1])
+    np.testing.assert_array_equal(read_oct(path).pixels, volume)  # discovery header, then its pixels
+    assert parses == [str(path)]
     np.testing.assert_array_equal(read_oct(path).pixels, volume)
-    assert parses == [0, 0]  # unchanged file: its values were checked already
+    assert parses == [str(path)] * 2
     changed = ramp_volume(5, 16, 24)
     write_opt(path, changed, "SYN000123", "OD", "20240215103000")  # new content (size and mtime)
     np.testing.assert_array_equal(read_oct(path).pixels, changed)
-    assert parses == [0, 0, 0, 0]
+    assert parses == [str(path)] * 3
 
 
 def test_jpeg2000_opt_decodes_losslessly(tmp_path):

@@ -22,7 +22,7 @@ per-item budget in samples, before allocating it: `retinacli.readers.common.set_
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 from retinacli.errors import ReadError
@@ -47,8 +47,21 @@ __all__ = [
 _MODALITY_WORDS = {"oct": "an OCT volume", "fundus": "a fundus image"}
 
 
-def read_source(source: Source, modality: str | None = None) -> list[Item]:
-    """Decode one discovered source (all its items, or only those of `modality`)."""
+def read_source(
+    source: Source,
+    modality: str | None = None,
+    *,
+    oct_frames: Callable[[int], Sequence[int]] | None = None,
+) -> list[Item]:
+    """Decode one discovered source (all its items, or only those of `modality`).
+
+    The dataset discovery parsed (``source.header``) is decoded as it is: no header is parsed twice.
+    `oct_frames` maps an OCT volume's B-scan count to the B-scans the caller needs (the pipeline:
+    ``lambda n: slice_indices(n, spec slices)``): OCT readers that can (uncompressed and per-frame
+    compressed DICOM, single-frame DICOM series, B-scan image folders, TIFF stacks, .npy) then
+    decode only those B-scans and return a volume holding just them, in that order, with the full
+    count in ``meta.extra["bscans"]``; the others (.vol, HEYEX XML) decode the whole volume.
+    """
     if modality is not None and modality not in source.modalities:
         return []
     kind = source.kind
@@ -56,11 +69,11 @@ def read_source(source: Source, modality: str | None = None) -> list[Item]:
     if kind == "dicom":
         from retinacli.readers.dicom import read_dicom
 
-        items: list[Item] = [read_dicom(path)]
+        items: list[Item] = [read_dicom(path, header=source.header, oct_frames=oct_frames)]
     elif kind == "dicom-series":
         from retinacli.readers.dicom import read_dicom_series
 
-        items = [read_dicom_series(path, source.members)]
+        items = [read_dicom_series(path, source.members, source.header, oct_frames=oct_frames)]
     elif kind == "image":
         from retinacli.readers.images import read_fundus_image
 
@@ -68,15 +81,15 @@ def read_source(source: Source, modality: str | None = None) -> list[Item]:
     elif kind == "bscan-folder":
         from retinacli.readers.volumes import read_bscan_folder
 
-        items = [read_bscan_folder(path, source.members)]
+        items = [read_bscan_folder(path, source.members, oct_frames=oct_frames)]
     elif kind == "tiff":
         from retinacli.readers.volumes import read_tiff_stack
 
-        items = [read_tiff_stack(path)]
+        items = [read_tiff_stack(path, oct_frames=oct_frames)]
     elif kind == "npy":
         from retinacli.readers.volumes import read_npy
 
-        items = [read_npy(path)]
+        items = [read_npy(path, oct_frames=oct_frames)]
     elif kind == "vol":
         from retinacli.readers.heidelberg import read_vol
 

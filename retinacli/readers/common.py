@@ -6,6 +6,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -80,6 +81,9 @@ class Source:
     "vol", "heyex-xml" (one OCT series of a HEYEX XML export; `members` holds the XML). `modalities` is
     what reading it yields ("oct", "fundus" or both for a Heidelberg .vol or HEYEX export).
     `metas` holds the header metadata per modality, read without loading pixels (used for pairing).
+    `header` holds what discovery parsed for the reader to decode from, so no file's header is parsed
+    twice: the pydicom dataset of a "dicom" source (pixel data deferred: still on disk), a tuple of
+    the members' datasets for a "dicom-series"; None: the reader parses the file itself.
     """
 
     path: Path
@@ -88,6 +92,7 @@ class Source:
     members: tuple[Path, ...] = ()
     metas: dict[str, ImageMeta] = field(default_factory=dict)
     format: str = ""
+    header: Any = field(default=None, repr=False, compare=False)
 
     def meta(self, modality: str) -> ImageMeta:
         return self.metas.get(modality) or ImageMeta()

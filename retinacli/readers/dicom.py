@@ -7,8 +7,10 @@ pair or an angiography sequence of photographs, not a volume: it reads as a fund
 
 from __future__ import annotations
 
+import copy
 import re
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -69,30 +71,32 @@ def has_dicom_magic(path: Path) -> bool:
         return False
 
 
+# Maps a volume's B-scan count to the indices of the B-scans wanted (e.g. preprocess.slice_indices).
+FramePicker = Callable[[int], Sequence[int]]
+
 # Elements larger than this are read from disk only when used: the pixel data of a full read stays
 # on disk until the header has passed the size guard (one parse of the file, not two).
 DEFER_SIZE = 64 * 1024
 PIXEL_DATA_TAGS = (0x7FE00008, 0x7FE00009, 0x7FE00010)  # float, double float, pixel data
 
 
-def read_header(path: Path, with_pixels: bool = False):
-    """Header only (no pixel data): cheap enough for discovery on big folders.
+def read_header(path: Path, with_pixels: bool = True):
+    """The file's one parse: its header, with the pixel data element deferred (its value stays on disk
+    until decoded: ``load_pixels`` reads it from this dataset, without parsing the file again).
 
-    With ``with_pixels`` the dataset also holds the pixel data element, deferred: ``load_pixels``
-    then decodes it without parsing the file a second time.
+    Discovery keeps this dataset on its ``Source`` (``Source.header``) and the reader decodes from
+    it. Every header element a reader uses is converted here, guarded (``check_used_elements``): a
+    value pydicom cannot convert is one ReadError naming its tag, never its value. Other elements
+    are not converted. ``with_pixels=False`` stops before the pixel data instead.
     """
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     options = {"defer_size": DEFER_SIZE} if with_pixels else {"stop_before_pixels": True}
-    key = _file_key(path)  # one stat: the empty check, and "already checked" for a re-read
     try:
-        if key is None:
-            Path(path).stat()  # raises the OSError reported below
-        elif key[2] == 0:
+        if Path(path).stat().st_size == 0:
             raise ReadError(path, "empty file (0 bytes)")
-        if key not in _VALIDATED:  # a file that passed here before, unchanged, was checked then
-            check_deflated(path)
+        check_deflated(path)
         try:
             ds = pydicom.dcmread(path, **options)
         except InvalidDicomError:
@@ -108,8 +112,36 @@ def read_header(path: Path, with_pixels: bool = False):
         raise ReadError(path, f"not a DICOM file ({short(exc)})") from None
     if "SOPClassUID" not in ds and "Rows" not in ds:
         raise ReadError(path, "not a DICOM file")
-    parse_all_values(path, ds, key)
+    check_used_elements(path, ds)
+    _leave_pixels_on_disk(ds)
     return ds
+
+
+# What decoding needs once the metadata is computed (header_meta keeps it on the dataset): the
+# image pixel module (group 0028, palettes and ICC profile included), the pixel data, and what
+# classifies the file. Specific Character Set stays so the remaining texts read as before.
+_DECODE_GROUPS = {0x0028, 0x7FE0}
+_DECODE_TAGS = {0x00080005, 0x00080016, 0x00080060}  # charset, SOP Class UID, Modality
+
+
+def keep_for_decoding(ds) -> None:
+    """Drop from a discovered dataset every element decoding does not need (its metadata was computed
+    and kept already): a Source waiting to be read then holds a third of the parsed header."""
+    header_meta(ds)  # computed (and kept) before the elements it reads go
+    tags = list(ds.keys())
+    for tag in tags:
+        if tag.group not in _DECODE_GROUPS and tag not in _DECODE_TAGS:
+            del ds[tag]
+
+
+def _leave_pixels_on_disk(ds) -> None:
+    """Pixel data under DEFER_SIZE is read with the header; drop it (keeping its place in the file), so
+    a dataset waiting in discovery's sources never holds pixels, however small."""
+    from pydicom.dataelem import RawDataElement
+
+    element = ds.get_item(0x7FE00010, keep_deferred=True)
+    if isinstance(element, RawDataElement) and element.value is not None and isinstance(ds.filename, str):
+        ds[0x7FE00010] = element._replace(value=None)
 
 
 DEFLATED_UID = "1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian: the whole data set is zlib
@@ -126,6 +158,8 @@ def check_deflated(path: Path) -> None:
 
     from pydicom.filereader import _read_file_meta_info, read_preamble
 
+    if not _may_be_deflated(path):
+        return
     with open(path, "rb") as handle:
         try:
             read_preamble(handle, True)
@@ -164,6 +198,24 @@ def check_deflated(path: Path) -> None:
                 break
 
 
+_META_HEAD = 4096  # file meta groups are a few hundred bytes
+
+
+def _may_be_deflated(path: Path) -> bool:
+    """False only when the file meta group, read as bytes, is whole in the first bytes and does not
+    hold the deflated transfer syntax UID (the usual file: no meta parse needed); True otherwise, and
+    pydicom's meta reader decides. The group starts with its length, (0002,0000) UL, at byte 132."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(_META_HEAD)
+    except OSError:
+        return True
+    if head[128:132] != b"DICM" or head[132:138] != b"\x02\x00\x00\x00UL":
+        return True
+    end = 144 + int.from_bytes(head[140:144], "little")
+    return end > len(head) or DEFLATED_UID.encode() in head[132:end]
+
+
 def _pixel_bytes(path: Path, head: bytes) -> int:
     """Bytes of pixel data the header at the start of an inflated data set declares (ReadError over
     the budget); a header that does not parse allows the budget at 8 bytes a sample."""
@@ -185,51 +237,59 @@ def _pixel_bytes(path: Path, head: bytes) -> int:
     return frames * rows * cols * samples * ((bits + 7) // 8)
 
 
-# Files whose every header value converted (path, mtime, size), so discovery and the read that
-# follows parse a file's header once: the conversion is most of the cost of reading an OPT volume.
-_VALIDATED: set[tuple[str, int, int]] = set()
-_VALIDATED_MAX = 100_000
+class BrokenTag(Exception):
+    """A header element pydicom cannot convert; carries its tag only (the value could be a name)."""
+
+    def __init__(self, tag) -> None:
+        super().__init__(str(tag))
+        self.tag = tag
 
 
-def _file_key(path: Path) -> tuple[str, int, int] | None:
+def _get(ds, keyword: str, default=None):
+    """``ds.get(keyword, default)``, guarded: an element pydicom cannot convert raises BrokenTag.
+
+    pydicom converts a value on first access and keeps it, so an element that passed here once
+    (``check_used_elements``) reads without a guard afterwards."""
+    if ds is None:
+        return default
     try:
-        st = Path(path).stat()
-    except OSError:
-        return None
-    return (str(path), st.st_mtime_ns, st.st_size)
+        return ds.get(keyword, default)
+    except Exception:
+        from pydicom.datadict import tag_for_keyword
+        from pydicom.tag import Tag
+
+        number = tag_for_keyword(keyword)
+        raise BrokenTag(Tag(number) if number is not None else keyword) from None
 
 
-def parse_all_values(path: Path, ds, key: tuple[str, int, int] | None) -> None:
-    """pydicom converts values lazily, on first access; a broken value (bad VR, odd length) would then
-    raise anywhere later. Converting every element here turns it into one ReadError up front, naming
-    the tag only (the value could be a patient's name). Done once per unchanged file and process
-    (`key`: the file's ``_file_key``)."""
-    if key is not None and key in _VALIDATED:
-        return
-    file_meta = getattr(ds, "file_meta", None)
-    for owner in (file_meta, ds):
-        if owner is not None:
-            _parse_dataset(path, owner)
-    if key is not None:
-        if len(_VALIDATED) >= _VALIDATED_MAX:
-            _VALIDATED.clear()
-        _VALIDATED.add(key)
+def broken_header(path: Path, exc: BrokenTag) -> ReadError:
+    return ReadError(path, f"broken DICOM header (invalid value in tag {exc.tag})")
 
 
-def _parse_dataset(path: Path, ds, depth: int = 0) -> None:
-    if depth > 8:
-        raise ReadError(path, "broken DICOM header (sequences nested too deeply)")
-    for tag in list(ds.keys()):
-        if tag in PIXEL_DATA_TAGS:  # raw bytes, checked when decoded (and maybe not read yet)
-            continue
-        try:
-            element = ds[tag]
-            value = element.value
-        except Exception:
-            raise ReadError(path, f"broken DICOM header (invalid value in tag {tag})") from None
-        if element.VR == "SQ":
-            for item in value or ():
-                _parse_dataset(path, item, depth + 1)
+# Image pixel module and file meta elements the readers and pydicom's decoders use.
+PIXEL_KEYWORDS = (
+    "Rows", "Columns", "SamplesPerPixel", "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation",
+    "PhotometricInterpretation", "PlanarConfiguration", "NumberOfFrames",
+)
+
+
+def check_used_elements(path: Path, ds) -> None:
+    """Convert, guarded, every header element the readers and discovery use (classification, the
+    metadata, the series order, the pixel module): one ReadError naming the tag for a value pydicom
+    cannot convert. The rest of the header is never converted: its problems are not ours."""
+    try:
+        _get(getattr(ds, "file_meta", None), "TransferSyntaxUID")
+        for keyword in PIXEL_KEYWORDS:
+            _get(ds, keyword)
+        classify(ds)
+        header_meta(ds)
+        if is_single_bscan(ds):  # what orders a series of single-frame B-scans
+            _get(ds, "InstanceNumber")
+            _get(ds, "ImageOrientationPatient")
+            _position(ds)
+            _frame_location_y(ds)
+    except BrokenTag as exc:
+        raise broken_header(path, exc) from None
 
 
 def header_free_reason(exc: BaseException, ds) -> str:
@@ -245,15 +305,15 @@ def frame_count(ds) -> int:
 def _int_or(ds, keyword: str, default: int) -> int:
     """An integer header value, or `default` when absent or not a number (check_size reports that)."""
     try:
-        return int(ds.get(keyword, default) or default)
+        return int(_get(ds, keyword, default) or default)
     except (TypeError, ValueError, OverflowError):
         return default
 
 
 def classify(ds) -> tuple[str | None, str]:
     """('oct' | 'fundus' | None, description). None: a DICOM object retina does not read (with why)."""
-    sop = str(ds.get("SOPClassUID", ""))
-    modality = str(ds.get("Modality", "")).upper()
+    sop = str(_get(ds, "SOPClassUID", ""))
+    modality = str(_get(ds, "Modality", "")).upper()
     if sop == OPT_SOP:
         return "oct", "Ophthalmic Tomography"
     if sop in FUNDUS_SOPS:
@@ -300,13 +360,13 @@ def is_single_bscan(ds) -> bool:
 
 
 def _dicom_datetime(ds, prefix: str) -> str | None:
-    return iso_datetime(ds.get(f"{prefix}Date"), ds.get(f"{prefix}Time"))
+    return iso_datetime(_get(ds, f"{prefix}Date"), _get(ds, f"{prefix}Time"))
 
 
 def acquisition_datetime(ds) -> str | None:
     """``YYYY-MM-DDTHH:MM:SS`` from AcquisitionDateTime, else the first valid date (+ time) of the
     acquisition, content, series or study; never the header's text itself (sanitize.py)."""
-    found = iso_dicom_datetime(ds.get("AcquisitionDateTime"))
+    found = iso_dicom_datetime(_get(ds, "AcquisitionDateTime"))
     if found:
         return found
     for prefix in ("Acquisition", "Content", "Series", "Study"):
@@ -317,26 +377,29 @@ def acquisition_datetime(ds) -> str | None:
 
 
 def _first(sequence_owner, keyword: str):
-    seq = sequence_owner.get(keyword) if sequence_owner is not None else None
+    seq = _get(sequence_owner, keyword)
     return seq[0] if seq else None
 
 
 def _pixel_spacing_2d(ds) -> tuple[float, float] | None:
-    candidates = [ds]
+    """Shared functional groups, then the image, then the first frame's (looked at only when the others
+    have none: converting the per-frame sequence costs more than parsing the file)."""
     shared = _first(ds, "SharedFunctionalGroupsSequence")
-    if shared is not None:
-        candidates.insert(0, _first(shared, "PixelMeasuresSequence"))
-    per_frame = _first(ds, "PerFrameFunctionalGroupsSequence")
-    if per_frame is not None:
-        candidates.append(_first(per_frame, "PixelMeasuresSequence"))
-    for owner in candidates:
-        if owner is not None and owner.get("PixelSpacing"):
-            try:
-                row, col = (float(v) for v in owner.PixelSpacing[:2])
-                return row, col
-            except (TypeError, ValueError):
-                continue
-    return None
+    found = _spacing_of(_first(shared, "PixelMeasuresSequence")) or _spacing_of(ds)
+    if found is None:
+        found = _spacing_of(_first(_first(ds, "PerFrameFunctionalGroupsSequence"), "PixelMeasuresSequence"))
+    return found
+
+
+def _spacing_of(owner) -> tuple[float, float] | None:
+    value = _get(owner, "PixelSpacing")
+    if not value:
+        return None
+    try:
+        row, col = (float(v) for v in value[:2])
+    except (TypeError, ValueError):
+        return None
+    return row, col
 
 
 def _slice_spacing(ds) -> float | None:
@@ -344,42 +407,59 @@ def _slice_spacing(ds) -> float | None:
         if owner is None:
             continue
         for keyword in ("SpacingBetweenSlices", "SliceThickness"):
-            if owner.get(keyword) not in (None, ""):
+            if _get(owner, keyword) not in (None, ""):
                 try:
-                    return float(owner.get(keyword))
+                    return float(_get(owner, keyword))
                 except (TypeError, ValueError):
                     pass
     return None
 
 
 def referenced_uids(ds) -> tuple[str, ...]:
-    """Localizer links: ReferencedImageSequence and per-frame Ophthalmic Frame Location references."""
+    """Localizer links: ReferencedImageSequence (and a top-level Ophthalmic Frame Location Sequence);
+    without either, the per-frame Ophthalmic Frame Location references.
+
+    Per-frame locations name the localizer image the Referenced Image Sequence names; reading them
+    converts one dataset per B-scan (several times the cost of parsing the file), so they are read
+    only when the volume has no other reference."""
     found: list[str] = []
 
     def add(item) -> None:
-        uid = item.get("ReferencedSOPInstanceUID") if item is not None else None
+        uid = _get(item, "ReferencedSOPInstanceUID")
         if uid and str(uid) not in found:
             found.append(str(uid))
 
-    for item in ds.get("ReferencedImageSequence") or []:
+    for item in _get(ds, "ReferencedImageSequence") or []:
         add(item)
-    for item in ds.get("OphthalmicFrameLocationSequence") or []:
+    for item in _get(ds, "OphthalmicFrameLocationSequence") or []:
         add(item)
-    for frame in ds.get("PerFrameFunctionalGroupsSequence") or []:
-        for item in frame.get("OphthalmicFrameLocationSequence") or []:
-            add(item)
+    if not found:
+        for frame in _get(ds, "PerFrameFunctionalGroupsSequence") or []:
+            for item in _get(frame, "OphthalmicFrameLocationSequence") or []:
+                add(item)
     return tuple(found)
 
 
 def header_meta(ds) -> ImageMeta:
+    """The metadata of one DICOM dataset (a fresh copy each call: callers edit theirs); computed once
+    per dataset (discovery and the reader share it)."""
+    cached = getattr(ds, "_retina_meta", None)
+    if cached is None:
+        cached = _header_meta(ds)
+        ds._retina_meta = cached
+    return copy.deepcopy(cached)
+
+
+def _header_meta(ds) -> ImageMeta:
     modality, _ = classify(ds)
-    laterality = normalise_laterality(ds.get("ImageLaterality")) or normalise_laterality(ds.get("Laterality"))
+    laterality = normalise_laterality(_get(ds, "ImageLaterality")) or normalise_laterality(
+        _get(ds, "Laterality"))
     if laterality is None:
         shared = _first(ds, "SharedFunctionalGroupsSequence")
         frame_anatomy = _first(shared, "FrameAnatomySequence")
         if frame_anatomy is not None:
-            laterality = normalise_laterality(frame_anatomy.get("FrameLaterality"))
-    device = device_name(ds.get("Manufacturer"), ds.get("ManufacturerModelName"))
+            laterality = normalise_laterality(_get(frame_anatomy, "FrameLaterality"))
+    device = device_name(_get(ds, "Manufacturer"), _get(ds, "ManufacturerModelName"))
     spacing2d = _pixel_spacing_2d(ds)
     spacing: tuple[float, ...] | None = spacing2d
     if modality == "oct" and spacing2d is not None:
@@ -387,19 +467,19 @@ def header_meta(ds) -> ImageMeta:
         spacing = (slice_spacing if slice_spacing is not None else float("nan"), *spacing2d)
     return ImageMeta(
         laterality=laterality,
-        study_date=iso_date(ds.get("StudyDate")),
+        study_date=iso_date(_get(ds, "StudyDate")),
         acquisition_datetime=acquisition_datetime(ds),
         device=device,
         pixel_spacing_mm=spacing,
-        patient_id=str(ds.get("PatientID", "") or "") or None,
-        patient_name=str(ds.get("PatientName", "") or "") or None,
-        accession_number=str(ds.get("AccessionNumber", "") or "") or None,
-        study_uid=str(ds.get("StudyInstanceUID", "") or "") or None,
-        series_uid=str(ds.get("SeriesInstanceUID", "") or "") or None,
-        sop_instance_uid=str(ds.get("SOPInstanceUID", "") or "") or None,
+        patient_id=str(_get(ds, "PatientID", "") or "") or None,
+        patient_name=str(_get(ds, "PatientName", "") or "") or None,
+        accession_number=str(_get(ds, "AccessionNumber", "") or "") or None,
+        study_uid=str(_get(ds, "StudyInstanceUID", "") or "") or None,
+        series_uid=str(_get(ds, "SeriesInstanceUID", "") or "") or None,
+        sop_instance_uid=str(_get(ds, "SOPInstanceUID", "") or "") or None,
         referenced_sop_uids=referenced_uids(ds),
-        photometric=photometric(ds.get("PhotometricInterpretation")),
-        extra={"sop_class": _sop_name(str(ds.get("SOPClassUID", "")))},
+        photometric=photometric(_get(ds, "PhotometricInterpretation")),
+        extra={"sop_class": _sop_name(str(_get(ds, "SOPClassUID", "")))},
     )
 
 
@@ -450,45 +530,217 @@ def _decoder_hint(uid) -> str:
     return "pip install python-gdcm"
 
 
-def load_pixels(path: Path, header=None) -> tuple[Any, np.ndarray]:
-    """Full read with the guards: size cap first (header), then decode with one-line reasons.
+def load_pixels(path: Path, header=None, frames=None) -> tuple[Any, np.ndarray]:
+    """Read with the guards: size cap first (header), then decode with one-line reasons.
 
-    `header` from ``read_header(path, with_pixels=True)`` is decoded as it is; any other header
-    (or none) means one full read here.
+    `header` from ``read_header(path)`` (discovery's dataset) is decoded as it is, without parsing
+    the file again; none means one read here. `frames` (frame indices, repeats allowed): only those
+    frames, in that order, with a leading frame axis; uncompressed data reads only their bytes and
+    encapsulated data decodes only those frames (others: full decode, then the frames picked).
     """
-    ds = header if header is not None else read_header(path, with_pixels=True)
+    if header is not None and _changed_since_parsed(header):  # rewritten since discovery: offsets moved
+        header = None
+    ds = header if header is not None else read_header(path)
+    # the pixel bytes read now are dropped again afterwards: a Source keeps its header (the dataset)
+    # while it waits, and must not keep its pixels too
+    deferred = ds.get_item(0x7FE00010, keep_deferred=True)
+    try:
+        return _load_pixels(path, ds, frames)
+    except BrokenTag as exc:
+        raise broken_header(path, exc) from None
+    finally:
+        if deferred is not None and deferred.value is None:
+            ds[0x7FE00010] = deferred
+
+
+def _changed_since_parsed(ds) -> bool:
+    """Whether the file `ds` was parsed from has been modified since (pydicom keeps its mtime)."""
+    filename, parsed = getattr(ds, "filename", None), getattr(ds, "timestamp", None)
+    if not isinstance(filename, str) or parsed is None:
+        return False
+    try:
+        return Path(filename).stat().st_mtime != parsed
+    except OSError:
+        return False  # gone: the read reports it
+
+
+def _load_pixels(path: Path, ds, frames) -> tuple[Any, np.ndarray]:
     check_size(path, ds)
-    stated = ds.get("PhotometricInterpretation")
+    stated = _get(ds, "PhotometricInterpretation")
     if stated not in (None, "") and photometric(stated) is None:  # its text is never quoted
         raise ReadError(path, "unsupported PhotometricInterpretation in header (not a DICOM defined term)")
     problem = _transfer_syntax_problem(ds)
     if problem:
         raise ReadError(path, problem)
-    if not _holds_pixel_element(ds):  # a discovery header (stop_before_pixels): read the file
-        ds = read_header(path, with_pixels=True)
+    if not _holds_pixel_element(ds):  # a header read with stop_before_pixels: read the file
+        ds = read_header(path)
     if not _holds_pixel_element(ds):
         raise ReadError(path, "no pixel data (truncated file or not an image)")
     _check_native_length(path, ds)
     _check_codestreams(path, ds)
+    wanted = None if frames is None else _frame_indices(path, ds, frames)
+    picked = False
     try:
-        pixels = ds.pixel_array
+        if wanted is not None:
+            pixels = _selected_frames(path, ds, sorted(set(wanted)))
+            picked = pixels is not None
+        if not picked:
+            pixels = _whole_native(ds)
+            if pixels is None:
+                pixels = decoded_pixels(ds)
+    except ReadError:
+        raise
     except Exception as exc:
         text = str(exc)
         if "less than expected" in text or "truncated" in text.lower() or isinstance(exc, EOFError):
             raise ReadError(path, "truncated pixel data") from None
         raise ReadError(path, f"cannot decode pixel data ({header_free_reason(exc, ds)})") from None
     try:
-        return ds, _to_display_values(ds, pixels)
+        pixels = _to_display_values(ds, pixels)
     except ReadError:
         raise
     except Exception as exc:  # e.g. PALETTE COLOR without its lookup tables
         reason = header_free_reason(exc, ds)
         raise ReadError(path, f"cannot convert pixel data to display values ({reason})") from None
+    if wanted is None:
+        return ds, pixels
+    if picked:  # the unique frames, ascending: map each wanted index to its row
+        unique = sorted(set(wanted))
+        if wanted == unique and pixels.flags.writeable:
+            return ds, pixels  # already in order, and an array of its own
+        rows = {frame: row for row, frame in enumerate(unique)}
+        return ds, pixels[[rows[i] for i in wanted]]
+    if frame_count(ds) == 1:  # a one-frame decode has no frame axis
+        pixels = pixels[None]
+    return ds, pixels[wanted]
+
+
+def _frame_indices(path: Path, ds, frames) -> list[int]:
+    wanted = [int(i) for i in frames]
+    count = frame_count(ds)
+    if not wanted or min(wanted) < 0 or max(wanted) >= count:
+        raise ValueError(f"{path}: frame indices must lie in 0..{count - 1}")
+    return wanted
+
+
+# Transfer syntaxes whose frames lie uncompressed at fixed offsets in file order (deflated ones lie in
+# the inflated stream, big endian is retired: both decoded whole).
+_NATIVE_LITTLE_ENDIAN = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}
+
+
+def _selected_frames(path: Path, ds, unique: list[int]) -> np.ndarray | None:
+    """The decoded `unique` frames (ascending) as (k, rows, columns[, samples]), or None when this file
+    is decoded whole and picked (signed values, whose display conversion looks at every frame, and
+    layouts without fixed-size frames)."""
+    if frame_count(ds) <= 1 or _int_or(ds, "PixelRepresentation", 0) != 0 or "PixelData" not in ds:
+        return None
+    uid = ds.file_meta.get("TransferSyntaxUID")
+    if uid is not None and uid.is_compressed:
+        from pydicom.pixels import iter_pixels
+
+        return np.stack(list(iter_pixels(ds, indices=unique)))
+    if str(uid) in _NATIVE_LITTLE_ENDIAN:
+        return _native_frames(ds, unique)
+    return None
+
+
+def _whole_native(ds) -> np.ndarray | None:
+    """Every frame of plain uncompressed data (see `_native_frames`) read straight into the array, in
+    pydicom's layout (no frame axis for one frame); None: pydicom decodes it."""
+    native = str(ds.file_meta.get("TransferSyntaxUID")) in _NATIVE_LITTLE_ENDIAN
+    if not native or _int_or(ds, "PixelRepresentation", 0) != 0 or "PixelData" not in ds:
+        return None
+    count = frame_count(ds)
+    pixels = _native_frames(ds, list(range(count)), plain_only=True)
+    return pixels[0] if pixels is not None and count == 1 else pixels
+
+
+def _native_frames(ds, unique: list[int], plain_only: bool = False) -> np.ndarray | None:
+    """Uncompressed frames read from their offsets (the deferred element's place in the file): plain
+    layouts straight into the array, others decoded by pydicom as a dataset holding just those frames
+    (the same conversion as a full decode). None when the data is short or odd: pydicom decodes it."""
+    from pydicom.dataelem import DataElement
+    from pydicom.dataset import Dataset, FileMetaDataset
+
+    bits = _int_or(ds, "BitsAllocated", 8)
+    photometric_text = str(_get(ds, "PhotometricInterpretation", "") or "").upper()
+    if bits not in (8, 16, 32) or "422" in photometric_text or "420" in photometric_text:
+        return None  # bit-packed or subsampled frames do not lie at whole-byte frame offsets
+    frame_bytes = int(ds.Rows) * int(ds.Columns) * _int_or(ds, "SamplesPerPixel", 1) * bits // 8
+    needed = frame_count(ds) * frame_bytes
+    element = ds.get_item(0x7FE00010, keep_deferred=True)
+    value = getattr(element, "value", None)
+    if value is not None and len(value) < needed:
+        return None  # short data: the full decode reports it
+    if value is None:
+        start = getattr(element, "value_tell", None)
+        filename = getattr(ds, "filename", None)
+        length = getattr(element, "length", 0)
+        if start is None or not isinstance(filename, str) or length == 0xFFFFFFFF or length < needed:
+            return None
+    # Grayscale, or RGB stored pixel by pixel, in whole unsigned bytes: pydicom's native decode is the
+    # bytes read as unsigned integers in (frames, rows, columns[, 3]), so they are read straight into
+    # that array; other layouts go through pydicom.
+    samples = _int_or(ds, "SamplesPerPixel", 1)
+    plain = (samples == 1 and photometric_text.startswith("MONOCHROME")) or (
+        samples == 3 and photometric_text == "RGB" and _get(ds, "PlanarConfiguration") == 0)
+    if plain_only and not plain:
+        return None
+    shape = (len(unique), int(ds.Rows), int(ds.Columns), *((3,) if samples == 3 else ()))
+    if not plain:
+        shape = (len(unique) * frame_bytes,)
+    out = np.empty(shape, np.dtype(f"<u{bits // 8}") if plain else np.uint8)
+    target = memoryview(out.reshape(-1).view(np.uint8))
+    if value is not None:  # small enough to have been read with the header
+        for k, i in enumerate(unique):
+            target[k * frame_bytes : (k + 1) * frame_bytes] = value[i * frame_bytes : (i + 1) * frame_bytes]
+    else:
+        with open(filename, "rb") as handle:
+            if Path(filename).stat().st_size < start + needed:
+                return None  # truncated: the full decode reports it
+            for k, i in enumerate(unique):
+                handle.seek(start + i * frame_bytes)
+                if handle.readinto(target[k * frame_bytes : (k + 1) * frame_bytes]) != frame_bytes:
+                    return None
+    if plain:
+        return out
+    mini = Dataset()
+    mini.file_meta = FileMetaDataset()
+    mini.file_meta.TransferSyntaxUID = ds.file_meta.TransferSyntaxUID
+    for keyword in PIXEL_KEYWORDS:
+        if keyword in ds and keyword != "NumberOfFrames":
+            mini.add(ds.data_element(keyword))
+    mini.NumberOfFrames = len(unique)
+    mini["PixelData"] = DataElement(0x7FE00010, "OW" if bits > 8 else "OB", out.tobytes())
+    pixels = decoded_pixels(mini, view_only=True)  # a view of those bytes: the caller's pick copies it
+    return pixels[None] if len(unique) == 1 else pixels
+
+
+def decoded_pixels(ds, **options) -> np.ndarray:
+    """``ds.pixel_array`` without keeping the array on the dataset (pydicom caches it there)."""
+    from pydicom.pixels import pixel_array
+
+    return pixel_array(ds, **options)
 
 
 def _holds_pixel_element(ds) -> bool:
     """Whether `ds` holds a pixel data element (a header read with stop_before_pixels does not)."""
     return any(tag in ds for tag in PIXEL_DATA_TAGS)
+
+
+def _pixel_data_length(ds) -> int | None:
+    """Bytes of the PixelData element, from its declared length when its value is still on disk
+    (deferred: not read for this); None when unknown."""
+    element = ds.get_item(0x7FE00010, keep_deferred=True)
+    if element is None:
+        return None
+    value = element.value
+    if isinstance(value, bytes | bytearray):
+        return len(value)
+    length = getattr(element, "length", None)
+    if value is None and isinstance(length, int) and length != 0xFFFFFFFF:
+        return length
+    return None
 
 
 def _check_native_length(path: Path, ds) -> None:
@@ -497,17 +749,16 @@ def _check_native_length(path: Path, ds) -> None:
     the decoder as truncated.)"""
     if ds.file_meta.get("TransferSyntaxUID") is None or ds.file_meta.TransferSyntaxUID.is_compressed:
         return
-    data = ds.get("PixelData")
-    if not isinstance(data, bytes | bytearray):
+    actual = _pixel_data_length(ds)
+    if actual is None:
         return
     try:
-        bits = int(ds.get("BitsAllocated", 8) or 8)
-        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        bits = int(_get(ds, "BitsAllocated", 8) or 8)
+        samples = int(_get(ds, "SamplesPerPixel", 1) or 1)
         expected_bits = frame_count(ds) * int(ds.Rows) * int(ds.Columns) * samples * bits
     except (TypeError, ValueError, AttributeError):
         return  # the decoder reports a broken header itself
     expected = (expected_bits + 7) // 8
-    actual = len(data)
     frames = frame_count(ds)
     if actual >= expected + max(expected // frames, 2):  # at least one whole frame more
         raise ReadError(
@@ -583,7 +834,7 @@ def _check_codestreams(path: Path, ds) -> None:
     uid = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     if uid is None or not uid.is_compressed:
         return
-    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    rows, cols = int(_get(ds, "Rows", 0) or 0), int(_get(ds, "Columns", 0) or 0)
     frames = frame_count(ds)
     try:
         heads = list(_frame_heads(ds))
@@ -608,7 +859,7 @@ def _check_codestreams(path: Path, ds) -> None:
 
 def _to_display_values(ds, pixels: np.ndarray) -> np.ndarray:
     """MONOCHROME1 (bright = low values) is inverted so every image reads bright = high."""
-    photometric = str(ds.get("PhotometricInterpretation", "")).upper()
+    photometric = str(_get(ds, "PhotometricInterpretation", "")).upper()
     if photometric == "MONOCHROME1":
         if np.issubdtype(pixels.dtype, np.unsignedinteger):
             bits = _int_or(ds, "BitsStored", pixels.dtype.itemsize * 8)
@@ -620,7 +871,7 @@ def _to_display_values(ds, pixels: np.ndarray) -> np.ndarray:
         from pydicom.pixels import apply_color_lut
 
         pixels = apply_color_lut(pixels, ds)
-        if pixels.dtype == np.uint16 and int(ds.get("BitsAllocated", 8)) == 8:
+        if pixels.dtype == np.uint16 and int(_get(ds, "BitsAllocated", 8)) == 8:
             pixels = (pixels >> 8).astype(np.uint8)
     if pixels.dtype.kind == "i" and pixels.size:
         if pixels.min() >= 0:  # signed storage of unsigned values
@@ -632,38 +883,54 @@ def _to_display_values(ds, pixels: np.ndarray) -> np.ndarray:
     return pixels
 
 
-def read_dicom(path: Path, source_format: str = "dicom") -> OctVolume | FundusImage:
-    """One DICOM file: a multi-frame OCT volume (or a one-B-scan OPT) or a fundus image."""
-    header = read_header(path, with_pixels=True)
-    modality, description = classify(header)
+def read_dicom(
+    path: Path, source_format: str = "dicom", header=None, oct_frames: FramePicker | None = None
+) -> OctVolume | FundusImage:
+    """One DICOM file: a multi-frame OCT volume (or a one-B-scan OPT) or a fundus image.
+
+    `header`: discovery's dataset of this file (``read_header``), decoded without a second parse.
+    `oct_frames` maps an OCT volume's B-scan count to the B-scans wanted: the volume then holds only
+    those (in that order) and ``meta.extra["bscans"]`` the full count."""
+    if header is None or _changed_since_parsed(header):  # rewritten since discovery: parse it again
+        header = read_header(path)
+    try:
+        modality, description = classify(header)
+    except BrokenTag as exc:
+        raise broken_header(path, exc) from None
     if modality is None:
         raise ReadError(path, f"not an OCT volume or fundus image: {description}")
-    ds, pixels = load_pixels(path, header)
+    count = frame_count(header)
+    wanted = list(oct_frames(count)) if modality == "oct" and oct_frames is not None else None
+    ds, pixels = load_pixels(path, header, wanted)
     meta = header_meta(ds)
-    frames = frame_count(ds)
-    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    samples = _int_or(ds, "SamplesPerPixel", 1)
     if modality == "oct":
         if samples > 1:  # RGB-rendered B-scans
             pixels = to_grayscale(pixels)
         if pixels.ndim == 2:
             pixels = pixels[None]
+        if wanted is not None:
+            meta.extra["bscans"] = count
         return OctVolume(str(path), np.ascontiguousarray(pixels), source_format, meta)
-    if frames > 1:
+    if count > 1:
         pixels = pixels[0]
-        meta.extra["frames"] = frames
-        meta.extra["note"] = f"multi-frame photograph ({frames} frames): first frame used"
+        meta.extra["frames"] = count
+        meta.extra["note"] = f"multi-frame photograph ({count} frames): first frame used"
     return FundusImage(str(path), np.ascontiguousarray(as_fundus_array(path, pixels)), source_format, meta)
 
 
 def _position(ds) -> np.ndarray | None:
-    position = ds.get("ImagePositionPatient")
+    position = _get(ds, "ImagePositionPatient")
     if position is None:
         frame = _first(ds, "PerFrameFunctionalGroupsSequence")
         plane = _first(frame, "PlanePositionSequence")
-        position = plane.get("ImagePositionPatient") if plane is not None else None
-    if position is None or len(position) != 3:
+        position = _get(plane, "ImagePositionPatient")
+    try:  # a header value of the wrong kind (text, one number) is no position
+        if position is None or len(position) != 3:
+            return None
+        return np.array([float(v) for v in position])
+    except (TypeError, ValueError):
         return None
-    return np.array([float(v) for v in position])
 
 
 def _positions_along_scan_axis(datasets: list) -> list[float] | None:
@@ -673,10 +940,13 @@ def _positions_along_scan_axis(datasets: list) -> list[float] | None:
     if any(p is None for p in positions):
         return None
     stacked = np.stack(positions)
-    orientation = datasets[0].get("ImageOrientationPatient")
+    orientation = _get(datasets[0], "ImageOrientationPatient")
     axis = None
-    if orientation is not None and len(orientation) == 6:
-        values = np.array([float(v) for v in orientation])
+    try:
+        values = np.array([float(v) for v in orientation]) if len(orientation or ()) == 6 else None
+    except (TypeError, ValueError):
+        values = None
+    if values is not None:
         normal = np.cross(values[:3], values[3:])
         if np.linalg.norm(normal) > 0:
             axis = normal / np.linalg.norm(normal)
@@ -687,13 +957,16 @@ def _positions_along_scan_axis(datasets: list) -> list[float] | None:
 
 def _frame_location_y(ds) -> float | None:
     """Ophthalmic Frame Location: B-scan line on the localizer; its row coordinate orders the scans."""
-    items = list(ds.get("OphthalmicFrameLocationSequence") or [])
-    for frame in ds.get("PerFrameFunctionalGroupsSequence") or []:
-        items.extend(frame.get("OphthalmicFrameLocationSequence") or [])
+    items = list(_get(ds, "OphthalmicFrameLocationSequence") or [])
+    for frame in _get(ds, "PerFrameFunctionalGroupsSequence") or []:
+        items.extend(_get(frame, "OphthalmicFrameLocationSequence") or [])
     for item in items:
-        coords = item.get("ReferenceCoordinates")
-        if coords is not None and len(coords) >= 2:
-            return float(coords[0])
+        coords = _get(item, "ReferenceCoordinates")
+        try:
+            if coords is not None and len(coords) >= 2:
+                return float(coords[0])
+        except (TypeError, ValueError):
+            continue
     return None
 
 
@@ -703,7 +976,8 @@ def series_order(members: list[tuple[Path, Any]]) -> list[Path]:
 
     def instance_number(ds) -> float | None:
         try:
-            return float(ds.get("InstanceNumber")) if ds.get("InstanceNumber") not in (None, "") else None
+            number = _get(ds, "InstanceNumber")
+            return float(number) if number not in (None, "") else None
         except (TypeError, ValueError):
             return None
 
@@ -722,36 +996,66 @@ def series_order(members: list[tuple[Path, Any]]) -> list[Path]:
     return sorted((path for path, _ in members), key=lambda p: natural_key(p.name))
 
 
-def read_dicom_series(path: Path, members: tuple[Path, ...]) -> OctVolume:
-    """Single-frame B-scan files of one series (already ordered) -> one volume."""
-    scans: list[np.ndarray] = []
-    headers: list = []
-    meta: ImageMeta | None = None
-    for member in members:
-        ds, pixels = load_pixels(member)
-        headers.append(ds)
-        if int(ds.get("SamplesPerPixel", 1) or 1) > 1:
+def read_dicom_series(
+    path: Path, members: tuple[Path, ...], headers=None, oct_frames: FramePicker | None = None
+) -> OctVolume:
+    """Single-frame B-scan files of one series (already ordered) -> one volume.
+
+    `headers`: discovery's datasets of `members` (same order), decoded without parsing them again.
+    `oct_frames`: only the B-scan files it picks are decoded (every member's size is still checked,
+    from its header) and ``meta.extra["bscans"]`` holds the series' length."""
+    if not members:
+        raise ReadError(path, "empty B-scan series")
+    if headers is None or len(headers) != len(members):
+        headers = [None] * len(members)
+    headers = [ds if ds is not None and not _changed_since_parsed(ds) else read_header(member)
+               for member, ds in zip(members, headers, strict=True)]
+    try:
+        return _read_series(path, members, list(headers), oct_frames)
+    except BrokenTag as exc:
+        raise broken_header(path, exc) from None
+
+
+def _read_series(path: Path, members: tuple[Path, ...], headers: list, oct_frames) -> OctVolume:
+    wanted = None if oct_frames is None else [int(i) for i in oct_frames(len(members))]
+    if wanted is not None:
+        if not wanted or min(wanted) < 0 or max(wanted) >= len(members):
+            raise ValueError(f"{path}: B-scan indices must lie in 0..{len(members) - 1}")
+        first = None
+        for member, ds in zip(members, headers, strict=True):  # every member's size, from its header
+            check_size(member, ds)
+            size = (header_int(member, ds, "Rows", 0), header_int(member, ds, "Columns", 0))
+            first = first or size
+            if size != first:
+                raise ReadError(path, f"B-scan {member.name} has shape {size}, the others {first}")
+        check_sample_budget(path, (len(members), *first))
+    chosen = range(len(members)) if wanted is None else sorted(set(wanted))
+    scans: dict[int, np.ndarray] = {}
+    shape = None
+    for index in chosen:
+        member = members[index]
+        ds, pixels = load_pixels(member, headers[index])
+        if _int_or(ds, "SamplesPerPixel", 1) > 1:
             pixels = to_grayscale(pixels)
         if pixels.ndim == 3:
             pixels = pixels[0]
-        if scans and pixels.shape != scans[0].shape:
-            raise ReadError(
-                path, f"B-scan {member.name} has shape {pixels.shape}, the others {scans[0].shape}"
-            )
-        if meta is None:
-            meta = header_meta(ds)
-        else:
-            for uid in referenced_uids(ds):
-                if uid not in meta.referenced_sop_uids:
-                    meta.referenced_sop_uids = (*meta.referenced_sop_uids, uid)
-        scans.append(pixels)
-        check_sample_budget(path, (len(members), *scans[0].shape))  # the whole series, before the rest
-    if not scans or meta is None:
-        raise ReadError(path, "empty B-scan series")
+        if shape is not None and pixels.shape != shape:
+            raise ReadError(path, f"B-scan {member.name} has shape {pixels.shape}, the others {shape}")
+        shape = pixels.shape
+        scans[index] = pixels
+        check_sample_budget(path, (len(members), *shape))  # the whole series, before the rest
+    meta = header_meta(headers[0])
+    for ds in headers[1:]:  # the localizer may be referenced by any B-scan
+        for uid in referenced_uids(ds):
+            if uid not in meta.referenced_sop_uids:
+                meta.referenced_sop_uids = (*meta.referenced_sop_uids, uid)
     meta.sop_instance_uid = None  # the volume is many instances
     meta.extra["files"] = len(members)
+    if wanted is not None:
+        meta.extra["bscans"] = len(members)
     positions = _positions_along_scan_axis(headers) if len(headers) > 1 else None
     spacing2d = _pixel_spacing_2d(headers[0])
     if positions is not None and spacing2d is not None:
         meta.pixel_spacing_mm = (float(np.median(np.abs(np.diff(positions)))), *spacing2d)
-    return OctVolume(str(path), np.stack(scans), "dicom-series", meta)
+    order = list(chosen) if wanted is None else wanted
+    return OctVolume(str(path), np.stack([scans[i] for i in order]), "dicom-series", meta)

@@ -3,6 +3,7 @@ also hold a fundus image: decided by its shape)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,31 @@ import numpy as np
 from retinacli.errors import ReadError
 from retinacli.items import FundusImage, ImageMeta, OctVolume
 from retinacli.readers.common import as_fundus_array, check_sample_budget, short, to_grayscale
-from retinacli.readers.images import load_image, main_pages, quiet_tifffile, tiff_codec_problem, tiff_header
+from retinacli.readers.images import (
+    image_header,
+    load_image,
+    main_pages,
+    quiet_tifffile,
+    tiff_codec_problem,
+    tiff_header,
+)
+
+# Maps a volume's B-scan count to the indices of the B-scans wanted (readers.read_source's oct_frames).
+FramePicker = Callable[[int], Sequence[int]]
+
+
+def wanted_frames(path: Path, oct_frames: FramePicker, count: int) -> tuple[list[int], list[int]]:
+    """(the B-scan indices `oct_frames` picks of `count`, in its order; the same, unique and ascending)."""
+    wanted = [int(i) for i in oct_frames(count)]
+    if not wanted or min(wanted) < 0 or max(wanted) >= count:
+        raise ValueError(f"{path}: B-scan indices must lie in 0..{count - 1}")
+    return wanted, sorted(set(wanted))
+
+
+def pick_rows(stack: np.ndarray, wanted: list[int], unique: list[int]) -> np.ndarray:
+    """`stack` holds the `unique` B-scans (ascending): return them in `wanted` order, repeats included."""
+    rows = {frame: row for row, frame in enumerate(unique)}
+    return stack[[rows[i] for i in wanted]]
 
 
 def npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
@@ -43,7 +68,9 @@ def npy_modality(path: Path, shape: tuple[int, ...]) -> str:
     raise ReadError(path, f"array shape {shape} is neither an OCT volume (n, H, W) nor an image (H, W[, C])")
 
 
-def read_npy(path: Path) -> OctVolume | FundusImage:
+def read_npy(path: Path, oct_frames: FramePicker | None = None) -> OctVolume | FundusImage:
+    """An OCT volume or fundus image from a .npy; with `oct_frames`, only those B-scans of a volume
+    are copied out of the memory-mapped file."""
     shape, dtype = npy_header(path)
     modality = npy_modality(path, shape)
     check_sample_budget(path, shape, "array", dtype.itemsize)
@@ -51,11 +78,12 @@ def read_npy(path: Path) -> OctVolume | FundusImage:
         raise ReadError(path, f"unsupported array dtype {dtype}")
     if 0 in shape:
         raise ReadError(path, f"empty array (shape {shape})")
+    picks = wanted_frames(path, oct_frames, shape[0]) if modality == "oct" and oct_frames else None
     try:
         # memory-mapped first: a header that declares more data than the file holds fails here,
         # before numpy allocates the declared size
         mapped = np.load(path, mmap_mode="r", allow_pickle=False)
-        pixels = np.array(mapped)
+        pixels = np.array(mapped if picks is None else mapped[picks[1]])  # only the picked B-scans
         del mapped
     except Exception as exc:
         raise ReadError(path, f"truncated or unreadable .npy ({short(exc)})") from None
@@ -66,14 +94,20 @@ def read_npy(path: Path) -> OctVolume | FundusImage:
     if modality == "oct":
         if pixels.ndim == 4:
             pixels = pixels[..., 0]
-        return OctVolume(str(path), np.ascontiguousarray(pixels), "npy", ImageMeta())
+        meta = ImageMeta()
+        if picks is not None:
+            pixels = pick_rows(pixels, *picks)
+            meta.extra["bscans"] = shape[0]
+        return OctVolume(str(path), np.ascontiguousarray(pixels), "npy", meta)
     return FundusImage(str(path), np.ascontiguousarray(as_fundus_array(path, pixels)), "npy", ImageMeta())
 
 
-def read_tiff_stack(path: Path) -> OctVolume:
+def read_tiff_stack(path: Path, oct_frames: FramePicker | None = None) -> OctVolume:
     """Full-resolution pages -> (n_bscans, H, W). Thumbnail / reduced-resolution pages are not slices;
     colour pages are B-scans only when they are gray (R = G = B), else the file is refused. Compressed
-    pages (LZW, Deflate, PackBits, JPEG, ...) decode through tifffile + imagecodecs."""
+    pages (LZW, Deflate, PackBits, JPEG, ...) decode through tifffile + imagecodecs. With
+    `oct_frames` only the pages it picks are decoded (every page's size and codec still checked)."""
+    bscans = None
     tifffile = quiet_tifffile()
 
     header = tiff_header(path)
@@ -98,12 +132,18 @@ def read_tiff_stack(path: Path) -> OctVolume:
                 whole = tif.is_imagej or tif.is_ome
                 pixels = tif.series[0].asarray() if whole else tif.pages[pages[0]].asarray()
             else:
+                wanted = unique = list(range(len(pages)))
+                if oct_frames is not None:  # only the picked pages are decompressed
+                    wanted, unique = wanted_frames(path, oct_frames, len(pages))
+                    bscans = len(pages)
                 pixels = None
-                for k, index in enumerate(pages):  # page by page: no second full-size copy
-                    page = tif.pages[index].asarray()
+                for k, index in enumerate(unique):  # page by page: no second full-size copy
+                    page = tif.pages[pages[index]].asarray()
                     if pixels is None:
-                        pixels = np.empty((len(pages), *page.shape), page.dtype)
+                        pixels = np.empty((len(unique), *page.shape), page.dtype)
                     pixels[k] = page
+                if bscans is not None:
+                    pixels = pick_rows(pixels, wanted, unique)
     except ReadError:
         raise
     except Exception as exc:
@@ -123,20 +163,43 @@ def read_tiff_stack(path: Path) -> OctVolume:
         pixels = pixels[None]
     if pixels.ndim != 3:
         raise ReadError(path, f"TIFF stack has shape {tuple(pixels.shape)}, expected (n_bscans, H, W)")
-    return OctVolume(str(path), np.ascontiguousarray(pixels), "tiff", ImageMeta())
+    if oct_frames is not None and bscans is None:  # one IFD holding the stack: decoded whole, then picked
+        bscans = pixels.shape[0]
+        wanted, unique = wanted_frames(path, oct_frames, bscans)
+        pixels = pick_rows(pixels[unique], wanted, unique)
+    meta = ImageMeta(extra={"bscans": bscans}) if bscans is not None else ImageMeta()
+    return OctVolume(str(path), np.ascontiguousarray(pixels), "tiff", meta)
 
 
-def read_bscan_folder(path: Path, members: tuple[Path, ...]) -> OctVolume:
-    """Numbered B-scan images (already in natural order) -> (n_bscans, H, W)."""
+def read_bscan_folder(
+    path: Path, members: tuple[Path, ...], oct_frames: FramePicker | None = None
+) -> OctVolume:
+    """Numbered B-scan images (already in natural order) -> (n_bscans, H, W). With `oct_frames` only
+    the image files it picks are decoded; every file's size is still checked (from its header)."""
     if not members:
         raise ReadError(path, "folder holds no B-scan images")
     meta = ImageMeta(extra={"files": len(members)})
-    return OctVolume(str(path), stack_bscans(path, members), "bscan-folder", meta)
+    if oct_frames is None:
+        return OctVolume(str(path), stack_bscans(path, members), "bscan-folder", meta)
+    wanted, unique = wanted_frames(path, oct_frames, len(members))
+    sizes = []
+    for member in members:
+        header = image_header(member)
+        sizes.append((header.height, header.width))
+        if sizes[-1] != sizes[0]:
+            raise ReadError(path, f"B-scans differ in size: {member.name} has shape {sizes[-1]}, "
+                                  f"the others {sizes[0]}")
+    check_sample_budget(path, (len(members), *sizes[0]))
+    stack = stack_bscans(path, [members[i] for i in unique], total=len(members))
+    meta.extra["bscans"] = len(members)
+    return OctVolume(str(path), pick_rows(stack, wanted, unique), "bscan-folder", meta)
 
 
-def stack_bscans(path: Path, members) -> np.ndarray:
+def stack_bscans(path: Path, members, total: int | None = None) -> np.ndarray:
     """One image file per B-scan (in order) -> (n_bscans, H, W), grayscale; errors name `path` (the
-    volume). The budget is checked for the whole stack once the first B-scan's size is known."""
+    volume). The budget is checked for the whole stack (`total` B-scans: all of `members` unless
+    said) once the first B-scan's size is known."""
+    total = len(members) if total is None else total
     scans: list[np.ndarray] = []
     for member in members:
         pixels, _fmt = load_image(member)
@@ -146,5 +209,5 @@ def stack_bscans(path: Path, members) -> np.ndarray:
             shapes = f"{member.name} has shape {pixels.shape}, the others {scans[0].shape}"
             raise ReadError(path, f"B-scans differ in size: {shapes}")
         scans.append(pixels)
-        check_sample_budget(path, (len(members), *scans[0].shape))  # the whole stack, before the rest
+        check_sample_budget(path, (total, *scans[0].shape))  # the whole stack, before the rest
     return np.stack(scans)
