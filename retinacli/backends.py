@@ -1,7 +1,8 @@
 """Inference backends for the encoders, and the choice of backend + precision per encoder.
 
 Two backends read the package's ONNX files: onnxruntime (always installed) and the OpenVINO runtime
-(optional extra ``retina[openvino]``, Apache-2.0). Each encoder may exist in two precisions: the fp32
+(Apache-2.0; a base dependency on x86-64, where it is the fastest, and optional elsewhere: without it
+``auto`` runs onnxruntime). Each encoder may exist in two precisions: the fp32
 graph and, when the package was exported with ``--quantize int8``, a statically quantised int8 graph
 (QDQ) with the accuracy gate measured at export (``retina.json`` -> ``quantized``).
 
@@ -97,7 +98,7 @@ def choose_variant(
             raise UsageError("--engine openvino runs on the CPU; use --engine onnxruntime with --device cuda")
         backend = "onnxruntime"
     if backend != "auto" and not installed.get(backend):
-        extra = " (pip install 'retina[openvino]')" if backend == "openvino" else ""
+        extra = " (pip install openvino; installed with retina on x86-64)" if backend == "openvino" else ""
         raise UsageError(f"engine {backend} is not installed{extra}")
     options = variants(descriptor, modality)
     if precision == "int8" and not any(v.precision == "int8" for v in options):
@@ -130,8 +131,38 @@ class OnnxRuntimeRunner:
         self.session = create_session(blob, providers, threads)  # no busy-waiting between runs
         self.input_name, self.output_name = input_name, output_name
 
+    @property
+    def providers(self) -> list[str]:
+        """The execution providers the session really uses (onnxruntime falls back to the CPU
+        silently when a requested provider cannot start)."""
+        return list(self.session.get_providers())
+
     def run(self, x):
         return self.session.run([self.output_name], {self.input_name: x})[0]
+
+
+def import_openvino() -> Any:
+    """``import openvino`` (the runtime) without its model converter ``openvino.tools.ovc``.
+
+    Importing the converter sends a usage event to Google Analytics and writes a client id under
+    ~/intel unless the user has opted out (openvino-telemetry; opt-out, not opt-in, for that import),
+    and retina does not need it: it reads the package's ONNX bytes with ``Core.read_model``. The block
+    is lifted once the runtime is imported, so code that imports the converter itself later still can.
+    """
+    import sys
+
+    if "openvino" in sys.modules:
+        return sys.modules["openvino"]
+    converter = "openvino.tools.ovc"
+    block = converter not in sys.modules
+    if block:
+        sys.modules[converter] = None  # type: ignore[assignment]  # openvino skips it on ImportError
+    try:
+        import openvino
+    finally:
+        if block and converter in sys.modules and sys.modules[converter] is None:
+            del sys.modules[converter]
+    return openvino
 
 
 class OpenVinoRunner:
@@ -144,8 +175,7 @@ class OpenVinoRunner:
     def __init__(self, blob: bytes, input_name: str, output_name: str, threads: int):
         import threading
 
-        import openvino as ov
-
+        ov = import_openvino()
         core = ov.Core()
         config = {
             "INFERENCE_NUM_THREADS": int(threads),
@@ -156,6 +186,15 @@ class OpenVinoRunner:
         self.request = self.compiled.create_infer_request()
         self._lock = threading.Lock()  # one infer request: calls are serialised
         self.input_name, self.output_name = input_name, output_name
+
+    @property
+    def providers(self) -> list[str]:
+        """The devices the compiled model runs on, as ``OpenVINO <device>`` (e.g. ``OpenVINO CPU``)."""
+        try:
+            devices = list(self.compiled.get_property("EXECUTION_DEVICES"))
+        except RuntimeError:  # a runtime without the property: compile_model was given "CPU"
+            devices = ["CPU"]
+        return [f"OpenVINO {d}" for d in devices]
 
     def run(self, x):
         import numpy as np

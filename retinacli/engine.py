@@ -51,37 +51,59 @@ def physical_cores() -> int:
     return max(1, min(logical, len(cores) or logical))
 
 
+DEVICES = ("auto", "cpu", "cuda")
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+CUDA_INSTALL = "pip uninstall onnxruntime && pip install onnxruntime-gpu"
+
+
 def available_providers() -> list[str]:
     import onnxruntime as ort
 
     return list(ort.get_available_providers())
 
 
-def choose_providers(providers: str | list[str] | None) -> list[str]:
-    """``None``/``"cpu"`` -> CPU; ``"cuda"`` -> CUDA (error if absent); ``"auto"`` -> CUDA when present.
+def choose_providers(
+    providers: str | list[str] | None, backend: str = "auto", available: list[str] | None = None
+) -> list[str]:
+    """The onnxruntime providers to ask for, from ``--device``.
 
-    A list of onnxruntime provider names is used as given (unknown ones are an error).
+    ``None``/``"cpu"`` -> CPU; ``"cuda"`` -> CUDA then CPU (a UsageError saying how to install
+    onnxruntime-gpu when this onnxruntime has no CUDA provider); ``"auto"`` -> CUDA when the provider
+    is available and the engine is not pinned to OpenVINO (a CPU runtime), else CPU. A list of
+    onnxruntime provider names is used as given (unknown ones are an error). ``available``: the
+    providers this onnxruntime offers (default: asked from onnxruntime; tests pass their own).
     """
-    available = available_providers()
+    available = available_providers() if available is None else list(available)
     if providers is None or providers == "cpu":
-        return ["CPUExecutionProvider"]
+        return [CPU]
     if providers == "auto":
-        return (["CUDAExecutionProvider"] if "CUDAExecutionProvider" in available else []) + [
-            "CPUExecutionProvider"
-        ]
+        return [CUDA, CPU] if CUDA in available and backend != "openvino" else [CPU]
     if providers == "cuda":
-        if "CUDAExecutionProvider" not in available:
+        if CUDA not in available:
             raise UsageError(
-                "CUDA was asked for but this onnxruntime has no CUDAExecutionProvider "
-                f"(available: {', '.join(available)}); install onnxruntime-gpu or use --device cpu"
+                f"--device cuda: this onnxruntime has no {CUDA} (available: {', '.join(available)}); "
+                f"install the GPU build ({CUDA_INSTALL}) or use --device cpu"
             )
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        return [CUDA, CPU]
     if isinstance(providers, str):
-        raise UsageError(f"unknown device {providers!r} (use cpu, cuda or auto)")
+        raise UsageError(f"unknown device {providers!r} (use {', '.join(DEVICES)})")
     missing = [p for p in providers if p not in available]
     if missing:
         raise UsageError(f"onnxruntime providers not available: {', '.join(missing)}")
     return list(providers)
+
+
+def check_cuda_used(used: list[str], where: Path | str) -> None:
+    """``--device cuda`` asked for the GPU: a session that fell back to the CPU is an error, not a
+    silent slow run (onnxruntime drops a provider it cannot start, e.g. without CUDA/cuDNN libraries
+    or a visible GPU)."""
+    if CUDA not in used:
+        raise UsageError(
+            f"--device cuda: onnxruntime could not start CUDA for {where} and fell back to "
+            f"{', '.join(used) or 'nothing'} (no GPU visible, or the CUDA/cuDNN libraries onnxruntime-gpu "
+            "needs are missing); use --device cpu or auto"
+        )
 
 
 class Engine:
@@ -96,16 +118,18 @@ class Engine:
         threads: int,
         backend: str = "auto",
         precision: str = "auto",
+        device: str | None = None,
     ):
         self.path = Path(path)
         self.descriptor = descriptor
-        self.providers = providers
+        self.providers = providers  # asked for; the ones really used: providers_used()
+        self.device = device  # "cuda": a session that falls back to the CPU is an error
         self.threads = threads
         self._blobs = blobs
         self._sessions: dict[str, Any] = {}
         self._runners: dict[str, Any] = {}
         self.backend_request, self.precision_request = backend, precision
-        gpu = any(p != "CPUExecutionProvider" for p in providers)
+        gpu = any(p != CPU for p in providers)
         # Chosen now (cheap, no session built) so that bad requests fail before any work starts.
         self.variants: dict[str, Variant] = {
             m: choose_variant(descriptor, m, backend, precision, gpu=gpu) for m in MODALITIES
@@ -134,7 +158,8 @@ class Engine:
     ) -> Engine:
         """Resolve, verify (schema + sha256 of every file) and open a package.
 
-        ``providers``: None/"cpu", "cuda", "auto" or a list of onnxruntime provider names.
+        ``providers``: the device, None/"cpu", "cuda", "auto" (CUDA when onnxruntime has it, else
+        the CPU), or a list of onnxruntime provider names. With CUDA the encoders run on onnxruntime.
         ``threads``: intra-op threads per session (default: physical cores).
         ``backend`` (onnxruntime, openvino, auto) and ``precision`` (fp32, int8, auto) choose how
         the encoders run; ``auto`` is the fastest installed variant that passed the package's
@@ -148,8 +173,9 @@ class Engine:
             raise ModelPackageError(f"{path / 'retina.json'}: preprocessing: {exc}") from None
         if threads is not None and int(threads) < 1:
             raise UsageError(f"threads must be >= 1, got {threads}")
-        return cls(path, descriptor, blobs, choose_providers(providers), int(threads or physical_cores()),
-                   backend, precision)
+        device = providers if isinstance(providers, str) else None
+        return cls(path, descriptor, blobs, choose_providers(providers, backend),
+                   int(threads or physical_cores()), backend, precision, device)
 
     def _session(self, file_name: str):
         with self._lock:
@@ -166,6 +192,8 @@ class Engine:
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 where = self.path / file_name
                 raise ModelPackageError(f"{where}: onnxruntime cannot load it ({first})") from None
+            if self.device == "cuda":
+                check_cuda_used(session.get_providers(), self.path / file_name)
             self._sessions[file_name] = session
         return session
 
@@ -185,8 +213,20 @@ class Engine:
                     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                     where = self.path / variant.file
                     raise ModelPackageError(f"{where}: {variant.backend} cannot load it ({first})") from None
+                if self.device == "cuda":
+                    check_cuda_used(runner.providers, self.path / variant.file)
                 self._runners[modality] = runner
         return runner
+
+    def providers_used(self, modalities: tuple[str, ...] | list[str] | None = None) -> dict[str, list[str]]:
+        """The providers each encoder really runs on, from its built session (``get_providers()``;
+        OpenVINO: ``OpenVINO CPU``). ``modalities``: build those encoders' runners first (a
+        ``--device cuda`` that cannot start CUDA fails here); None: only the runners built so far."""
+        for modality in modalities or ():
+            self._runner(self._check_modality(modality))
+        with self._lock:
+            built = dict(self._runners)
+        return {m: list(getattr(r, "providers", [])) for m, r in sorted(built.items())}
 
     def check_graphs(self) -> None:
         """Check every graph (fp32 and int8 encoders, heads) against the descriptor: input/output
@@ -298,8 +338,27 @@ class Engine:
             "path": str(self.path),
             "embed_dim": self.embed_dim,
             "tasks": list(self.tasks),
-            "providers": self.providers,
+            "device": self.device or "cpu",
+            "providers_requested": self.providers,
+            "providers": self.providers_used(),  # encoders built so far, as their sessions report
             "encoders": {m: v.label for m, v in self.variants.items()},
             "threads": self.threads,
             "spec_hash": self.spec_hash,
         }
+
+
+def engine_line(engine: Any, modalities: tuple[str, ...] | list[str]) -> str:
+    """``oct openvino/fp32 on OpenVINO CPU, ...``: how each encoder runs, with the providers its built
+    session really uses (building it now). Empty for an engine without variants (a stand-in)."""
+    variants = getattr(engine, "variants", None) or {}
+    used_of = getattr(engine, "providers_used", None)
+    wanted = [m for m in modalities if m in variants]
+    used = used_of(wanted) if used_of is not None else {}
+    asked_cuda = CUDA in (getattr(engine, "providers", None) or [])
+    parts = []
+    for m in wanted:
+        where = f" on {', '.join(used[m])}" if used.get(m) else ""
+        if asked_cuda and variants[m].backend == "onnxruntime" and CUDA not in used.get(m, [CUDA]):
+            where += " (CUDA asked for but could not start)"  # the silent fall-back, made visible
+        parts.append(f"{m} {variants[m].label}{where}")
+    return ", ".join(parts)

@@ -4,7 +4,12 @@ Worker threads read and preprocess whole sources (a file, or a folder that is on
 main thread batches the preprocessed arrays per modality and runs the model: numpy, the image
 decoders and onnxruntime release the GIL for their heavy loops, so the two overlap. At most
 `2 * workers` sources are in flight and a source's pixels are dropped as soon as it is preprocessed,
-so memory stays bounded however big the folder is.
+so memory stays bounded however big the folder is. The default reader decodes only the B-scans the
+package's spec samples, where the file format allows it (`oct_frames`).
+
+Discovery can stream (`StreamingPlan`, what `retina embed` uses): it runs in a thread that plans each
+source as it is found (identity, skip what the store holds) and feeds a bounded queue, so inference
+starts with the first sources found and no list of every source is kept.
 
 Resume: a source is identified by a keyed hash of its resolved path, size and mtime (`source_key`;
 stores before format 3 hashed the absolute path, which kept `..`: those keys are still honoured).
@@ -15,15 +20,19 @@ the store is complete and is skipped on the next run.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+import inspect
 import os
+import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from stat import S_ISDIR
 from typing import Any
 
 import numpy as np
@@ -59,13 +68,44 @@ def _lower_reader_priority() -> None:
         os.setpriority(os.PRIO_PROCESS, thread, min(19, current + READER_NICENESS))
 
 
-def read_with_readers(source: Any, modality: str | None) -> Iterable[OctVolume | FundusImage | ReadError]:
-    """All items of one source: a discovered `readers.Source` (decoded directly), or a path."""
+def read_with_readers(
+    source: Any, modality: str | None, oct_frames: Callable[[int], Sequence[int]] | None = None,
+) -> Iterable[OctVolume | FundusImage | ReadError]:
+    """All items of one source: a discovered `readers.Source` (decoded directly), or a path.
+
+    `oct_frames`: the B-scan indices the model samples from a volume of n B-scans; readers that can
+    decode selectively then read only those (an OCT item then holds just those B-scans, in order)."""
     from retinacli import readers
 
     if isinstance(source, readers.Source):
-        return readers.read_source(source, modality)
+        return readers.read_source(source, modality, oct_frames=oct_frames)
     return readers.iter_items([source], modality=modality)
+
+
+@functools.lru_cache(maxsize=64)
+def accepts_keyword(function: Callable[..., Any], name: str) -> bool:
+    """Whether `function` takes the keyword argument `name` (custom readers keep their two arguments)."""
+    try:
+        parameters = inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+
+
+def oct_frames_for(engine: Any) -> Callable[[int], Sequence[int]] | None:
+    """The B-scans the engine's preprocessing samples from a volume of n (None without a spec)."""
+    spec = getattr(engine, "spec", None)
+    try:
+        slices = int(spec["oct"]["slices"])
+    except (TypeError, KeyError, ValueError):
+        return None
+    from retinacli.preprocess import slice_indices
+
+    return functools.partial(_frames, slice_indices, slices)
+
+
+def _frames(pick: Callable[[int, int], Any], slices: int, n: int) -> list[int]:
+    return [int(i) for i in pick(n, slices)]
 
 
 class Discovered(tuple):
@@ -82,6 +122,16 @@ def discover_with_readers(paths: Sequence[Path]) -> tuple[list[Any], list[ReadEr
     result = Discovered((list(found.sources), list(found.errors)))
     result.ignored = list(found.ignored)
     return result
+
+
+def _discover_stream(paths: Sequence[Path]) -> Iterator[Any]:
+    """Sources, ReadErrors and Ignored (path, why), each as soon as discovery finds it."""
+    from retinacli.readers.discover import scan_iter
+
+    return scan_iter(paths)
+
+
+discover_with_readers.stream = _discover_stream  # StreamingPlan streams through it
 
 
 # --- identities -------------------------------------------------------------------------------------
@@ -112,7 +162,7 @@ def source_identity(source: Any, legacy: bool = False) -> str:
             listing.update(f"{where(Path(member))}|{st.st_size}|{st.st_mtime_ns}\n".encode())
         return f"set:{path}|{listing.hexdigest()}"
     stat = path.stat()
-    if not path.is_dir():
+    if not S_ISDIR(stat.st_mode):  # one stat per source
         return f"file:{path}|{stat.st_size}|{stat.st_mtime_ns}"
     listing = hashlib.sha256()
     for entry in sorted(os.scandir(path), key=lambda e: e.name):
@@ -266,6 +316,10 @@ class EmbedReport:
     flagged: int = 0  # items out of distribution for the package (retinacli.ood), stored or refused
     refused: int = 0  # of those, not stored because of `strict` (they are in `errors` too)
     ood_checked: bool = False  # whether the package has an out-of-distribution reference
+    # Seconds from the run's start: until discovery had finished (a StreamingPlan; None for a plan made
+    # before the run) and until the first model call (None without one). first < discovery: streamed.
+    discovery_seconds: float | None = None
+    first_batch_seconds: float | None = None
 
     @property
     def throughput(self) -> float:
@@ -288,31 +342,134 @@ def plan_embedding(
     however it is spelled now, so upgrading a store never embeds its sources again."""
     found = (discover or discover_with_readers)([Path(p) for p in paths])
     sources, errors = found
+    planner = _Planner(secret, done_keys, exclude, old_paths, list(errors))
+    todo = [job for job in map(planner.plan, sources) if job is not None]
     ignored = list(getattr(found, "ignored", []))  # what discovery did not read, and why
-    spelled: dict[str, list[str]] = {}
-    for old in old_paths:
-        spelled.setdefault(str(Path(old).resolve()), []).append(old)
-    excluded = Path(exclude).absolute() if exclude is not None else None
-    todo, skipped, seen = [], 0, set()
-    for source in sources:
+    return EmbedPlan(todo, planner.skipped, planner.errors, ignored)
+
+
+class _Planner:
+    """Per source: its identity and key, or why it is not embedded (the store's own files, named
+    twice, already in the store)."""
+
+    def __init__(self, secret: bytes, done_keys: set[str], exclude: Path | None, old_paths: Iterable[str],
+                 errors: list[ReadError]):
+        self.secret, self.done_keys, self.errors = secret, done_keys, errors
+        self.spelled: dict[str, list[str]] = {}
+        for old in old_paths:
+            self.spelled.setdefault(str(Path(old).resolve()), []).append(old)
+        self.excluded = Path(exclude).absolute() if exclude is not None else None
+        self.seen: set[str] = set()
+        self.skipped = 0
+
+    def plan(self, source: Any) -> tuple[Any, str, str] | None:
         absolute = source_path(source).absolute()
+        excluded = self.excluded
         if excluded is not None and (absolute == excluded or excluded in absolute.parents):
-            continue  # never embed the store's own files
+            return None  # never embed the store's own files
         try:
             identity = source_identity(source)
         except OSError as exc:
-            errors.append(ReadError(absolute, f"cannot stat ({exc.strerror or exc})"))
-            continue
+            self.errors.append(ReadError(absolute, f"cannot stat ({exc.strerror or exc})"))
+            return None
+        secret, done_keys = self.secret, self.done_keys
         key = source_key(identity, secret)
-        if key in seen:
-            continue  # the same source named twice on the command line
-        seen.add(key)
+        if key in self.seen:
+            return None  # the same source named twice on the command line
+        self.seen.add(key)
         if key in done_keys or (done_keys and _legacy_key(source, secret) in done_keys) or (
-                spelled and _matches_old_row(source, secret, done_keys, spelled)):
-            skipped += 1
-        else:
-            todo.append((source, identity, key))
-    return EmbedPlan(todo, skipped, list(errors), ignored)
+                self.spelled and _matches_old_row(source, secret, done_keys, self.spelled)):
+            self.skipped += 1
+            return None
+        return (source, identity, key)
+
+
+class StreamingPlan:
+    """A plan made while discovery runs: `run_embedding` plans each source as discovery passes it on
+    (in a thread, through a bounded queue), so inference starts before discovery has finished and no
+    list of every source is kept. `skipped_sources`, `errors` and `ignored` are final once the run
+    has returned. `on_found(n)`: called (from the discovery thread) with the number of sources to
+    embed found so far, e.g. to grow a progress bar's total. `modality`: leave out the sources that
+    hold no item of it (after the store check, so `skipped_sources` counts them as a full plan does).
+
+    `discover`: like plan_embedding's; a callable with a `stream` attribute (`discover_with_readers`)
+    is streamed through it, any other is called once and its (sources, errors) planned in turn."""
+
+    def __init__(
+        self,
+        paths: Sequence[Path | str],
+        secret: bytes,
+        done_keys: set[str],
+        *,
+        exclude: Path | None = None,
+        discover: Callable[[Sequence[Path]], Any] | None = None,
+        old_paths: Iterable[str] = (),
+        on_found: Callable[[int], None] | None = None,
+        modality: str | None = None,
+    ):
+        self.paths = [Path(p) for p in paths]
+        self.discover = discover
+        self.on_found = on_found
+        self.modality = modality
+        self._planner = _Planner(secret, done_keys, exclude, old_paths, [])
+        self._discovery_errors: list[ReadError] = []
+        self._cancelled = False
+        self.ignored: list[tuple[Path, str]] = []
+        self.found = 0  # sources to embed, so far
+
+    @property
+    def skipped_sources(self) -> int:
+        return self._planner.skipped
+
+    @property
+    def errors(self) -> list[ReadError]:
+        """Discovery's errors, then planning's (as plan_embedding orders them)."""
+        return self._discovery_errors + self._planner.errors
+
+    def cancel(self) -> None:
+        """Stop discovery at the next file (the run ended early)."""
+        self._cancelled = True
+
+    def jobs(self) -> Iterator[tuple[Any, str, str]]:
+        """(source, identity, key) of each source to embed, as discovery finds it."""
+        for kind, found in self._discovered():
+            if self._cancelled:
+                return
+            if kind == "source":
+                job = self._planner.plan(found)
+                if job is not None and self.modality is not None and self.modality not in getattr(
+                        found, "modalities", (self.modality,)):
+                    job = None  # it would yield nothing: not read, not counted in the progress total
+                if job is not None:
+                    self.found += 1
+                    if self.on_found is not None:
+                        self.on_found(self.found)
+                    yield job
+            elif kind == "error":
+                self._discovery_errors.append(found)
+            else:
+                self.ignored.append(found)
+
+    def _discovered(self) -> Iterator[tuple[str, Any]]:
+        discover = self.discover or discover_with_readers
+        stream = getattr(discover, "stream", None)
+        if stream is not None:
+            for found in stream(self.paths):
+                if isinstance(found, ReadError):
+                    yield "error", found
+                elif isinstance(found, tuple):  # discover.Ignored (path, why)
+                    yield "ignored", tuple(found)
+                else:
+                    yield "source", found
+            return
+        found = discover(self.paths)
+        sources, errors = found
+        for source in sources:
+            yield "source", source
+        for error in errors:
+            yield "error", error
+        for ignored in getattr(found, "ignored", []):
+            yield "ignored", ignored
 
 
 def _legacy_key(source: Any, secret: bytes) -> str | None:
@@ -355,9 +512,83 @@ class _OpenSource:
         self.refused = False  # an item was refused as out of distribution (--strict)
 
 
+_END = object()
+
+
+class _Failed:
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+class _Feed:
+    """Jobs for the reader pool: a plan's list, or a StreamingPlan run in a discovery thread that fills
+    a bounded queue (discovery stays at most `ahead` sources ahead of reading)."""
+
+    def __init__(self, plan: EmbedPlan | StreamingPlan, ahead: int):
+        self.done = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._plan = plan
+        self.finished: float | None = None  # perf_counter() when discovery had found everything
+        if isinstance(plan, StreamingPlan):
+            self._queue: queue.Queue[Any] = queue.Queue(maxsize=max(1, ahead))
+            self._thread = threading.Thread(target=self._produce, args=(plan,), name="retina-discover",
+                                            daemon=True)
+            self._thread.start()
+        else:
+            self._jobs = iter(plan.todo)
+
+    def _produce(self, plan: StreamingPlan) -> None:
+        # Normal priority, unlike the readers: when inference waits for sources, discovery is all that
+        # runs, and on a busy machine a niced thread would starve (the run then waits on it).
+        try:
+            for job in plan.jobs():
+                if not self._put(job):
+                    return
+        except BaseException as exc:  # raised again in the main thread, as plan_embedding would
+            self._put(_Failed(exc))
+            return
+        self.finished = time.perf_counter()
+        self._put(_END)
+
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def take(self, block: bool) -> tuple[Any, str, str] | None:
+        """The next job; None when there is none now (`block`: wait for one) or no more at all."""
+        if self.done:
+            return None
+        if self._thread is None:
+            job = next(self._jobs, _END)
+        else:
+            try:
+                job = self._queue.get(block=block)
+            except queue.Empty:
+                return None
+        if job is _END or isinstance(job, _Failed):
+            self.done = True
+            self.join()
+            if isinstance(job, _Failed):
+                raise job.exc
+            return None
+        return job
+
+    def join(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._plan.cancel()
+            self._thread.join()
+
+
 def run_embedding(
     engine: Any,
-    plan: EmbedPlan,
+    plan: EmbedPlan | StreamingPlan,
     writer: Any,
     *,
     modality: str | None = None,
@@ -376,9 +607,12 @@ def run_embedding(
     `strict`: an item flagged out of distribution is an error with the reason, not a row."""
     started = time.perf_counter()
     read_source = read_source or read_with_readers
+    frames = oct_frames_for(engine)
+    if frames is not None and accepts_keyword(read_source, "oct_frames"):
+        read_source = functools.partial(read_source, oct_frames=frames)  # decode only the sampled B-scans
     workers = max(1, int(workers or default_workers()))
     batch_size = max(1, int(batch_size))
-    report = EmbedReport(skipped=plan.skipped_sources, errors=list(plan.errors))
+    report = EmbedReport()
     known_ids = writer.column_values("id")
     secret = writer.secret
     batches: dict[str, list[tuple[str, Prepared]]] = {"oct": [], "fundus": []}
@@ -416,6 +650,8 @@ def run_embedding(
             return
         variant = getattr(engine, "variant", None)
         variant_label = variant(mod).label if variant is not None else None
+        if report.first_batch_seconds is None:
+            report.first_batch_seconds = time.perf_counter() - started
         arrays = np.stack([p.array for _, p in batch])  # also what the input check of retinacli.ood reads
         try:
             vectors = np.asarray(engine.embed(mod, arrays), dtype=np.float32)
@@ -468,22 +704,33 @@ def run_embedding(
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="retina-read",
                               initializer=_lower_reader_priority)
     in_flight: deque[Future[SourceResult]] = deque()
-    jobs = iter(plan.todo)
-    try:
-        for job in jobs:
+    feed = _Feed(plan, ahead=max(64, 4 * workers, 2 * batch_size))
+
+    def top_up(wait: bool) -> None:
+        # wait for discovery only when nothing is being read and no result is waiting to be batched
+        while len(in_flight) < 2 * workers:
+            job = feed.take(block=wait and not in_flight)
+            if job is None:
+                return
             in_flight.append(pool.submit(load, job))
-            if len(in_flight) >= 2 * workers:
-                break
+
+    try:
+        top_up(wait=True)
         while in_flight:
             result = in_flight.popleft().result()
-            next_job = next(jobs, None)
-            if next_job is not None:
-                in_flight.append(pool.submit(load, next_job))
+            top_up(wait=False)
             accept(result)
+            top_up(wait=True)
         for mod in batches:
             run_batch(mod)
     finally:
+        feed.join()
         pool.shutdown(wait=True, cancel_futures=True)
+        # discovery's errors first, as a plan made before the run lists them
+        report.skipped += plan.skipped_sources
+        report.errors[:0] = plan.errors
+        if feed.finished is not None:
+            report.discovery_seconds = feed.finished - started
         report.seconds = time.perf_counter() - started
         report.failed = len(report.errors)
     if paths is not None:  # after every read, so identifiers learnt from any file apply
@@ -494,20 +741,22 @@ def run_embedding(
 # --- model <-> store -------------------------------------------------------------------------------
 
 
-def load_engine(model: str | None, backend: str = "auto", precision: str = "auto") -> tuple[Any, Path]:
+def load_engine(model: str | None, backend: str = "auto", precision: str = "auto",
+                device: str | None = None) -> tuple[Any, Path]:
     """The engine for `--model` (or the default package) and the package folder it came from.
 
     `backend` / `precision`: how the encoders run (see retinacli.backends); every variant of one
-    package makes vectors of the same model_id, so they share a store (docs/performance.md)."""
+    package makes vectors of the same model_id, so they share a store (docs/performance.md).
+    `device`: `--device` (auto, cpu, cuda; None: cpu), see retinacli.engine.choose_providers."""
     from retinacli.engine import Engine
     from retinacli.package import resolve_package
 
     package = resolve_package(model)
-    return Engine.load(package, backend=backend, precision=precision), package
+    return Engine.load(package, providers=device, backend=backend, precision=precision), package
 
 
 def engine_for_store(
-    store: Any, model: str | None, backend: str = "auto", precision: str = "auto"
+    store: Any, model: str | None, backend: str = "auto", precision: str = "auto", device: str | None = None
 ) -> tuple[Any, Path]:
     """The engine that made `store`'s vectors, from any working folder.
 
@@ -527,7 +776,7 @@ def engine_for_store(
                 "pass --model PATH to that package (see 'retina models list')"
             )
         model = str(package)
-    engine, package = load_engine(model, backend, precision)
+    engine, package = load_engine(model, backend, precision, device)
     adopt = getattr(engine, "adopt_model_id", None)
     if adopt is not None:
         adopt(store.model_id)  # a store made under the older model id rule keeps its id

@@ -26,7 +26,7 @@ def standins(monkeypatch, tmp_path):
     """Route the commands to the stand-in engine/readers; run in an empty working directory."""
     engines = {"standin": StandInEngine(), "other": StandInEngine(model_id="other@1.0.0+111111111111")}
 
-    def load_engine(model, backend="auto", precision="auto"):
+    def load_engine(model, backend="auto", precision="auto", device=None):
         name = model or "standin"
         return engines[Path(name).name], Path("/packages") / Path(name).name
 

@@ -41,9 +41,10 @@ def register(app: typer.Typer) -> None:
         ),
         engine_name: str = typer.Option(
             "auto", "--engine",
-            help="Inference backend: onnxruntime, openvino (extra 'retina\\[openvino]') or auto "
+            help="Inference backend: onnxruntime, openvino (installed with retina on x86-64) or auto "
             "(the fastest installed; see docs/performance.md).",
         ),
+        device: str = options.device_option(),
         precision: str = typer.Option(
             "auto", "--precision",
             help="fp32, int8 (needs a package exported with --quantize int8) or auto "
@@ -77,7 +78,7 @@ def register(app: typer.Typer) -> None:
         try:
             report, store_root, engine, errors_file, total_rows, shown, ignored = _run(
                 paths, model, store, None if modality == "auto" else modality, batch_size, workers,
-                shard_size, keep_identifiers, engine_name, precision, redact_paths, strict,
+                shard_size, keep_identifiers, engine_name, precision, redact_paths, strict, device,
             )
         except OSError as exc:  # disk full, read-only or vanished store: committed shards stay valid
             where = f" ({exc.filename})" if exc.filename else ""
@@ -101,7 +102,12 @@ def register(app: typer.Typer) -> None:
             "rows": total_rows,
             "model": engine.model_id,
             "engine": {m: v.label for m, v in getattr(engine, "variants", {}).items()},
+            # what the built sessions really run on (a fall-back from CUDA to the CPU shows here)
+            "providers": engine.providers_used() if hasattr(engine, "providers_used") else {},
             "seconds": round(report.seconds, 3),
+            # discovery streams into inference: the first model call comes before discovery ends
+            "discovery_seconds": _rounded(report.discovery_seconds),
+            "first_batch_seconds": _rounded(report.first_batch_seconds),
             "items_per_second": round(report.throughput, 2),
             "errors": [{"path": e.path, "error": e.reason} for e in report.errors],
             "ignored": ignored,
@@ -125,15 +131,16 @@ def register(app: typer.Typer) -> None:
 
 
 def _run(paths, model, out, modality, batch_size, workers, shard_size, keep_identifiers,
-         backend="auto", precision="auto", redact_paths=False, strict=False):
+         backend="auto", precision="auto", redact_paths=False, strict=False, device="auto"):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from retinacli.console import err, safe, styled
+    from retinacli.engine import engine_line
     from retinacli.pipeline import (
+        StreamingPlan,
         default_workers,
         engine_for_store,
         load_engine,
-        plan_embedding,
         run_embedding,
     )
     from retinacli.readers.discover import OUTPUT_FOLDER_NOTE
@@ -156,16 +163,18 @@ def _run(paths, model, out, modality, batch_size, workers, shard_size, keep_iden
     if new_store:
         refuse_orphan_shards(store_root)  # damaged (exit 5) before any package is looked for
     if existing:
-        engine, package = engine_for_store(EmbeddingStore.open(store_root), None, backend, precision)
+        engine, package = engine_for_store(EmbeddingStore.open(store_root), None, backend, precision, device)
     else:
-        engine, package = load_engine(model, backend, precision)
+        engine, package = load_engine(model, backend, precision, device)
         if (store_root / INDEX_FILE).is_file() and hasattr(engine, "adopt_model_id"):
             # a store made under the older model id rule: this package's vectors keep its id
             engine.adopt_model_id(EmbeddingStore.open(store_root).model_id)
     workers = workers or default_workers()
     chosen_by = "" if model else ", the store's package" if existing else ", default"
     err.print(safe(f"model: {engine.model_id} ({package}{chosen_by})"), highlight=False)
-    chosen = ", ".join(f"{m} {v.label}" for m, v in getattr(engine, "variants", {}).items())
+    # The encoders' sessions are built here, so the providers printed are the ones really used (and a
+    # --device cuda that cannot start CUDA stops before any work).
+    chosen = engine_line(engine, [modality] if modality else ["fundus", "oct"])
     if chosen:
         err.print(f"engine: {safe(chosen)}", highlight=False)
     for m, v in getattr(engine, "variants", {}).items():
@@ -203,8 +212,23 @@ def _run(paths, model, out, modality, batch_size, workers, shard_size, keep_iden
             # Rows name their root (a PATH given, recorded in store.json) and a path relative to it.
             run_roots = writer.add_roots(paths)
             shown = PathRedactor(run_roots, writer.secret, redact_all=redact_paths)
-            plan = plan_embedding(paths, writer.secret, writer.column_values("source_key"),
-                                  exclude=store_root, old_paths=writer.paths_without_root())
+            progress = Progress(
+                TextColumn("embedding"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                console=err, transient=True, disable=not err.is_terminal,  # no bar lines in logs
+            )
+            with progress:
+                task = progress.add_task("embed", total=None)  # grows as discovery finds sources
+                # Discovery streams into inference (a thread, a bounded queue): embedding starts with the
+                # first source found, and no list of every source is kept.
+                plan = StreamingPlan(paths, writer.secret, writer.column_values("source_key"),
+                                     exclude=store_root, old_paths=writer.paths_without_root(),
+                                     on_found=lambda found: progress.update(task, total=found),
+                                     modality=modality)
+                report = run_embedding(
+                    engine, plan, writer, modality=modality, batch_size=batch_size, workers=workers,
+                    keep_identifiers=keep_identifiers, on_source_done=lambda _r: progress.advance(task),
+                    paths=shown, strict=strict,
+                )
             if plan.skipped_sources:
                 err.print(f"{plan.skipped_sources} source(s) already in the store: skipped",
                           highlight=False)
@@ -213,17 +237,6 @@ def _run(paths, model, out, modality, batch_size, workers, shard_size, keep_iden
                 if record["reason"].endswith(OUTPUT_FOLDER_NOTE):  # a folder not walked is never silent
                     err.print(safe(f"ignored folder {record['path']}: {record['reason']}"),
                               highlight=False)
-            progress = Progress(
-                TextColumn("embedding"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                console=err, transient=True, disable=not err.is_terminal,  # no bar lines in logs
-            )
-            with progress:
-                task = progress.add_task("embed", total=len(plan.todo))
-                report = run_embedding(
-                    engine, plan, writer, modality=modality, batch_size=batch_size, workers=workers,
-                    keep_identifiers=keep_identifiers, on_source_done=lambda _r: progress.advance(task),
-                    paths=shown, strict=strict,
-                )
             writer.commit()
             writer.record_roots(run_roots, shown)
             errors_file = writer.write_errors((e.path, e.reason) for e in report.errors)
@@ -249,6 +262,10 @@ def _run(paths, model, out, modality, batch_size, workers, shard_size, keep_iden
         errors_file = None
         err.print(f"nothing embedded: {safe(store_root)} was not created", highlight=False)
     return report, store_root, engine, errors_file, total_rows, shown, ignored
+
+
+def _rounded(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 3)
 
 
 def _spec_hash(engine) -> str | None:

@@ -1,4 +1,5 @@
-"""`retina info`: versions, onnxruntime providers, threads, model and store locations."""
+"""`retina info`: versions, onnxruntime providers, the engine the default model really runs on, threads,
+model and store locations."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import typer
 from retinacli.commands import options
 
 
-def collect_info() -> dict:
+def collect_info(device: str = "auto") -> dict:
     import os
     import platform
     import sys
@@ -35,7 +36,9 @@ def collect_info() -> dict:
         "onnxruntime": ort.__version__,
         "pydicom": _version(metadata, "pydicom"),
         "torch": _version(metadata, "torch") or "not installed (only needed for train/probe/export)",
+        "openvino": _version(metadata, "openvino") or "not installed (onnxruntime runs the encoders)",
         "providers": list(ort.get_available_providers()),
+        "engine": _engine_info(used, device),
         "threads": physical_cores(),
         "logical_cpus": os.cpu_count(),
         "retina_home": str(retina_home()),
@@ -51,6 +54,23 @@ def collect_info() -> dict:
         "default_embedding_store": str(default_store_path().absolute()),
         "executable": sys.executable,
     }
+
+
+def _engine_info(package: str | None, device: str) -> dict | None:
+    """How the default model's encoders run with ``--device``: backend/precision and the providers
+    their built sessions really use (so a fall-back from CUDA to the CPU is visible); or the problem."""
+    if package is None:
+        return None
+    from retinacli.engine import Engine
+    from retinacli.errors import RetinaError
+
+    try:
+        engine = Engine.load(package, providers=device)
+        used = engine.providers_used(list(engine.variants))
+    except RetinaError as exc:  # reported, not fatal here
+        return {"device": device, "problem": str(exc)}
+    return {"device": device, "encoders": {m: {"engine": v.label, "providers": used[m]}
+                                            for m, v in engine.variants.items()}}
 
 
 def _model_card(package: str | None) -> dict | None:
@@ -71,6 +91,15 @@ def _model_card(package: str | None) -> dict | None:
             "fields": card_fields(m)}
 
 
+def _engine_text(engine: dict | None) -> str:
+    if engine is None:
+        return "none (no default model)"
+    if "problem" in engine:
+        return str(engine["problem"])
+    encoders = engine["encoders"].items()
+    return "; ".join(f"{m} {e['engine']} on {', '.join(e['providers'])}" for m, e in encoders)
+
+
 def _version(metadata, dist: str) -> str | None:
     try:
         return metadata.version(dist)
@@ -82,12 +111,15 @@ def register(app: typer.Typer) -> None:
     @app.command("info")
     def info(
         as_json: bool = options.json_option("Print the information as JSON."),
+        device: str = options.device_option(
+            "Device to try the default model's encoders on: auto, cpu or cuda (see 'retina embed "
+            "--device'). The engine line shows the providers their sessions really use."),
     ) -> None:
         """Show versions, onnxruntime providers, threads, the default model (with its model card) and
         where things are stored."""
         from retinacli.console import out, print_fields, print_json
 
-        data = collect_info()
+        data = collect_info(device)
         card = data["model_card"]
         card_rows = card.pop("fields", []) if card else []  # display rows: not part of the JSON
         if as_json:
@@ -100,7 +132,9 @@ def register(app: typer.Typer) -> None:
             "onnxruntime": "onnxruntime",
             "pydicom": "pydicom",
             "torch": "torch",
-            "providers": "providers",
+            "openvino": "openvino",
+            "providers": "onnxruntime providers",
+            "engine": "engine (default model)",
             "threads": "threads (physical cores)",
             "retina_home": "RETINA_HOME",
             "model_store": "model store",
@@ -117,6 +151,8 @@ def register(app: typer.Typer) -> None:
                 value = ", ".join(value)
             if key == "retina_home":
                 value = f"{value} ({data['retina_home_source']})"
+            if key == "engine":
+                value = _engine_text(value)
             if key == "model_used_by_default" and value is None:
                 value = f"none ({data['model_problem']})"
             fields.append((label, value))

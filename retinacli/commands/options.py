@@ -91,6 +91,27 @@ def max_pixels_option(help: str = MAX_PIXELS_HELP) -> Any:
     )
 
 
+DEVICE_HELP = (
+    "Where the encoders run: cpu, cuda (onnxruntime's CUDA provider: needs the onnxruntime-gpu package in "
+    "place of onnxruntime, 'pip uninstall onnxruntime && pip install onnxruntime-gpu'; exit 2 when CUDA "
+    "cannot start) or auto (CUDA when onnxruntime has it, else the CPU). The providers really used are "
+    "printed after 'engine:'."
+)
+
+
+def device_option(help: str = DEVICE_HELP) -> Any:
+    """`--device`: auto, cpu or cuda (retinacli.engine.choose_providers)."""
+    return typer.Option("auto", "--device", metavar="auto|cpu|cuda", help=help, callback=_check_device)
+
+
+def _check_device(value: str) -> str:
+    from retinacli.engine import DEVICES
+
+    if value not in DEVICES:
+        raise typer.BadParameter(f"must be one of {', '.join(DEVICES)}, not {value!r}")
+    return value
+
+
 def run_dir_argument() -> Any:
     """RUN: a training run folder."""
     return typer.Argument(..., help="Training run folder (from 'retina train').", show_default=False)

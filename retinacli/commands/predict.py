@@ -54,6 +54,8 @@ def register(app: typer.Typer) -> None:
             "to the root given (to 'retina embed', or PATH here), components naming the patient replaced."
         ),
         max_pixels: str | None = options.max_pixels_option(),
+        device: str = options.device_option(
+            options.DEVICE_HELP.replace("the encoders run", "the encoder and the task head run")),
         strict: bool = options.strict_option(
             "Refuse items the package flags as out of distribution (unlike its training data): they "
             "are listed under errors with their score and the threshold, not predicted. Without it every "
@@ -103,9 +105,10 @@ def register(app: typer.Typer) -> None:
             from retinacli.commands.common import require_paths
 
             require_paths(paths)  # a missing PATH is a typo to fix (exit 2), before the model loads
-            payload = _predict_files(paths, task, model, modality, batch_size, store, redact_paths, strict)
+            payload = _predict_files(paths, task, model, modality, batch_size, store, redact_paths, strict,
+                                     device)
         else:
-            payload = _predict_store(task, model, store, modality, redact_paths, strict)
+            payload = _predict_store(task, model, store, modality, redact_paths, strict, device)
         sources, algorithm = payload.pop("_sources", None), payload.pop("_algorithm", None)
         if dicom_sr is not None:
             payload["dicom_sr"] = _write_sr(dicom_sr, payload, sources, algorithm)
@@ -240,7 +243,7 @@ def _ood_check(engine: Any, rows: list[dict[str, Any]], vectors: Any, strict: bo
 
 
 def _predict_store(task: str, model: str | None, index: Path | None, modality: str | None,
-                   redact_paths: bool = False, strict: bool = False) -> dict[str, Any]:
+                   redact_paths: bool = False, strict: bool = False, device: str = "auto") -> dict[str, Any]:
     import numpy as np
 
     from retinacli.console import err, safe
@@ -250,7 +253,7 @@ def _predict_store(task: str, model: str | None, index: Path | None, modality: s
     store_root, origin = store_path_and_origin(index)
     err.print(f"store: {safe(store_root)} ({origin})", highlight=False)
     store = EmbeddingStore.open(store_root)
-    engine, package = engine_for_store(store, model)
+    engine, package = engine_for_store(store, model, device=device)
     err.print(safe(f"model: {engine.model_id} ({package}{'' if model else ', the store model'})"),
               highlight=False)
     _check_task(engine, task)
@@ -318,7 +321,8 @@ class _Remembering:
 
 
 def _predict_files(paths: list[Path], task: str, model: str | None, modality: str | None, batch_size: int,
-                   index: Path | None, redact_paths: bool = False, strict: bool = False) -> dict[str, Any]:
+                   index: Path | None, redact_paths: bool = False, strict: bool = False,
+                   device: str = "auto") -> dict[str, Any]:
     import secrets
 
     import numpy as np
@@ -332,14 +336,19 @@ def _predict_files(paths: list[Path], task: str, model: str | None, modality: st
     # With a store, predictions use its package (so they join with it), not the default package.
     existing = model is None and (store_root / INDEX_FILE).is_file()
     if existing:
-        engine, package = engine_for_store(EmbeddingStore.open(store_root), None)
+        engine, package = engine_for_store(EmbeddingStore.open(store_root), None, device=device)
     else:
-        engine, package = load_engine(model)
+        engine, package = load_engine(model, "auto", "auto", device)
     chosen_by = "" if model else ", the store's package" if existing else ", default"
     err.print(safe(f"model: {engine.model_id} ({package}{chosen_by})"), highlight=False)
     _check_task(engine, task)
     modality = _head_modality(engine, task, modality)
     err.print(f"task: {task}; embedding {modality} items on the fly (nothing is written)", highlight=False)
+    from retinacli.engine import engine_line
+
+    chosen = engine_line(engine, [modality])  # builds the encoder: the providers it really uses
+    if chosen:
+        err.print(f"engine: {safe(chosen)}", highlight=False)
     # Ids match the store's when a store exists (same secret), so predictions join with it. The key is
     # only read, never created: predict writes nothing into a store.
     secret = existing_secret(store_root)

@@ -56,6 +56,8 @@ def register(app: typer.Typer) -> None:
             "given to 'retina embed', components naming the patient replaced."
         ),
         max_pixels: str | None = options.max_pixels_option(),
+        device: str = options.device_option(
+            options.DEVICE_HELP.replace("the encoders run", "a query file is embedded")),
         html_report: Path | None = typer.Option(
             None, "--html", metavar="FILE",
             help="Also write a self-contained HTML report to FILE: each query beside its results (OCT: "
@@ -91,7 +93,7 @@ def register(app: typer.Typer) -> None:
         # One query argument keeps the single-query shape and fails as a whole; a batch lists failures.
         single = len(given) == 1 and queries_file is None
         payload = _retrieve_many(given, store, top, model, target, laterality, search_method, redact_paths,
-                                 stop_on_error=single)
+                                 stop_on_error=single, device=device)
         for answer in payload["queries"]:
             if not answer["results"]:
                 err.print(f"no {answer['target']} items in the store match the filters", highlight=False)
@@ -167,7 +169,7 @@ def _single_payload(batch: dict[str, Any]) -> dict[str, Any]:
 
 def _retrieve_many(queries: list[str], index: Path | None, top: int, model: str | None, target: str | None,
                    laterality: str | None, search_method: str = "exact", redact_paths: bool = False,
-                   stop_on_error: bool = False) -> dict[str, Any]:
+                   stop_on_error: bool = False, device: str = "auto") -> dict[str, Any]:
     """Search the store for each query in turn, the store and model opened once.
 
     Returns {"model", "store", "search", "queries": [{"query", "target", "results"}], "errors":
@@ -187,7 +189,7 @@ def _retrieve_many(queries: list[str], index: Path | None, top: int, model: str 
     resolve_method(store, search_method)  # a bad --search fails before the query is embedded
     err.print(f"model: {safe(store.model_id)} (the store's)", highlight=False)
     key = existing_secret(store.root)  # never created here: retrieve does not write into the store
-    engine = _engine(store, model, [Path(q).expanduser() for q in queries])
+    engine = _engine(store, model, [Path(q).expanduser() for q in queries], device)
     plans: dict[str, str] = {}  # target -> search method, planned once per target
     said: set[str] = set()  # notes printed once per command, not once per query
     answers: list[dict[str, Any]] = []
@@ -204,6 +206,7 @@ def _retrieve_many(queries: list[str], index: Path | None, top: int, model: str 
                 f"{label}: could not be read ({type(exc).__name__})"
             errors.append({"query": label, "error": reason})
             continue
+        _say_engine(engine, said)
         wanted = target or OTHER_MODALITY[info["modality"]]
         if wanted not in plans:
             plans[wanted], note = search_plan(store, search_method, wanted)  # reads the index only
@@ -229,16 +232,28 @@ def _retrieve_many(queries: list[str], index: Path | None, top: int, model: str 
     }
 
 
-def _engine(store: Any, model: str | None, paths: list[Path]) -> Any:
+def _say_engine(engine: Any, said: set[str]) -> None:
+    """`engine: ...` on stderr once per encoder built for a query file: the providers really used."""
+    from retinacli.console import err, safe
+    from retinacli.engine import engine_line
+
+    built = [m for m in (engine.providers_used() if hasattr(engine, "providers_used") else {})
+             if f"engine {m}" not in said]
+    if built:
+        said.update(f"engine {m}" for m in built)
+        err.print(f"engine: {safe(engine_line(engine, built))}", highlight=False)
+
+
+def _engine(store: Any, model: str | None, paths: list[Path], device: str = "auto") -> Any:
     """The store's engine, loaded once when a query is a file (or --model is to be checked); None when
     every query is a stored id and no --model is given (stored vectors need no model)."""
     from retinacli.pipeline import engine_for_store, load_engine
 
     if any(p.exists() for p in paths):
-        return engine_for_store(store, model)[0]
+        return engine_for_store(store, model, device=device)[0]
     if model is None:
         return None
-    engine = load_engine(model)[0]
+    engine = load_engine(model, "auto", "auto", device)[0]
     store.require_model(engine.model_id, *getattr(engine, "model_ids", ()))
     return engine
 

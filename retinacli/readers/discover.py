@@ -1,7 +1,9 @@
 """Folder discovery: which files and folders are OCT volumes, which are fundus images, which are broken.
 
 Headers only (DICOM `stop_before_pixels`, Pillow's lazy open, the .npy / .vol headers), so scanning a
-big export is cheap; pixels are decoded later, one source at a time. Rules (docs/data-layout.md):
+big export is cheap; pixels are decoded later, one source at a time. `scan_iter` passes each source,
+error and ignored file on as soon as it is known (so `retina embed` starts before the walk ends);
+`scan` collects them. Rules (docs/data-layout.md):
 
 - hidden files/folders and symlink loops are skipped; the project's own outputs (embedding stores,
   model packages, training runs: a folder holding `store.json`, `retina.json`, `preprocess.json` or a
@@ -21,8 +23,10 @@ from __future__ import annotations
 import errno
 import os
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from retinacli.errors import ReadError
 from retinacli.readers import dicom as dicom_reader
@@ -42,6 +46,13 @@ from retinacli.readers.images import ImageHeader, image_header
 
 # Folders the project writes: never read back as data.
 OUTPUT_DIR_NAMES = {".retina", "__pycache__", "checkpoints"}
+
+
+class Ignored(NamedTuple):
+    """A file or folder discovery did not read, and why (not an error)."""
+
+    path: Path
+    why: str
 
 
 @dataclass
@@ -161,10 +172,13 @@ class _Scanner:
             self.result.errors.append(exc)
             return None
         metas = {modality: dicom_reader.header_meta(ds)}
-        return Source(path, "dicom", (modality,), metas=metas, format="dicom")
+        # the reader decodes from this dataset (pixel data deferred): the file is parsed once
+        dicom_reader.keep_for_decoding(ds)
+        return Source(path, "dicom", (modality,), metas=metas, format="dicom", header=ds)
 
     # -- explicit paths -----------------------------------------------------------------------------
-    def scan_path(self, path: Path) -> None:
+    def scan_path(self, path: Path) -> Iterator[None]:
+        """Discover one path named by the user (a generator: a folder is walked as it is iterated)."""
         if not path.exists() and not path.is_symlink():
             # A virtual source path discovery made up: "<folder>/series=<uid>" or "<folder>/bscan_#.png".
             if path.parent.is_dir() and (path.name.startswith(SERIES_PREFIX) or "*" in path.name):
@@ -186,7 +200,7 @@ class _Scanner:
                 why = output_dir_reason(resolved) or output_dir_reason(resolved.parent)
                 self.result.ignored.append((path, why or "inside a .retina folder" + OUTPUT_FOLDER_NOTE))
                 return
-            self.walk(path)
+            yield from self.walk(path)
             return
         if not path.is_file():  # a FIFO, socket or device: opening it could block forever
             self.result.errors.append(ReadError(path, "not a regular file (FIFO, socket or device)"))
@@ -216,7 +230,8 @@ class _Scanner:
         elif isinstance(found, tuple) and found[0] == "image":
             self.add(Source(path, "image", ("fundus",), format=found[1].format))
 
-    def walk(self, root: Path) -> None:
+    def walk(self, root: Path) -> Iterator[None]:
+        """Walk a folder tree; yields after each file so the caller can pass on what was found."""
         stack = [root]
         while stack:
             directory = stack.pop()
@@ -228,26 +243,46 @@ class _Scanner:
             if key in self._seen_dirs:  # symlink loop or the same folder twice
                 continue
             self._seen_dirs.add(key)
-            sources, subdirs = self.scan_dir(directory)
-            for source in sources:
-                self.add(source)
+            subdirs: list[Path] = []
+            for source in self.folder(directory, subdirs):
+                if source is not None:
+                    self.add(source)
+                yield
             stack.extend(reversed(subdirs))
+
+    def drain(self) -> Iterator[Source | ReadError | Ignored]:
+        """What was found since the last drain, forgotten once passed on (memory stays bounded)."""
+        found = self.result
+        if found.sources or found.errors or found.ignored:
+            yield from found.sources
+            yield from found.errors
+            yield from (Ignored(path, why) for path, why in found.ignored)
+            self.result = Discovery()
 
     # -- one folder -----------------------------------------------------------------------------------
     def scan_dir(self, directory: Path) -> tuple[list[Source], list[Path]]:
         """Classify the files of one folder: (its sources, its subfolders to walk)."""
+        subdirs: list[Path] = []
+        return [source for source in self.folder(directory, subdirs) if source is not None], subdirs
+
+    def folder(self, directory: Path, subdirs: list[Path]) -> Iterator[Source | None]:
+        """The sources of one folder, in order, each as soon as it is known (None after each other file);
+        its subfolders are appended to `subdirs`. Single files come first as they are classified; what
+        needs the whole folder (B-scan image stacks, single-frame DICOM series) comes at its end."""
         try:
             entries = sorted(os.scandir(directory), key=lambda e: natural_key(e.name))
         except OSError as exc:
             self.result.errors.append(ReadError(directory, f"cannot list folder ({short(exc)})"))
-            return [], []
-        subdirs: list[Path] = []
+            return
+        subdirs_before = len(subdirs)
         series: dict[str, list[tuple[Path, object]]] = defaultdict(list)
         images: list[tuple[Path, ImageHeader]] = []
-        singles, consumed = self.heyex_exports(directory, entries)
+        exports, consumed = self.heyex_exports(directory, entries)
+        yield from exports
         for entry in entries:
             if entry.name.startswith("."):
                 continue
+            yield None  # a pause point: the caller passes on errors and ignored files found so far
             path = Path(entry.path)
             if path in consumed:  # a HEYEX export's XML and image files: read through the export
                 continue
@@ -274,7 +309,7 @@ class _Scanner:
                 continue
             found = self.classify_file(path)
             if isinstance(found, Source):
-                singles.append(found)
+                yield found
             elif isinstance(found, tuple) and found[0] == "image":
                 images.append((path, found[1]))
             elif isinstance(found, tuple) and found[0] == "dicom":
@@ -284,13 +319,14 @@ class _Scanner:
                 else:
                     source = self.dicom_source(path, ds)
                     if source is not None:
-                        singles.append(source)
-        sources = singles + _image_sources(directory, images, leaf=not subdirs)
+                        yield source
+        # a folder's own subfolders are known now: an image stack only forms in a leaf folder
+        leaf = len(subdirs) == subdirs_before
+        yield from _image_sources(directory, images, leaf=leaf)
         for number, (uid, members) in enumerate(series.items(), 1):
             label = _series_label(uid, number)
             path = directory if len(series) == 1 else directory / f"{SERIES_PREFIX}{label}"
-            sources.append(_series_source(path, members))
-        return sources, subdirs
+            yield _series_source(path, members)
 
     def heyex_exports(self, directory: Path, entries: list) -> tuple[list[Source], set[Path]]:
         """The HEYEX XML export(s) in `directory`: one source per OCT series, and the files they consume
@@ -380,8 +416,10 @@ def _series_source(path: Path, members: list[tuple[Path, object]]) -> Source:
             if uid not in meta.referenced_sop_uids:
                 meta.referenced_sop_uids = (*meta.referenced_sop_uids, uid)
     meta.sop_instance_uid = None
+    headers = {str(p): ds for p, ds in members}  # the reader decodes from these: one parse a file
     return Source(
-        path, "dicom-series", ("oct",), members=tuple(ordered), metas={"oct": meta}, format="dicom-series"
+        path, "dicom-series", ("oct",), members=tuple(ordered), metas={"oct": meta}, format="dicom-series",
+        header=tuple(headers[str(p)] for p in ordered),
     )
 
 
@@ -417,11 +455,29 @@ def _image_sources(directory: Path, images: list[tuple[Path, ImageHeader]], leaf
     return sources
 
 
-def scan(paths) -> Discovery:
-    """Discover sources under files and folders (order kept; duplicates dropped)."""
+def scan_iter(paths) -> Iterator[Source | ReadError | Ignored]:
+    """Discover sources under files and folders, passing each on as soon as it is known.
+
+    Yields `Source`s (order kept; duplicates dropped), `ReadError`s and `Ignored(path, why)` as they are
+    found: a single file right after its header is read; a B-scan stack, a single-frame DICOM series or
+    a HEYEX export once its folder has been listed. Nothing found is kept after it is yielded."""
     scanner = _Scanner()
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     for path in paths:
-        scanner.scan_path(Path(path))
-    return scanner.result
+        for _ in scanner.scan_path(Path(path)):
+            yield from scanner.drain()
+        yield from scanner.drain()
+
+
+def scan(paths) -> Discovery:
+    """Discover sources under files and folders (order kept; duplicates dropped): `scan_iter`, collected."""
+    result = Discovery()
+    for found in scan_iter(paths):
+        if isinstance(found, Source):
+            result.sources.append(found)
+        elif isinstance(found, ReadError):
+            result.errors.append(found)
+        else:
+            result.ignored.append(tuple(found))
+    return result
