@@ -53,6 +53,16 @@ def test_demo_summary_covers_both_objectives_through_the_exported_packages(demo)
         assert "no real patient data" in card["training_data"]
         assert "research and demonstration only" in card["intended_use"]
         assert "Any clinical use" in card["out_of_scope_use"]
+        # int8 encoders exported and gated; `auto` runs int8 only where the gate passed on that engine
+        descriptor = json.loads(Path(result["package"], "retina.json").read_text())
+        gates = result["int8"]["gate"]
+        for modality in ("fundus", "oct"):
+            recorded = descriptor["quantized"]["int8"]["encoders"][modality]["gate"]
+            assert gates[modality] == {b: g["passed"] for b, g in recorded.items()}
+            backend, precision = result["int8"]["engine"][modality].split("/")
+            assert precision == "fp32" or gates[modality][backend]
+    default = summary["objectives"][summary["card"]["default_model"].removeprefix("retina-demo-")]
+    assert summary["card"]["engine"] == default["int8"]["engine"]  # what `retina embed` ran
     for name in ("manifest.csv", "train.toml", "fundus.png", "demo_summary.json", ".retina/store/store.json"):
         assert (workdir / name).exists(), name
     assert summary["card"]["predict_records"] == summary["card"]["oct_dir_volumes"]

@@ -389,7 +389,9 @@ def test_format_3_store_reads_with_null_ood_and_predict_scores_it(tiny_package, 
         assert got[key][0] == pytest.approx(score, abs=1e-6)
         assert got[key][1] == (got[key][0] < thresholds[modality[key]])
         assert flag >= got[key][1]  # the stored flag adds the input check
-    assert sum(f for _, f in want.values()) > sum(f for _, f in got.values())  # the 2 OCT inputs
+    # the stored flags hold the embedding check's and add the input check's (which ones the input check
+    # adds depends on the trained weights: an item may fail both)
+    assert sum(f for _, f in want.values()) >= sum(f for _, f in got.values())
     # retrieve by id shows the stored (null) fields of an old row; reading never upgrades
     some = store.metadata()[0]["id"]
     shown = _json(run("retrieve", some, "--store", old, "--json"))

@@ -1,7 +1,8 @@
 """`retina demo`: the whole chain on a synthetic cohort, in one folder a user can keep working in.
 
-synth -> train CLIP and CLOOB (demo preset) -> probe heads -> export ONNX packages -> held-out
-retrieval through the exported packages -> embed / retrieve / predict with the torch-free CLI.
+synth -> train CLIP and CLOOB (demo preset) -> probe heads -> export ONNX packages (fp32 and int8
+encoders, the int8 ones used where they pass the accuracy gate) -> held-out retrieval through the
+exported packages -> embed / retrieve / predict with the torch-free CLI.
 
 The demo folder is laid out so the CLI's card commands work there as typed, with no flags:
     manifest.csv  dicom/         the synthetic cohort (`retina train` picks up ./manifest.csv)
@@ -120,6 +121,29 @@ def engine_retrieval(package_dir: Path, rows: list[dict[str, str]]) -> dict[str,
     fundus = np.stack([engine.preprocess(read_fundus(r["fundus_path"])) for r in rows])
     oct_ = np.stack([engine.preprocess(read_oct(r["oct_path"])) for r in rows])
     return both_directions(engine.embed("fundus", fundus), engine.embed("oct", oct_))
+
+
+def int8_summary(package_dir: Path) -> dict[str, Any]:
+    """The int8 gate verdict per encoder and backend, and the engine `auto` runs each encoder with here
+    (``openvino/int8`` when OpenVINO is installed and its int8 graph passed the gate)."""
+    from retinacli.backends import choose_variant
+
+    descriptor = json.loads((package_dir / "retina.json").read_text())
+    encoders = ((descriptor.get("quantized") or {}).get("int8") or {}).get("encoders") or {}
+    return {
+        "gate": {m: {backend: g["passed"] for backend, g in entry["gate"].items()}
+                 for m, entry in encoders.items()},
+        "engine": {m: choose_variant(descriptor, m).label for m in ("fundus", "oct")},
+    }
+
+
+def _gate_line(objective: str, int8: dict[str, Any]) -> str:
+    verdicts = "; ".join(
+        f"{m} " + ", ".join(f"{b} {'passed' if ok else 'failed'}" for b, ok in gates.items())
+        for m, gates in int8["gate"].items()
+    )
+    engines = ", ".join(f"{m} {label}" for m, label in int8["engine"].items())
+    return f"  int8 accuracy gate of {objective.upper()}: {verdicts} -> runs as {engines}"
 
 
 def _head_metrics(package_dir: Path) -> dict[str, Any]:
@@ -286,15 +310,19 @@ def run_demo(
     # The newest package in ./exported is the CLI's default: export the better run (held-out retrieval
     # at its last epoch) last, so the card commands use it.
     packages: dict[str, Path] = {}
+    int8: dict[str, dict[str, Any]] = {}
     for objective in sorted(OBJECTIVES, key=lambda o: final_validation_score(runs[o])):
         echo(f"[3/5] fitting task heads and exporting {objective.upper()}")
         probe_run(runs[objective])
         # TorchScript exporter: half the dynamo exporter's time for these small graphs, same parity
-        # check; `retina export` defaults to dynamo.
+        # check; `retina export` defaults to dynamo. int8 encoders too: the engine runs them only
+        # where they passed the accuracy gate (docs/performance.md), else fp32.
         result = export_run(runs[objective], workdir / "exported" / f"retina-demo-{objective}",
                             name=f"retina-demo-{objective}", overwrite=True, exporter="torchscript",
-                            card=demo_card(settings, objective))
+                            card=demo_card(settings, objective), quantize="int8")
         packages[objective] = result.package_dir
+        int8[objective] = int8_summary(result.package_dir)
+        echo(_gate_line(objective, int8[objective]))
         t = lap(f"probe_export_{objective}", t)
     default_objective = list(packages)[-1]
 
@@ -306,6 +334,7 @@ def run_demo(
             "package": str(package_dir),
             "retrieval": retrieval,
             "heads_cv": _head_metrics(package_dir),
+            "int8": int8[objective],
         }
     t = lap("held_out_retrieval", t)
 
@@ -315,6 +344,10 @@ def run_demo(
     default_package = packages[default_objective]
     summary.card["default_model"] = f"retina-demo-{default_objective}"
     summary.card["embed"] = run_cli(workdir, "embed", "./oct_dir")
+    # what a user of the default package gets: int8 where its gate passed on the installed engine
+    summary.card["engine"] = summary.card["embed"].get("engine") or int8[default_objective]["engine"]
+    echo("  retina embed ran the encoders as " + ", ".join(f"{m} {label}" for m, label in
+                                                          sorted(summary.card["engine"].items())))
     summary.card["retrieve"] = run_cli(workdir, "retrieve", "fundus.png", "--top", "5")
     predictions = run_cli(workdir, "predict", "--task", "bcva")
     summary.card["predict_records"] = len(predictions["predictions"])

@@ -71,6 +71,10 @@ def _print_summary(summary) -> None:
         f"same eye is in the top 5 (chance {same_eye.get('chance_top5', 0):.0%}); predict --task bcva gave "
         f"{card['predict_records']} records. Total {summary.seconds['total']:.0f} s."
     )
+    engines = card.get("engine") or {}
+    if engines:  # which precision users of the default package get
+        out.print("Engines the card commands used (int8 only where it passed the accuracy gate): "
+                  + ", ".join(f"{m} {label}" for m, label in sorted(engines.items())), highlight=False)
     out.print(
         f"\nThe commands below use {card['default_model']} (the better held-out retrieval; newest in "
         "./exported). Next, in a fresh shell:\n"

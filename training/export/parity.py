@@ -82,7 +82,11 @@ def check_parity(parity: dict[str, Any], tolerance: float) -> None:
 
 
 def parity_inputs(run, n_items: int, manifest: str | Path | None) -> tuple[dict[str, np.ndarray], str]:
-    """Real preprocessed items from the run's cohort (falls back to seeded noise, and says so)."""
+    """Real preprocessed items from the run's cohort (falls back to seeded noise, and says so).
+
+    From a cohort, ``arrays["eyes"]`` also holds each item's eye (patient id + laterality, in memory
+    only) for the int8 gate's ties (training.export.quantize); seeded noise has none.
+    """
     from retinacli.cohort_manifest import read_cohort_manifest
     from training.data import load_pairs
     from training.probe import resolve_manifest_path
@@ -92,7 +96,8 @@ def parity_inputs(run, n_items: int, manifest: str | Path | None) -> tuple[dict[
         rows = read_cohort_manifest(manifest_path)
         # a few spare rows in case some do not read
         data = load_pairs(rows[: n_items + 4], run.spec)
-        arrays = {"fundus": data.fundus[:n_items], "oct": data.oct[:n_items]}
+        arrays = {"fundus": data.fundus[:n_items], "oct": data.oct[:n_items],
+                  "eyes": np.array([f"{r['patient_id']}/{r['eye']}" for r in data.rows[:n_items]])}
         return arrays, f"{len(arrays['oct'])} items of {manifest_path.name}"
     except (FileNotFoundError, ValueError) as exc:
         reason = str(exc)
