@@ -24,6 +24,14 @@ from fixtures_models import *  # noqa: E402, F403
 from fixtures_packages import *  # noqa: E402, F403
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _training_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Training caches of the session's runs go to a temp folder, not the user's ~/.retina."""
+    import os
+
+    os.environ.setdefault("RETINA_TRAIN_CACHE", str(tmp_path_factory.mktemp("train_cache")))
+
+
 @pytest.fixture
 def private_home(monkeypatch, tmp_path) -> Path:
     """A private $RETINA_HOME (tmp/home: nothing installed, no default model), no $RETINA_MODEL, and an

@@ -1,7 +1,9 @@
 """Batch augmentation of preprocessed arrays (torch, per-sample parameters from a seeded generator).
 
 Works in the spec's normalised space; intensity changes are applied in the unit range the spec
-normalises from, so they mean the same for every spec.
+normalises from, so they mean the same for every spec. Training calls these on one sample at a time
+with a generator seeded by (seed, epoch, sample) (training.data.BatchReader), so a pair's augmentation
+does not depend on its batch, the number of processes or the loader workers.
 
 Fundus (2D): small rotation (±10°), isotropic scale (0.9–1.1), shift (±5 %), brightness (±0.1)
 and contrast (×0.8–1.2) jitter. No flips: left/right laterality is anatomy (optic disc side), and

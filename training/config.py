@@ -56,9 +56,14 @@ class TrainConfig:
     keep_epoch_checkpoints: int = 2  # epoch_NNN.pt files kept (newest); 0 = all; last.pt always
     # runtime
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto | fp32 | bf16 (autocast); auto = bf16 on CUDA, fp32 on CPU
+    precision: str = "auto"  # auto | fp32 | bf16 (autocast); auto = bf16 on CUDA capability >= 8.0, else fp32
     channels_last: str = "auto"  # auto | on | off; auto = on for the 3D encoder on CPU
     threads: int = 0  # torch intra-op threads on CPU; 0 = all cores of this process
+    cache_dir: str | None = None  # preprocessed training cache; None = $RETINA_HOME/cache/training
+    loader_workers: int | str = "auto"  # DataLoader worker processes per rank; auto: see data.loader_workers
+    # recompute the OCT stem + layer1 in the backward pass instead of keeping their activations (half the
+    # activation memory at the paper preset; same gradients, ~19% more OCT FLOPs; docs/training.md)
+    activation_checkpointing: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -163,6 +168,13 @@ def validate_config(config: TrainConfig) -> None:
         raise ValueError("channels_last must be auto, on or off")
     if config.fundus_channels not in (1, 3):
         raise ValueError("fundus_channels must be 1 or 3")
+    workers = config.loader_workers
+    if workers != "auto" and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
+        raise ValueError("loader_workers must be auto or a whole number >= 0")
+    if config.cache_dir is not None and not isinstance(config.cache_dir, str):
+        raise ValueError("cache_dir must be a folder path")
+    if not isinstance(config.activation_checkpointing, bool):
+        raise ValueError("activation_checkpointing must be true or false")
 
 
 def config_from_dict(data: dict[str, Any]) -> TrainConfig:

@@ -10,6 +10,12 @@ Initialisation (``init``):
 - a path to a local ``.pt``/``.pth`` file holding a state_dict (or a dict with a ``"model"`` /
   ``"state_dict"`` key), loaded with ``torch.load(weights_only=True)``.
 
+Activation checkpointing (``activation_checkpointing=True``, 3D encoders only): the stem and the
+first residual stage, which at the paper preset's 20 x 224² volumes hold most of the activation
+memory (full-resolution feature maps with 64 channels), are recomputed in the backward pass instead
+of keeping their activations; gradients are the same and BatchNorm running statistics are updated
+once per step as without it (docs/training.md, "Memory").
+
 Single-channel inputs (OCT, NIR/SLO fundus): the stem convolution gets one input channel. With
 pretrained weights its kernel is the sum of the RGB kernels over the channel axis, which gives the
 same response to a gray image repeated three times, without tripling the input.
@@ -17,12 +23,14 @@ same response to a gray image repeated three times, without tripling the input.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from torchvision.models import ResNet18_Weights, resnet18
 from torchvision.models.video import (
     MC3_18_Weights,
@@ -32,6 +40,7 @@ from torchvision.models.video import (
     r2plus1d_18,
     r3d_18,
 )
+from torchvision.models.video.resnet import VideoResNet
 
 from retinacli.errors import EXIT_USAGE, RetinaError
 
@@ -205,20 +214,56 @@ def _use_few_slice_convs(net: nn.Module) -> None:
             module.__class__ = FewSliceConv3d
 
 
+@contextlib.contextmanager
+def _buffers_kept(module: nn.Module):
+    """Restore `module`'s buffers on exit: the recomputation of a checkpointed segment must not update
+    BatchNorm running statistics a second time."""
+    saved = [(buffer, buffer.clone()) for buffer in module.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
+
+
+def _recompute_context(segment: nn.Module):
+    return lambda: (contextlib.nullcontext(), _buffers_kept(segment))
+
+
 class Encoder(nn.Module):
     """Backbone -> linear projection -> L2 normalisation. Usable on its own (e.g. for ONNX export)."""
 
-    def __init__(self, arch: str, in_channels: int, embed_dim: int, init: str = "random"):
+    def __init__(
+        self,
+        arch: str,
+        in_channels: int,
+        embed_dim: int,
+        init: str = "random",
+        activation_checkpointing: bool = False,
+    ):
         super().__init__()
         self.arch = arch
         self.in_channels = in_channels
         self.backbone, self.feature_dim = build_backbone(arch, in_channels, init)
         self.projection = nn.Linear(self.feature_dim, embed_dim)
         self.embed_dim = embed_dim
+        if activation_checkpointing and not isinstance(self.backbone, VideoResNet):
+            raise ValueError(f"activation checkpointing is for the 3D encoders, not {arch}")
+        self.activation_checkpointing = activation_checkpointing
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Backbone features before the projection, (B, feature_dim)."""
-        return self.backbone(x)
+        if not (self.activation_checkpointing and self.training and torch.is_grad_enabled()):
+            return self.backbone(x)
+        net = self.backbone
+        # One segment per block (stem, each residual block of layer1): the backward pass recomputes
+        # one block at a time, so the peak holds one block's activations, not the whole first stage's.
+        for segment in (net.stem, *net.layer1):
+            x = checkpoint(segment, x, use_reentrant=False, context_fn=_recompute_context(segment))
+        # the rest of torchvision's VideoResNet.forward
+        x = net.avgpool(net.layer4(net.layer3(net.layer2(x))))
+        return net.fc(x.flatten(1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.projection(self.backbone(x)), dim=-1)
+        return F.normalize(self.projection(self.features(x)), dim=-1)

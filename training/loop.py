@@ -18,7 +18,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -27,14 +26,15 @@ from retinacli.fsutil import folder_entries, remove_new_entries
 from retinacli.package import sha256_file
 from retinacli.ranking import both_directions
 from training import distributed
-from training.augment import augment_fundus, augment_oct
 from training.checkpoint import LAST_CHECKPOINT, checkpoint_dir, load_checkpoint, save_checkpoint
 from training.config import TrainConfig, config_from_dict
 from training.data import (
-    epoch_batches,
-    load_pairs,
-    load_pairs_once,
+    loader_workers,
+    make_loader,
+    open_cache,
+    remember_pairs,
     save_split,
+    set_loader_epoch,
     split_patients,
 )
 from training.model import CONFIG_FILE, METRICS_FILE, SPEC_FILE, SPLIT_FILE, RetinaModel, build_model
@@ -51,20 +51,25 @@ class RunExistsError(ValueError):
 # --- runtime choices --------------------------------------------------------------------------
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        name = f"cuda:{local_rank}"
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but CUDA is not available")
-    return device
+def resolve_device(name: str, local_rank: int = 0, local_world_size: int = 1) -> torch.device:
+    """This process's device for `--device` (see distributed.device_for_rank)."""
+    available = torch.cuda.is_available()
+    count = torch.cuda.device_count() if available else 0
+    return distributed.device_for_rank(name, local_rank, local_world_size, available, count)
+
+
+BF16_MIN_CAPABILITY = (8, 0)  # Ampere: native bf16 tensor cores; older GPUs only emulate it (slower)
+
+
+def bf16_native(capability: tuple[int, int] | None) -> bool:
+    """Whether a CUDA device of this compute capability (None: no GPU) runs bf16 natively."""
+    return capability is not None and tuple(capability) >= BF16_MIN_CAPABILITY
 
 
 def use_bf16(config: TrainConfig, device: torch.device) -> bool:
+    """bf16 autocast? precision auto: on CUDA devices of capability >= 8.0 only, else fp32."""
     if config.precision == "auto":
-        return device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return device.type == "cuda" and bf16_native(torch.cuda.get_device_capability(device))
     return config.precision == "bf16"
 
 
@@ -172,19 +177,23 @@ def train(
     _check_run_dir(run_dir, resume)
     if not resume:  # what can fail cheaply fails before the run folder exists
         _check_inputs(config)
-    dist_info = distributed.init_distributed("cuda" if "cuda" in config.device else "cpu")
-    made_dir = not run_dir.exists()
-    before = folder_entries(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    distributed.barrier()
+    # The backend follows the resolved device, so `auto` on a GPU machine gets nccl.
+    dist_info = distributed.init_distributed(resolve_device(config.device, *distributed.launch_env()))
     try:
-        return _train(config, run_dir, resume, dist_info, echo, progress_factory, stop_after_epochs)
-    except BaseException:
-        # A new run that fails (or is interrupted) before its first checkpoint leaves nothing behind
-        # that would make the same command refuse ("already holds a run") once the cause is fixed.
-        if dist_info.is_main and not resume and not (checkpoint_dir(run_dir) / LAST_CHECKPOINT).is_file():
-            remove_new_entries(run_dir, before, remove_folder=made_dir)
-        raise
+        made_dir = not run_dir.exists()
+        before = folder_entries(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        distributed.barrier()
+        try:
+            return _train(config, run_dir, resume, dist_info, echo, progress_factory, stop_after_epochs)
+        except BaseException:
+            # A new run that fails (or is interrupted) before its first checkpoint leaves nothing behind
+            # that would make the same command refuse ("already holds a run") once the cause is fixed.
+            if dist_info.is_main and not resume and not (checkpoint_dir(run_dir) / LAST_CHECKPOINT).is_file():
+                remove_new_entries(run_dir, before, remove_folder=made_dir)
+            raise
+    finally:
+        distributed.cleanup(dist_info)  # also on error, so no rank leaves a dangling group
 
 
 def _check_inputs(config: TrainConfig) -> None:
@@ -202,11 +211,14 @@ def _train(config, run_dir, resume, dist_info, echo, progress_factory, stop_afte
 
     if resume:
         saved = json.loads((run_dir / CONFIG_FILE).read_text())
-        runtime = {k: getattr(config, k) for k in ("device", "threads")}
+        runtime = {k: getattr(config, k) for k in ("device", "threads", "activation_checkpointing",
+                                                     "cache_dir", "loader_workers")}
+        if runtime["cache_dir"] is None:  # not given now: the cache the run was started with
+            runtime.pop("cache_dir")
         config = config_from_dict({**saved, **runtime})
         log(f"resuming {run_dir} ({config.objective}, preset {config.preset})")
 
-    device = resolve_device(config.device, dist_info.local_rank)
+    device = dist_info.device
     if device.type == "cpu" and config.threads > 0:
         torch.set_num_threads(config.threads)
     bf16, channels_last = use_bf16(config, device), use_channels_last(config, device)
@@ -217,17 +229,20 @@ def _train(config, run_dir, resume, dist_info, echo, progress_factory, stop_afte
     if resume and config.manifest_sha256 and sha != config.manifest_sha256:
         log(f"warning: {manifest} changed since the run started (sha256 differs); resuming anyway")
     config.manifest, config.manifest_sha256 = str(manifest), sha
+    if config.cache_dir:
+        config.cache_dir = str(Path(config.cache_dir).expanduser().resolve())
     spec = config.preprocess_spec
 
     if dist_info.is_main and not resume:
         (run_dir / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
         (run_dir / SPEC_FILE).write_text(json.dumps(spec, indent=2) + "\n")
 
-    def read_cohort():
-        log(f"reading and preprocessing {len(rows)} pairs from {manifest}")
-        return _load_with_progress(rows, spec, progress_factory if dist_info.is_main else None)
-
-    pairs = load_pairs_once(sha, spec, read_cohort)
+    local_rank, local_world = distributed.launch_env()
+    with _progress_for_build(progress_factory if dist_info.is_main else None) as progress:
+        # The processes of a node share the build (shards local_rank, local_rank + local_world, ...).
+        pairs = open_cache(rows, spec, sha, config.cache_dir, part=(local_rank, local_world),
+                           progress=progress, barrier=distributed.barrier, log=log)
+    remember_pairs(sha, spec, pairs)  # the demo's probe reads the same cache, not the files again
     for message in pairs.errors:
         log(f"skipped: {message}")
     split = split_patients(pairs.patients, config.val_fraction, config.seed)
@@ -278,23 +293,21 @@ def _train(config, run_dir, resume, dist_info, echo, progress_factory, stop_afte
     )
 
     end_epoch = config.epochs if stop_after_epochs is None else min(config.epochs, stop_after_epochs)
-    local = batch_size // dist_info.world_size
+    workers = loader_workers(config.loader_workers, local_world)
+    # Each rank reads its own slice of every global batch; the order and each sample's augmentation
+    # depend only on (seed, epoch, sample), so they are the same for any world size and worker count.
+    loader = make_loader(train_set, spec, batch_size, config.seed, config.augment, dist_info.rank,
+                         dist_info.world_size, workers, pin_memory=device.type == "cuda")
     for epoch in range(start_epoch, end_epoch):
         started = time.perf_counter()
         model.train()
-        gen = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
-        batches = epoch_batches(len(train_set.rows), batch_size, config.seed, epoch)
+        set_loader_epoch(loader, epoch)
         losses = []
         factory = progress_factory if dist_info.is_main else None
-        with _progress(factory, f"epoch {epoch + 1}/{config.epochs}", len(batches)) as tick:
-            for batch in batches:
-                fundus_np, oct_np = train_set.fundus[batch], train_set.oct[batch]
-                fundus_t, oct_t = torch.from_numpy(fundus_np), torch.from_numpy(oct_np)
-                if config.augment:  # whole global batch, so augmentation is independent of world size
-                    fundus_t, oct_t = augment_fundus(fundus_t, spec, gen), augment_oct(oct_t, spec, gen)
-                mine = slice(dist_info.rank * local, (dist_info.rank + 1) * local)
-                fundus_t = fundus_t[mine].to(device)
-                oct_t = oct_t[mine].to(device)
+        with _progress(factory, f"epoch {epoch + 1}/{config.epochs}", len(loader)) as tick:
+            for fundus_t, oct_t in loader:
+                fundus_t = fundus_t.to(device, non_blocking=True)
+                oct_t = oct_t.to(device, non_blocking=True)
                 if channels_last:
                     oct_t = oct_t.contiguous(memory_format=torch.channels_last_3d)
                 with autocast(bf16, device):
@@ -306,18 +319,21 @@ def _train(config, run_dir, resume, dist_info, echo, progress_factory, stop_afte
                 optimizer.step()
                 scheduler.step()
                 model.clamp_temperatures()
-                losses.append(float(loss.detach()))
-                tick(loss=losses[-1])
+                losses.append(loss.detach())
+                if device.type == "cpu" or len(losses) % 20 == 0:  # a GPU syncs only every 20 steps
+                    tick(len(losses), loss=float(losses[-1]))
+            if losses and tick.done < len(losses):
+                tick(len(losses), loss=float(losses[-1]))
         train_seconds = time.perf_counter() - started
         record = {
             "epoch": epoch + 1,
-            "train_loss": float(np.mean(losses)) if losses else None,
+            "train_loss": float(torch.stack(losses).double().mean()) if losses else None,
             "lr": scheduler.get_last_lr()[0],
             **model.temperatures(),
             "train_pairs": len(train_set.rows),
             "batch_size": batch_size,
             "train_seconds": round(train_seconds, 3),
-            "pairs_per_second": round(len(batches) * batch_size / max(train_seconds, 1e-9), 2),
+            "pairs_per_second": round(len(loader) * batch_size / max(train_seconds, 1e-9), 2),
         }
         if dist_info.is_main:
             record.update(_validate(model, val_set, device, bf16, channels_last))
@@ -388,19 +404,42 @@ def _truncate_metrics(path: Path, epochs_done: int, is_main: bool) -> None:
     path.write_text("".join(line + "\n" for line in kept))
 
 
+class _Tick:
+    """Advances a progress task to `steps` done (several at once when a GPU run ticks every 20 steps)."""
+
+    def __init__(self, update: Callable[..., None] | None = None):
+        self.update, self.done = update, 0
+
+    def __call__(self, steps: int | None = None, **fields: Any) -> None:
+        steps = self.done + 1 if steps is None else steps
+        if self.update is not None:
+            self.update(advance=steps - self.done, **fields)
+        self.done = steps
+
+
 @contextlib.contextmanager
 def _progress(factory, description: str, total: int):
     if factory is None:
-        yield lambda **_: None
+        yield _Tick()
         return
     with factory() as progress:
         task = progress.add_task(description, total=total, loss=float("nan"))
-        yield lambda **fields: progress.update(task, advance=1, **fields)
+        yield _Tick(lambda **fields: progress.update(task, **fields))
 
 
-def _load_with_progress(rows, spec, factory):
+@contextlib.contextmanager
+def _progress_for_build(factory):
+    """``progress(n)`` -> per-row tick for the cache build (a bar only when rows are read)."""
     if factory is None:
-        return load_pairs(rows, spec)
-    with factory() as progress:
-        task = progress.add_task("preprocessing", total=len(rows), loss=float("nan"))
-        return load_pairs(rows, spec, on_progress=lambda: progress.advance(task))
+        yield None
+        return
+    with contextlib.ExitStack() as stack:
+
+        def start(total: int) -> Callable[[], None]:
+            if not total:
+                return lambda: None
+            progress = stack.enter_context(factory())
+            task = progress.add_task("preprocessing", total=total, loss=float("nan"))
+            return lambda: progress.advance(task)
+
+        yield start

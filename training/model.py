@@ -57,7 +57,9 @@ class RetinaModel(nn.Module):
         self.fundus_encoder = Encoder(
             config.fundus_arch, int(config.fundus_channels), self.embed_dim, config.fundus_init
         )
-        self.oct_encoder = Encoder(config.oct_arch, 1, self.embed_dim, config.oct_init)
+        self.oct_encoder = Encoder(
+            config.oct_arch, 1, self.embed_dim, config.oct_init, bool(config.activation_checkpointing)
+        )
         self.logit_scale_max = float(config.logit_scale_max)
         if config.objective in ("clip", "siglip"):
             self.logit_scale = nn.Parameter(torch.tensor(math.log(config.logit_scale_init)))
@@ -168,6 +170,37 @@ def batched_inference(
         for m, training in modes:
             m.training = training
     return np.concatenate(out) if out else np.zeros((0, *row_shape), np.float32)
+
+
+def saved_activation_bytes(
+    encoder: nn.Module, x: torch.Tensor, bf16: bool = False
+) -> int:
+    """Bytes autograd keeps for the backward pass of one training-mode forward of `encoder` on `x`.
+
+    Counted with ``torch.autograd.graph.saved_tensors_hooks``, each storage once; the encoder's
+    parameters and the input batch (held anyway) are not counted. Inside an activation-checkpointed
+    segment the checkpoint's own hooks apply, so what it drops is not counted, as on the device.
+    """
+    skip = {p.untyped_storage().data_ptr() for p in encoder.parameters()} | {x.untyped_storage().data_ptr()}
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in skip:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    amp = torch.autocast(x.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    modes = [(m, m.training) for m in encoder.modules()]
+    encoder.train()
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), amp:
+            out = encoder(x)
+        del out  # frees the graph and with it the saved tensors
+    finally:
+        for m, training in modes:
+            m.training = training
+    return sum(storages.values())
 
 
 def build_model(config: TrainConfig | dict[str, Any]) -> RetinaModel:

@@ -39,6 +39,16 @@ def _help(text: str, key: str) -> str:
         return f"{text} (default from preset)."
 
 
+def _workers(value: str | None) -> int | str | None:
+    """--loader-workers: auto or a whole number (validated with the rest of the config)."""
+    if value is None or value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise UsageError(f"--loader-workers {value}: use auto or a whole number >= 0") from None
+
+
 def register(app: typer.Typer) -> None:
     @app.command("train")
     def train(
@@ -98,7 +108,29 @@ def register(app: typer.Typer) -> None:
             None, "--threads", help="CPU threads for torch; 0 = all cores (default 0)."
         ),
         precision: str = typer.Option(
-            None, "--precision", help="auto, fp32 or bf16 autocast (default auto: bf16 on CUDA, fp32 on CPU)."
+            None,
+            "--precision",
+            help="auto, fp32 or bf16 autocast (default auto: bf16 on GPUs of compute capability 8.0 and up, "
+            "else fp32).",
+        ),
+        activation_checkpointing: bool = typer.Option(
+            None,
+            "--activation-checkpointing/--no-activation-checkpointing",
+            help="Recompute the OCT stem and first stage in the backward pass instead of keeping their "
+            "activations: less GPU memory for large volumes, same gradients, slower steps (default off).",
+        ),
+        cache_dir: Path = typer.Option(
+            None,
+            "--cache-dir",
+            help="Folder of the preprocessed training cache (built once per cohort manifest and "
+            "preprocessing, then reused; docs/training.md). Default: $RETINA_HOME/cache/training.",
+        ),
+        loader_workers: str = typer.Option(
+            None,
+            "--loader-workers",
+            help="Data-loading worker processes per training process: a number (0 = load in the "
+            "training process) or auto (0 with up to 2 cores per process, else cores/4, at most 4). "
+            "Default: auto.",
         ),
     ) -> None:
         """Pre-train the fundus + OCT encoders contrastively (CLIP / CLOOB / SigLIP) into a run folder."""
@@ -140,6 +172,9 @@ def register(app: typer.Typer) -> None:
             "device": device,
             "threads": threads,
             "precision": precision,
+            "activation_checkpointing": activation_checkpointing,
+            "cache_dir": str(cache_dir) if cache_dir is not None else None,
+            "loader_workers": _workers(loader_workers),
         }
         try:
             file_values = load_config_file(config_file) if config_file is not None else {}

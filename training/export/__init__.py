@@ -31,6 +31,7 @@ from training.export.package import (
     _head_entry,
     _input_spec,
     canonical_sha256,
+    export_model,
     export_run,
     package_name_for,
 )
@@ -82,6 +83,7 @@ __all__ = [
     "encoder_parity",
     "export_encoder",
     "export_head",
+    "export_model",
     "export_run",
     "head_parity",
     "int8_gate",

@@ -49,7 +49,7 @@ def export_encoder(
 
     import torch
 
-    module = _encoder_module(model, modality)
+    module = _encoder_module(model.cpu(), modality)  # the example input is a CPU tensor
     # Two examples so the exporter does not specialise the batch axis to 1.
     x = torch.from_numpy(np.ascontiguousarray(np.repeat(example[:1], 2, axis=0)))
     kwargs: dict[str, Any] = dict(input_names=[modality], output_names=["embedding"], opset_version=opset)

@@ -126,6 +126,12 @@ def _epochs_trained(run) -> int | None:
     return int(epochs) if epochs is not None else None
 
 
+def export_model(model):
+    """The model as exported: float32, eval mode, on the CPU (moved in place). A model trained or loaded
+    on a GPU is traced, compared with onnxruntime and turned into numpy arrays on the CPU."""
+    return model.cpu().float().eval()
+
+
 def export_run(
     run_dir: str | Path,
     out_dir: str | Path,
@@ -174,7 +180,7 @@ def export_run(
     except FileNotFoundError as exc:
         raise ExportError(str(exc)) from None
     validate_spec(run.spec)
-    model = run.model.float().eval()
+    model = export_model(run.model)
     heads = load_heads(run_dir)
     for head in heads:
         if head.embed_dim != model.embed_dim:
