@@ -27,7 +27,9 @@ from retinacli.readers.heyex_xml import MAX_XML_BYTES
 LAST, FIRST, PATIENT_ID, INTERNAL_ID = "Doeplanted", "Janeplanted", "PID-4242-SECRET", "424299"
 BIRTH = (1950, 1, 1)
 # Every spelling of the planted identifiers an output could carry.
-PLANTED = [LAST, FIRST, PATIENT_ID, "4242", INTERNAL_ID, "1950-01-01", "19500101", "01.01.1950"]
+# "-4242-": a piece of the ID left by a partial redaction (a bare "4242" also matched printed scores and
+# hexadecimal pseudonyms by chance)
+PLANTED = [LAST, FIRST, PATIENT_ID, "-4242-", INTERNAL_ID, "1950-01-01", "19500101", "01.01.1950"]
 
 N, H, W = 5, 48, 64  # B-scans, rows, columns
 LOC = 96  # localizer side
