@@ -24,6 +24,9 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+from test_training_cache import write_cohort  # noqa: E402  (the cohort the memory test trains on)
 
 RUN = """
 import json, resource, sys
@@ -39,29 +42,6 @@ print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_max
 """
 
 
-def write_cohort(folder: Path, n_pairs: int, seed: int = 0) -> Path:
-    import csv
-
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i in range(n_pairs):
-        np.save(folder / f"oct_{i:05d}.npy", rng.integers(0, 255, (6, 24, 24), dtype=np.uint8))
-        fundus = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
-        Image.fromarray(fundus).save(folder / f"fundus_{i:05d}.png")
-        rows.append({"patient_id": f"P{i // 2:05d}", "eye": "OD", "visit": str(i % 2),
-                     "oct_path": f"oct_{i:05d}.npy", "fundus_path": f"fundus_{i:05d}.png"})
-    manifest = folder / "manifest.csv"
-    with open(manifest, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return manifest
-
-
 def steps_per_epoch(n_pairs: int) -> int:
     """Optimiser steps of one epoch: half of the patients (2 pairs each) are held out, batches of 8."""
     patients = n_pairs // 2
@@ -70,7 +50,7 @@ def steps_per_epoch(n_pairs: int) -> int:
 
 
 def measure(n_pairs: int, fundus_size: int, workers: str, work: Path, epochs: int = 1) -> dict:
-    manifest = write_cohort(work / f"cohort_{n_pairs}", n_pairs, seed=n_pairs)
+    manifest = write_cohort(work / f"cohort_{n_pairs}", n_pairs, fundus_px=32, seed=n_pairs)
     cache = work / "cache"
     done = subprocess.run(
         [sys.executable, "-c", RUN, str(manifest), str(cache), str(work / f"run_{n_pairs}"), str(fundus_size),
