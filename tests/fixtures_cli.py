@@ -11,3 +11,12 @@ def one_error_line(result) -> str:
     assert len(lines) == 1, result.output
     return lines[0]
 
+
+def run_cli(*args) -> tuple[int, str, str]:
+    """Run `retina ARGS...` in-process: (exit code, stdout, stderr)."""
+    from typer.testing import CliRunner
+
+    from retinacli.cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    return result.exit_code, result.stdout, result.stderr

@@ -14,10 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from fixtures_cli import run_cli as run
 from fixtures_packages import make_toy_package
-from typer.testing import CliRunner
-
-from retinacli.cli import app
 
 hd = pytest.importorskip("highdicom")
 pydicom = pytest.importorskip("pydicom")
@@ -25,12 +23,6 @@ pytest.importorskip("onnxruntime")
 
 DCIODVFY = Path(sys.executable).parent / "dciodvfy"
 ALGORITHM_NAME, ALGORITHM_VERSION = "111001", "111003"  # DCM codes of TID 4019
-runner = CliRunner()
-
-
-def run(*args):
-    result = runner.invoke(app, [str(a) for a in args])
-    return result.exit_code, result.stdout, result.stderr
 
 
 @pytest.fixture(scope="module")

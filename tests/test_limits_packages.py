@@ -16,21 +16,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fixtures_cli import run_cli as run
 from fixtures_packages import TOY_DIM, _linear_encoder, make_toy_package
-from typer.testing import CliRunner
 
-from retinacli.cli import app
 from retinacli.errors import EXIT_MODEL_INVALID
 
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
-
-runner = CliRunner()
-
-
-def run(*args):
-    result = runner.invoke(app, [str(a) for a in args])
-    return result.exit_code, result.stdout, result.stderr
 
 
 @pytest.fixture

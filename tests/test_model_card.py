@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from fixtures_cli import run_cli as run
 from fixtures_packages import make_toy_package
 from typer.testing import CliRunner
 
@@ -48,11 +49,6 @@ metrics = { cst_mae_um = 21.5, tn_auroc = 0.81 }
 """
 
 runner = CliRunner()
-
-
-def run(*args):
-    result = runner.invoke(app, [str(a) for a in args])
-    return result.exit_code, result.stdout, result.stderr
 
 
 @pytest.fixture

@@ -7,9 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from typer.testing import CliRunner
-
-from retinacli.cli import app
+from fixtures_cli import run_cli as run
 
 pytest.importorskip("onnx")
 
@@ -18,11 +16,6 @@ pytest.importorskip("onnx")
 def env(toy_packages_home):
     """Isolated RETINA_HOME + working dir with two packages in the store and one in ./exported."""
     return toy_packages_home
-
-
-def run(*args):
-    result = CliRunner().invoke(app, list(args))
-    return result.exit_code, result.stdout, result.stderr
 
 
 def test_list_json_and_table(env):

@@ -14,10 +14,8 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from fixtures_cli import run_cli as run
 from fixtures_packages import make_toy_package
-from typer.testing import CliRunner
-
-from retinacli.cli import app
 
 pytest.importorskip("onnx")
 
@@ -49,11 +47,6 @@ def home(private_home, monkeypatch):
                 "RETINA_INSTALL_MAX_ENTRIES"):
         monkeypatch.delenv(env, raising=False)
     return private_home / "home"
-
-
-def run(*args):
-    result = CliRunner().invoke(app, list(args))
-    return result.exit_code, result.stdout, result.stderr
 
 
 def snapshot(home: Path) -> list[str]:

@@ -19,22 +19,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fixtures_cli import run_cli as run
 from fixtures_packages import make_toy_package
-from typer.testing import CliRunner
-
-from retinacli.cli import app
 
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
 FROZEN = Path(__file__).parent / "fixtures" / "v0_1_0"
 RESEARCH = "Predictions are for research use only, not for diagnosis or treatment decisions."
-runner = CliRunner()
-
-
-def run(*args):
-    result = runner.invoke(app, [str(a) for a in args])
-    return result.exit_code, result.stdout, result.stderr
 
 
 @pytest.fixture
