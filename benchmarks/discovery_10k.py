@@ -6,8 +6,12 @@ synthetic cohort's files, each with a new SOPInstanceUID (renumbered in place: s
 stays valid), cached under --work. At the default sizes the folder takes ~9 GB of disk.
 
 Measured, each in a fresh process, page cache warm (the folder was just written or read):
-- discovery alone: `retinacli.readers.discover.scan([folder])`, timed inside the process (imports excluded),
-  median of --rounds;
+- discovery alone, as `retina embed` runs it: `retinacli.pipeline.discover_with_readers.stream([folder])`
+  consumed (since issue 16's last part: DICOM metadata left to the reader threads), timed inside the
+  process (imports excluded), median of --rounds; also `discover.scan([folder])` with every source's
+  metadata (what `retina pair` uses), for reference;
+- with --baseline-code DIR, the same for another checkout (e.g. `git worktree add /tmp/base HEAD~1`),
+  round by round interleaved with this one, so a busy machine slows both alike;
 - `retina embed FOLDER --model PKG --store STORE --json` (the default install, no speed flags), with a
   trace: this script starts the command in a process that wraps `discover.scan_iter` (time its last
   source was yielded) and `Engine.embed` (time of the first and last batch) before `retina`'s own
@@ -43,12 +47,20 @@ PER_FOLDER = 100
 
 DISCOVER_SCRIPT = r"""
 import json, sys, time
-from retinacli.readers.discover import scan
+from retinacli.pipeline import discover_with_readers
+from retinacli.readers.discover import Ignored, ReadError, scan
+counts = {"sources": 0, "errors": 0, "ignored": 0}
+start, cpu = time.perf_counter(), time.process_time()
+for found in discover_with_readers.stream([sys.argv[1]]):  # what retina embed's discovery thread runs
+    kind = "errors" if isinstance(found, ReadError) else ("ignored" if isinstance(found, Ignored)
+                                                     else "sources")
+    counts[kind] += 1
+seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
 start = time.perf_counter()
-found = scan([sys.argv[1]])
-seconds = time.perf_counter() - start
-print(json.dumps({"seconds": seconds, "sources": len(found.sources), "errors": len(found.errors),
-                  "ignored": len(found.ignored)}))
+with_metadata = scan([sys.argv[1]])
+scan_seconds = time.perf_counter() - start
+print(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds, **counts, "scan_seconds": scan_seconds,
+                  "scan_sources": len(with_metadata.sources)}))
 """
 
 # Runs `retina embed ...` (sys.argv[2:]) with timestamps of discovery's end and the engine's batches
@@ -75,8 +87,8 @@ def replace(original, wrapper):
                     setattr(module, attr, wrapper)
 if hasattr(discover, "scan_iter"):  # streaming discovery (issue 16)
     _scan_iter = discover.scan_iter
-    def scan_iter(paths):
-        for found in _scan_iter(paths):
+    def scan_iter(paths, **options):
+        for found in _scan_iter(paths, **options):
             if isinstance(found, discover.Source):
                 trace["sources_yielded"] += 1
             yield found
@@ -139,18 +151,29 @@ def make_folder(cohort: Path, folder: Path, files: int) -> Path:
     return folder
 
 
-def discovery_alone(folder: Path, env: dict[str, str], rounds: int) -> dict:
-    runs = []
+def discovery_alone(folder: Path, codes: dict[str, Path], rounds: int) -> dict[str, dict]:
+    """{label: result} for each checkout in `codes`, interleaved round by round."""
+    runs: dict[str, list[dict]] = {label: [] for label in codes}
     for _ in range(rounds):
-        done = subprocess.run([sys.executable, "-c", DISCOVER_SCRIPT, str(folder)], capture_output=True,
-                              text=True, env=env, cwd=REPO)
-        if done.returncode != 0:
-            raise RuntimeError(f"discovery failed: {done.stderr.strip()[-600:]}")
-        runs.append(json.loads(done.stdout))
-        log(f"  discovery alone: {runs[-1]['seconds']:.2f} s, {runs[-1]['sources']} sources")
-    return {"seconds": round(statistics.median(r["seconds"] for r in runs), 3),
-            "seconds_rounds": [round(r["seconds"], 3) for r in runs],
-            "sources": runs[-1]["sources"], "errors": runs[-1]["errors"], "ignored": runs[-1]["ignored"]}
+        for label, code in codes.items():
+            # cwd = the checkout: `python -c` puts the working folder first on sys.path
+            done = subprocess.run([sys.executable, "-c", DISCOVER_SCRIPT, str(folder)], capture_output=True,
+                                  text=True, env=code_env(code), cwd=code)
+            if done.returncode != 0:
+                raise RuntimeError(f"discovery failed ({label}): {done.stderr.strip()[-600:]}")
+            runs[label].append(json.loads(done.stdout))
+            log(f"  discovery alone ({label}): {runs[label][-1]['seconds']:.2f} s as embed runs it, "
+                f"{runs[label][-1]['scan_seconds']:.2f} s scan() with metadata, "
+                f"{runs[label][-1]['sources']} sources")
+    return {label: {"code": str(codes[label]),
+                    "seconds": round(statistics.median(r["seconds"] for r in found), 3),
+                    "seconds_rounds": [round(r["seconds"], 3) for r in found],
+                    # CPU time of the process: less sensitive than wall time to other load on the machine
+                    "cpu_seconds": round(statistics.median(r["cpu_seconds"] for r in found), 3),
+                    "scan_seconds": round(statistics.median(r["scan_seconds"] for r in found), 3),
+                    "sources": found[-1]["sources"], "errors": found[-1]["errors"],
+                    "ignored": found[-1]["ignored"]}
+            for label, found in runs.items()}
 
 
 def embed_traced(folder: Path, package: Path, work: Path, env: dict[str, str]) -> dict:
@@ -183,9 +206,17 @@ def markdown(r: dict, command: str) -> str:
     lines = [f"{r['files']:,} DICOM files ({half:,} OPT 25x224x256 + {half:,} OP 384 px), {r['date']}, "
              f"{r['cores']} cores, load at start {load}.",
              "",
-             f"- discovery alone (`discover.scan`, fresh process, warm page cache, median of "
+             f"- discovery alone, as `retina embed` runs it (fresh process, warm page cache, median of "
              f"{len(d['seconds_rounds'])}): **{d['seconds']} s** ({d['sources']:,} sources, "
-             f"{1000 * d['seconds'] / max(1, r['files']):.2f} ms per file)"]
+             f"{1000 * d['seconds'] / max(1, r['files']):.2f} ms per file, CPU {d['cpu_seconds']} s); "
+             f"`discover.scan` with every "
+             f"source's metadata (`retina pair`): {d['scan_seconds']} s "
+             f"({1000 * d['scan_seconds'] / max(1, r['files']):.2f} ms per file)"]
+    if "baseline_discovery" in r:
+        b, n = r["baseline_discovery"], max(1, r["files"])
+        lines.append(f"- the same, rounds interleaved, baseline checkout {b['code']}: {b['seconds']} s "
+                     f"({1000 * b['seconds'] / n:.2f} ms per file, CPU {b['cpu_seconds']} s); scan with "
+                     f"metadata {b['scan_seconds']} s ({1000 * b['scan_seconds'] / n:.2f} ms per file)")
     if "embed" in r:
         e, t = r["embed"], r["embed"]["trace"]
         engines = ", ".join(f"{m} {v}" for m, v in e["engine"].items())
@@ -209,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="discovery-alone repetitions")
     parser.add_argument("--no-embed", action="store_true", help="time discovery only")
     parser.add_argument("--code", type=Path, default=REPO, help="checkout whose retinacli runs")
+    parser.add_argument("--baseline-code", type=Path,
+                        help="another checkout whose discovery is timed too, rounds interleaved")
     parser.add_argument("--json-out", type=Path)
     parser.add_argument("--markdown-out", type=Path, help="the paragraph for RESULTS.md")
     args = parser.parse_args(argv)
@@ -220,7 +253,13 @@ def main(argv: list[str] | None = None) -> int:
     load_start = os.getloadavg()
     result: dict = {"files": args.files, "folder": str(folder), "load_start": load_start,
                     "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cores": os.cpu_count()}
-    result["discovery"] = discovery_alone(folder, env, args.rounds)
+    codes = {"this": args.code.resolve()}
+    if args.baseline_code:
+        codes["baseline"] = args.baseline_code.resolve()
+    timed_discovery = discovery_alone(folder, codes, args.rounds)
+    result["discovery"] = timed_discovery["this"]
+    if "baseline" in timed_discovery:
+        result["baseline_discovery"] = timed_discovery["baseline"]
     if not args.no_embed:
         log("retina embed (traced)")
         result["embed"] = e = embed_traced(folder, args.package.resolve(), work, env)

@@ -125,10 +125,11 @@ def discover_with_readers(paths: Sequence[Path]) -> tuple[list[Any], list[ReadEr
 
 
 def _discover_stream(paths: Sequence[Path]) -> Iterator[Any]:
-    """Sources, ReadErrors and Ignored (path, why), each as soon as discovery finds it."""
+    """Sources, ReadErrors and Ignored (path, why), each as soon as discovery finds it. A DICOM header's
+    metadata is left to the reader threads (scan_iter's metas=False): embedding never uses it before."""
     from retinacli.readers.discover import scan_iter
 
-    return scan_iter(paths)
+    return scan_iter(paths, metas=False)
 
 
 discover_with_readers.stream = _discover_stream  # StreamingPlan streams through it

@@ -55,7 +55,8 @@ def test_a_dicom_header_is_parsed_once_per_read_and_again_after_the_file_changes
     write_opt(path, volume, "SYN000123", "OD", "20240215103000")
     parses = []
     real = pydicom.dcmread
-    monkeypatch.setattr(pydicom, "dcmread", lambda *a, **k: (parses.append(str(a[0])), real(*a, **k))[1])
+    monkeypatch.setattr(pydicom, "dcmread",  # a path or an open file: counted by its name
+                        lambda *a, **k: (parses.append(str(getattr(a[0], "name", a[0]))), real(*a, **k))[1])
     np.testing.assert_array_equal(read_oct(path).pixels, volume)  # discovery header, then its pixels
     assert parses == [str(path)]
     np.testing.assert_array_equal(read_oct(path).pixels, volume)

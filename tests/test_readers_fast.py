@@ -3,6 +3,8 @@
 - one header parse per DICOM file: discovery's dataset (``Source.header``) is the one decoded;
 - guarded access: a header element a reader uses that pydicom cannot convert is one ReadError naming
   its tag; an element no reader uses is never converted, so it cannot fail the file;
+- discovery as `retina embed` runs it (``scan_iter(metas=False)``) converts only what classifies a file;
+  the reader converts the metadata, with the same guard, and gets the same items as after ``scan()``;
 - frame-selective decoding (``read_source(..., oct_frames=...)``): the same arrays as a full decode
   followed by picking, for every reader that selects, and the same model input after preprocessing.
 """
@@ -10,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 from collections import Counter
 from pathlib import Path
 
@@ -17,6 +20,7 @@ import numpy as np
 import pydicom
 import pytest
 import tifffile
+from pydicom.datadict import keyword_for_tag
 from pydicom.dataelem import RawDataElement
 from pydicom.encaps import generate_fragments
 from pydicom.tag import Tag
@@ -35,7 +39,8 @@ from typer.testing import CliRunner
 from retinacli.cli import app
 from retinacli.errors import ReadError
 from retinacli.preprocess import make_spec, preprocess_oct, slice_indices
-from retinacli.readers import read_oct, read_source, scan
+from retinacli.readers import Source, read_oct, read_source, scan
+from retinacli.readers.discover import scan_iter
 
 N = 7  # B-scans in each test volume
 H, W = 64, 160  # 7 x 64 x 160 uint8 is over 64 KB: the pixel data element stays on disk (deferred)
@@ -70,12 +75,13 @@ def pick(k: int):
 
 @pytest.fixture
 def count_parses(monkeypatch):
-    """Counter of pydicom.dcmread calls per file (every reader parses through it)."""
+    """Counter of pydicom.dcmread calls per file (every reader parses through it; a path or an open
+    file, counted by its name)."""
     parses: Counter = Counter()
     real = pydicom.dcmread
 
     def counting(source, *args, **kwargs):
-        parses[str(source)] += 1
+        parses[str(getattr(source, "name", source))] += 1
         return real(source, *args, **kwargs)
 
     monkeypatch.setattr(pydicom, "dcmread", counting)
@@ -173,6 +179,92 @@ def test_a_broken_element_no_reader_uses_does_not_fail_the_file(tmp_path):
     with pytest.raises(Exception):  # noqa: B017 - pydicom itself cannot convert it
         _ = pydicom.dcmread(path).SmallestImagePixelValue
     np.testing.assert_array_equal(read_oct(path).pixels, volume)
+
+
+# --- discovery as `retina embed` runs it: the metadata is the reader's -------------------------------
+
+LATERALITY = 0x00200062  # Image Laterality: the metadata reads it, classification does not
+BROKEN_LATERALITY = f"broken DICOM header (invalid value in tag {Tag(LATERALITY)})"
+
+
+def converted_keywords(ds) -> set[str]:
+    """Keywords of the elements pydicom has converted (the others are still raw bytes)."""
+    return {keyword_for_tag(tag) for tag in tuple(ds.keys())  # iterating a Dataset would convert them
+            if not isinstance(ds.get_item(tag, keep_deferred=True), RawDataElement)}
+
+
+def streamed(paths) -> tuple[list[Source], list[ReadError]]:
+    found = list(scan_iter(paths, metas=False))
+    return [x for x in found if isinstance(x, Source)], [x for x in found if isinstance(x, ReadError)]
+
+
+def test_streamed_discovery_converts_only_what_classifies_a_file(tmp_path):
+    """metas=False (retina embed): of each header only the SOP class and frame count are converted; the
+    metadata, read on first use or by the reader, equals what scan() computes, and so do the items."""
+    visit = tmp_path / "visit"
+    visit.mkdir()
+    write_opt(visit / "oct.dcm", noisy_volume(), patient="SYN000321", localizer_uid="1.2.3.4")
+    write_op(visit / "fundus.dcm", np.random.default_rng(2).integers(0, 255, (48, 48, 3), dtype=np.uint8))
+    sources, errors = streamed([visit])
+    assert errors == [] and sorted(s.path.name for s in sources) == ["fundus.dcm", "oct.dcm"]
+    for source in sources:
+        assert converted_keywords(source.header) <= {"SpecificCharacterSet", "SOPClassUID", "NumberOfFrames"}
+        assert "PatientID" in source.header  # kept, unread, until the reader needs it
+    eager = {s.path: s for s in scan([visit]).sources}
+    for source in sources:
+        modality = source.modalities[0]
+        assert source.meta(modality) == eager[source.path].meta(modality)
+        assert pickle.loads(pickle.dumps(source)).meta(modality) == source.meta(modality)
+        (item,), (expected,) = read_source(source), read_source(eager[source.path])
+        assert item.meta == expected.meta and item.meta.patient_id in ("SYN000321", "SYN000001")
+        np.testing.assert_array_equal(item.pixels, expected.pixels)
+    assert eager[visit / "oct.dcm"].meta("oct").referenced_sop_uids == ("1.2.3.4",)
+
+
+def test_streamed_discovery_leaves_a_broken_metadata_element_to_the_reader(tmp_path):
+    """A broken element only the metadata reads: scan() reports it (as before); streamed discovery
+    classifies the file, and the reader (or the metadata's first use) raises the same one line, naming
+    the tag and never a header value."""
+    path = tmp_path / "oct.dcm"
+    write_opt(path, ramp_volume(3, 16, 16), patient="SYN000777")
+    with_broken_element(path, LATERALITY, "US")
+    found = scan([path])
+    assert found.sources == [] and [e.reason for e in found.errors] == [BROKEN_LATERALITY]
+    (source,), errors = streamed([path])
+    assert errors == []
+    for use in (lambda: read_source(source), lambda: source.meta("oct")):
+        with pytest.raises(ReadError) as caught:
+            use()
+        assert caught.value.reason == BROKEN_LATERALITY and "SYN000777" not in str(caught.value)
+
+
+def test_retina_embed_reports_a_broken_metadata_element_as_that_files_one_error(toy_package, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    write_opt(data / "good.dcm", noisy_volume())
+    write_opt(data / "broken.dcm", noisy_volume(seed=3), patient="SYN000777")
+    with_broken_element(data / "broken.dcm", LATERALITY, "US")
+    store = tmp_path / "store"
+    result = CliRunner().invoke(app, ["embed", str(data), "--model", str(toy_package), "--store", str(store),
+                                      "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert (summary["embedded"], summary["failed"]) == (1, 1)
+    assert [e["error"] for e in summary["errors"]] == [BROKEN_LATERALITY]
+    assert "SYN000777" not in result.output + (store / "errors.csv").read_text()
+
+
+@pytest.mark.parametrize("metas", [True, False])
+def test_a_broken_single_frame_b_scan_is_left_out_of_its_series_either_way(tmp_path, metas):
+    """Discovery decides a series' members, so a single-frame B-scan is checked whole in both modes."""
+    files = write_bscan_series(tmp_path / "series", ramp_volume(5, 16, 16))
+    with_broken_element(files[2], LATERALITY, "US")
+    found = list(scan_iter([tmp_path / "series"], metas=metas))
+    errors = [x for x in found if isinstance(x, ReadError)]
+    sources = [x for x in found if isinstance(x, Source)]
+    assert [(e.path, e.reason) for e in errors] == [(str(files[2]), BROKEN_LATERALITY)]
+    assert len(sources) == 1 and set(sources[0].members) == set(files) - {files[2]}
+    assert read_source(sources[0])[0].pixels.shape == (4, 16, 16)
 
 
 # --- frame-selective decoding --------------------------------------------------------------------------

@@ -7,10 +7,13 @@ pair or an angiography sequence of photographs, not a volume: it reads as a fund
 
 from __future__ import annotations
 
-import copy
+import dataclasses
+import errno
+import io
+import os
 import re
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -80,30 +83,39 @@ DEFER_SIZE = 64 * 1024
 PIXEL_DATA_TAGS = (0x7FE00008, 0x7FE00009, 0x7FE00010)  # float, double float, pixel data
 
 
-def read_header(path: Path, with_pixels: bool = True):
+def read_header(path: Path, with_pixels: bool = True, check: bool = True):
     """The file's one parse: its header, with the pixel data element deferred (its value stays on disk
     until decoded: ``load_pixels`` reads it from this dataset, without parsing the file again).
 
     Discovery keeps this dataset on its ``Source`` (``Source.header``) and the reader decodes from
     it. Every header element a reader uses is converted here, guarded (``check_used_elements``): a
     value pydicom cannot convert is one ReadError naming its tag, never its value. Other elements
-    are not converted. ``with_pixels=False`` stops before the pixel data instead.
+    are not converted. ``check=False`` converts none: discovery then classifies the file
+    (``classify_header``) and the reader converts the rest, guarded the same way (``ensure_checked``).
+    ``with_pixels=False`` stops before the pixel data instead. The file is opened once: the deflate
+    check reads its first bytes from the handle pydicom then parses.
     """
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     options = {"defer_size": DEFER_SIZE} if with_pixels else {"stop_before_pixels": True}
+    handle = open_for_reading(path)
     try:
-        if Path(path).stat().st_size == 0:
-            raise ReadError(path, "empty file (0 bytes)")
-        check_deflated(path)
-        try:
-            ds = pydicom.dcmread(path, **options)
-        except InvalidDicomError:
-            # Old files without the 128-byte preamble: accept only if they parse into image attributes.
-            ds = pydicom.dcmread(path, force=True, **options)
-            if "SOPClassUID" not in ds and "Rows" not in ds:
-                raise ReadError(path, "not a DICOM file") from None
+        with handle:
+            head = handle.read(_META_HEAD)
+            if not head:
+                raise ReadError(path, "empty file (0 bytes)")
+            if _may_be_deflated(head):
+                check_deflated(path)
+            handle.seek(0)
+            try:
+                ds = pydicom.dcmread(handle, **options)
+            except InvalidDicomError:
+                # Old files without the 128-byte preamble: accept only if they parse into image attributes.
+                handle.seek(0)
+                ds = pydicom.dcmread(handle, force=True, **options)
+                if "SOPClassUID" not in ds and "Rows" not in ds:
+                    raise ReadError(path, "not a DICOM file") from None
     except ReadError:
         raise
     except (EOFError, OSError) as exc:
@@ -112,9 +124,58 @@ def read_header(path: Path, with_pixels: bool = True):
         raise ReadError(path, f"not a DICOM file ({short(exc)})") from None
     if "SOPClassUID" not in ds and "Rows" not in ds:
         raise ReadError(path, "not a DICOM file")
-    check_used_elements(path, ds)
+    if check:
+        check_used_elements(path, ds)
     _leave_pixels_on_disk(ds)
     return ds
+
+
+def open_for_reading(path: Path) -> io.BufferedReader:
+    """``open(path, "rb")`` for pydicom to parse, without blocking on a FIFO (O_NONBLOCK changes nothing
+    for a regular file); a failure is one ReadError: a file retina may not read is reported as such,
+    not as a broken image."""
+    try:
+        return io.BufferedReader(_PositionKeepingFile(os.fspath(path), "r", opener=_open_nonblocking))
+    except PermissionError:
+        raise ReadError(path, "cannot open (permission denied)") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ReadError(path, "symbolic link loop") from None
+        raise ReadError(path, f"cannot open ({short(exc)})") from None
+
+
+def _open_nonblocking(name, flags: int) -> int:
+    return os.open(name, flags | getattr(os, "O_NONBLOCK", 0))
+
+
+class _PositionKeepingFile(io.FileIO):
+    """A file that knows its position. pydicom asks a buffered file's position once per element, and
+    the buffered reader asks its raw file each time: a system call (lseek, which also lets go of the
+    GIL) per element, ~85 per header. Here that is an attribute read; reads and seeks update it."""
+
+    _position = 0
+
+    def readinto(self, buffer) -> int | None:
+        count = super().readinto(buffer)
+        self._position += count or 0
+        return count
+
+    def read(self, size: int = -1) -> bytes | None:
+        data = super().read(size)
+        self._position += len(data or b"")
+        return data
+
+    def readall(self) -> bytes:
+        data = super().readall()
+        self._position += len(data)
+        return data
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        self._position = super().seek(offset, whence)
+        return self._position
+
+    def tell(self) -> int:
+        return self._position
 
 
 # What decoding needs once the metadata is computed (header_meta keeps it on the dataset): the
@@ -127,7 +188,7 @@ _DECODE_TAGS = {0x00080005, 0x00080016, 0x00080060}  # charset, SOP Class UID, M
 def keep_for_decoding(ds) -> None:
     """Drop from a discovered dataset every element decoding does not need (its metadata was computed
     and kept already): a Source waiting to be read then holds a third of the parsed header."""
-    header_meta(ds)  # computed (and kept) before the elements it reads go
+    _cached_meta(ds)  # computed (and kept) before the elements it reads go
     tags = list(ds.keys())
     for tag in tags:
         if tag.group not in _DECODE_GROUPS and tag not in _DECODE_TAGS:
@@ -158,7 +219,12 @@ def check_deflated(path: Path) -> None:
 
     from pydicom.filereader import _read_file_meta_info, read_preamble
 
-    if not _may_be_deflated(path):
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(_META_HEAD)
+    except OSError:
+        head = b""  # pydicom's meta reader below reports it
+    if not _may_be_deflated(head):
         return
     with open(path, "rb") as handle:
         try:
@@ -201,15 +267,11 @@ def check_deflated(path: Path) -> None:
 _META_HEAD = 4096  # file meta groups are a few hundred bytes
 
 
-def _may_be_deflated(path: Path) -> bool:
-    """False only when the file meta group, read as bytes, is whole in the first bytes and does not
-    hold the deflated transfer syntax UID (the usual file: no meta parse needed); True otherwise, and
-    pydicom's meta reader decides. The group starts with its length, (0002,0000) UL, at byte 132."""
-    try:
-        with open(path, "rb") as handle:
-            head = handle.read(_META_HEAD)
-    except OSError:
-        return True
+def _may_be_deflated(head: bytes) -> bool:
+    """False only when the file meta group, read as bytes, is whole in the file's first bytes `head` and
+    does not hold the deflated transfer syntax UID (the usual file: no meta parse needed); True
+    otherwise, and pydicom's meta reader decides. The group starts with its length, (0002,0000) UL, at
+    byte 132."""
     if head[128:132] != b"DICM" or head[132:138] != b"\x02\x00\x00\x00UL":
         return True
     end = 144 + int.from_bytes(head[140:144], "little")
@@ -282,14 +344,45 @@ def check_used_elements(path: Path, ds) -> None:
         for keyword in PIXEL_KEYWORDS:
             _get(ds, keyword)
         classify(ds)
-        header_meta(ds)
+        _cached_meta(ds)
         if is_single_bscan(ds):  # what orders a series of single-frame B-scans
-            _get(ds, "InstanceNumber")
-            _get(ds, "ImageOrientationPatient")
-            _position(ds)
-            _frame_location_y(ds)
+            _series_elements(ds)
     except BrokenTag as exc:
         raise broken_header(path, exc) from None
+    ds._retina_checked = True
+
+
+def classify_header(path: Path, ds) -> tuple[str | None, str, bool]:
+    """Discovery's classification, guarded: (modality, description, one single-frame B-scan?) with a
+    broken element one ReadError naming the tag. Of a header read with ``check=False`` it converts only
+    what classifies the file (SOP class, frame count; Modality and samples of generic classes): the
+    metadata, size and rest of the pixel module are the reader's (``ensure_checked``, then its size
+    guard). A single-frame B-scan is checked whole: discovery decides which files make up its series,
+    so a broken one is left out there."""
+    try:
+        modality, description = classify(ds)
+        single_bscan = modality == "oct" and frame_count(ds) == 1
+    except BrokenTag as exc:
+        raise broken_header(path, exc) from None
+    if single_bscan:
+        ensure_checked(path, ds)
+    return modality, description, single_bscan
+
+
+def ensure_checked(path: Path, ds) -> None:
+    """``check_used_elements`` unless it has run on this dataset (discovery with ``check=False`` left
+    it to the reader): a broken element is then this file's one ReadError at read time."""
+    if not getattr(ds, "_retina_checked", False):
+        check_used_elements(path, ds)
+
+
+def _series_elements(ds) -> None:
+    """What groups (SeriesInstanceUID) and orders a series of single-frame B-scans."""
+    _get(ds, "SeriesInstanceUID")
+    _get(ds, "InstanceNumber")
+    _get(ds, "ImageOrientationPatient")
+    _position(ds)
+    _frame_location_y(ds)
 
 
 def header_free_reason(exc: BaseException, ds) -> str:
@@ -313,7 +406,6 @@ def _int_or(ds, keyword: str, default: int) -> int:
 def classify(ds) -> tuple[str | None, str]:
     """('oct' | 'fundus' | None, description). None: a DICOM object retina does not read (with why)."""
     sop = str(_get(ds, "SOPClassUID", ""))
-    modality = str(_get(ds, "Modality", "")).upper()
     if sop == OPT_SOP:
         return "oct", "Ophthalmic Tomography"
     if sop in FUNDUS_SOPS:
@@ -324,6 +416,7 @@ def classify(ds) -> tuple[str | None, str]:
         name = _sop_name(sop)
         return None, f"DICOM object without an image ({name})" if name else "DICOM object without an image"
     if sop.startswith(GENERIC_IMAGE_SOP_PREFIXES) or not sop:
+        modality = str(_get(ds, "Modality", "")).upper()  # read only where the SOP class leaves it open
         if modality == "OPT":
             return "oct", "OCT (generic image class)"
         if modality in {"OP", "XC", "SM"}:
@@ -443,11 +536,43 @@ def referenced_uids(ds) -> tuple[str, ...]:
 def header_meta(ds) -> ImageMeta:
     """The metadata of one DICOM dataset (a fresh copy each call: callers edit theirs); computed once
     per dataset (discovery and the reader share it)."""
+    cached = _cached_meta(ds)
+    # every field is immutable (text, numbers, tuples) but `extra`, whose values are too
+    return dataclasses.replace(cached, extra=dict(cached.extra))
+
+
+class HeaderMetas(Mapping):
+    """``{modality: ImageMeta}`` of a discovered DICOM file whose metadata was not read yet (discovery
+    with ``check=False``): computed from its dataset on first use, with the reader's guard, so a broken
+    element is the file's one ReadError naming the tag (raised by the lookup). Picklable: it holds the
+    path, the modality and the dataset, no function."""
+
+    def __init__(self, path: Path, modality: str, ds) -> None:
+        self.path, self.modality, self.ds = path, modality, ds
+
+    def __getitem__(self, modality: str) -> ImageMeta:
+        if modality != self.modality:
+            raise KeyError(modality)
+        ensure_checked(self.path, self.ds)
+        return header_meta(self.ds)
+
+    def __iter__(self):
+        return iter((self.modality,))
+
+    def __len__(self) -> int:
+        return 1
+
+    def __repr__(self) -> str:  # never reads the header
+        return f"HeaderMetas({self.modality!r}, read on first use)"
+
+
+def _cached_meta(ds) -> ImageMeta:
+    """The dataset's metadata, computed on first use and kept on it (not a copy: do not edit)."""
     cached = getattr(ds, "_retina_meta", None)
     if cached is None:
         cached = _header_meta(ds)
         ds._retina_meta = cached
-    return copy.deepcopy(cached)
+    return cached
 
 
 def _header_meta(ds) -> ImageMeta:
@@ -893,6 +1018,7 @@ def read_dicom(
     those (in that order) and ``meta.extra["bscans"]`` the full count."""
     if header is None or _changed_since_parsed(header):  # rewritten since discovery: parse it again
         header = read_header(path)
+    ensure_checked(path, header)  # the metadata and pixel module, when discovery left them to the reader
     try:
         modality, description = classify(header)
     except BrokenTag as exc:
@@ -1010,6 +1136,8 @@ def read_dicom_series(
         headers = [None] * len(members)
     headers = [ds if ds is not None and not _changed_since_parsed(ds) else read_header(member)
                for member, ds in zip(members, headers, strict=True)]
+    for member, ds in zip(members, headers, strict=True):
+        ensure_checked(member, ds)
     try:
         return _read_series(path, members, list(headers), oct_frames)
     except BrokenTag as exc:

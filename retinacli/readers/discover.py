@@ -96,30 +96,36 @@ def _inside_output(path: Path) -> bool:
     return _is_output_dir(resolved) or (resolved.parent != resolved and _is_output_dir(resolved.parent))
 
 
+_PLAIN_IMAGE_SUFFIXES = frozenset(IMAGE_SUFFIXES | TIFF_SUFFIXES)
+_IMAGE_LIKE_SUFFIXES = frozenset(_PLAIN_IMAGE_SUFFIXES | DICOM_SUFFIXES | NPY_SUFFIXES | VOL_SUFFIXES)
+
+
 def _plain_image(name: str) -> bool:
-    return Path(name).suffix.lower() in IMAGE_SUFFIXES | TIFF_SUFFIXES
+    return Path(name).suffix.lower() in _PLAIN_IMAGE_SUFFIXES
 
 
 def _image_like(path: Path) -> bool:
-    suffix = path.suffix.lower()
-    return suffix in IMAGE_SUFFIXES | TIFF_SUFFIXES | DICOM_SUFFIXES | NPY_SUFFIXES | VOL_SUFFIXES
+    return path.suffix.lower() in _IMAGE_LIKE_SUFFIXES
 
 
 class _Scanner:
-    def __init__(self) -> None:
+    def __init__(self, metas: bool = True) -> None:
+        self.metas = metas  # False: DICOM metadata is read on first use (HeaderMetas), not here
         self.result = Discovery()
         self._seen_dirs: set[tuple[int, int]] = set()
         self._seen_sources: set[str] = set()
 
     # -- one file ---------------------------------------------------------------------------------
     def classify_file(self, path: Path):
-        """-> ("dicom", ds) | ("image", ImageHeader) | Source | None (ignored, already recorded)."""
+        """-> ("dicom", ds, (modality, description, single B-scan?)) | ("image", ImageHeader) | Source |
+        None (ignored, already recorded)."""
         suffix = path.suffix.lower()
         if path.name.upper() == "DICOMDIR":
             self.result.ignored.append((path, "DICOMDIR index"))
             return None
         try:
-            _check_openable(path)
+            if suffix not in DICOM_SUFFIXES:  # a DICOM file is opened once, by read_header (same reasons)
+                _check_openable(path)
             if suffix in VOL_SUFFIXES:
                 from retinacli.readers.heidelberg import read_vol_header, vol_metas
 
@@ -139,7 +145,8 @@ class _Scanner:
             if suffix in IMAGE_SUFFIXES:
                 return ("image", image_header(path))
             if suffix in DICOM_SUFFIXES or dicom_reader.has_dicom_magic(path):
-                return ("dicom", dicom_reader.read_header(path))
+                ds = dicom_reader.read_header(path, check=self.metas)
+                return ("dicom", ds, dicom_reader.classify_header(path, ds))
             from retinacli.readers.common import vendor_format_reason
 
             vendor = vendor_format_reason(path)  # .e2e / .fda / .fds / Cirrus .img: named, not ignored
@@ -161,18 +168,21 @@ class _Scanner:
             self._seen_sources.add(key)
             self.result.sources.append(source)
 
-    def dicom_source(self, path: Path, ds) -> Source | None:
-        modality, description = dicom_reader.classify(ds)
+    def dicom_source(self, path: Path, ds, classified: tuple) -> Source | None:
+        modality, description, _ = classified
         if modality is None:
             self.result.ignored.append((path, description))
             return None
+        # the reader decodes from this dataset (pixel data deferred): the file is parsed once
+        if not self.metas:  # read on first use (the reader's, which checks the size first), whole dataset
+            metas = dicom_reader.HeaderMetas(path, modality, ds)
+            return Source(path, "dicom", (modality,), metas=metas, format="dicom", header=ds)
         try:
             dicom_reader.check_size(path, ds)
         except ReadError as exc:
             self.result.errors.append(exc)
             return None
         metas = {modality: dicom_reader.header_meta(ds)}
-        # the reader decodes from this dataset (pixel data deferred): the file is parsed once
         dicom_reader.keep_for_decoding(ds)
         return Source(path, "dicom", (modality,), metas=metas, format="dicom", header=ds)
 
@@ -223,8 +233,7 @@ class _Scanner:
         if isinstance(found, Source):
             self.add(found)
         elif isinstance(found, tuple) and found[0] == "dicom":
-            ds = found[1]
-            source = self.dicom_source(path, ds)
+            source = self.dicom_source(path, found[1], found[2])
             if source is not None:
                 self.add(source)
         elif isinstance(found, tuple) and found[0] == "image":
@@ -284,7 +293,7 @@ class _Scanner:
                 continue
             yield None  # a pause point: the caller passes on errors and ignored files found so far
             path = Path(entry.path)
-            if path in consumed:  # a HEYEX export's XML and image files: read through the export
+            if consumed and path in consumed:  # a HEYEX export's XML and image files: read through the export
                 continue
             try:
                 if entry.is_dir():  # follows symlinks; loops are caught by the (dev, inode) set
@@ -304,7 +313,7 @@ class _Scanner:
                 else:
                     self.result.errors.append(ReadError(path, f"cannot open ({short(exc)})"))
                 continue
-            if entry.stat().st_size == 0 and not _image_like(path):
+            if not _image_like(path) and entry.stat().st_size == 0:  # (an image-like file's reader says so)
                 self.result.ignored.append((path, "empty file"))
                 continue
             found = self.classify_file(path)
@@ -313,11 +322,11 @@ class _Scanner:
             elif isinstance(found, tuple) and found[0] == "image":
                 images.append((path, found[1]))
             elif isinstance(found, tuple) and found[0] == "dicom":
-                ds = found[1]
-                if dicom_reader.is_single_bscan(ds):
+                ds, classified = found[1], found[2]
+                if classified[2]:  # one single-frame B-scan: grouped by series
                     series[str(ds.get("SeriesInstanceUID", "") or "unknown")].append((path, ds))
                 else:
-                    source = self.dicom_source(path, ds)
+                    source = self.dicom_source(path, ds, classified)
                     if source is not None:
                         yield source
         # a folder's own subfolders are known now: an image stack only forms in a leaf folder
@@ -455,13 +464,18 @@ def _image_sources(directory: Path, images: list[tuple[Path, ImageHeader]], leaf
     return sources
 
 
-def scan_iter(paths) -> Iterator[Source | ReadError | Ignored]:
+def scan_iter(paths, *, metas: bool = True) -> Iterator[Source | ReadError | Ignored]:
     """Discover sources under files and folders, passing each on as soon as it is known.
 
     Yields `Source`s (order kept; duplicates dropped), `ReadError`s and `Ignored(path, why)` as they are
     found: a single file right after its header is read; a B-scan stack, a single-frame DICOM series or
-    a HEYEX export once its folder has been listed. Nothing found is kept after it is yielded."""
-    scanner = _Scanner()
+    a HEYEX export once its folder has been listed. Nothing found is kept after it is yielded.
+
+    `metas=False` (what `retina embed` uses): a DICOM file's header is parsed (once) and only what
+    classifies and sizes it is converted here; its metadata and the rest of its pixel module are
+    converted by the reader, guarded the same way (a broken element is then that file's read error),
+    and `Source.metas` computes them on first use. The source keeps its whole dataset until read."""
+    scanner = _Scanner(metas)
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     for path in paths:
