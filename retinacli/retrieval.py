@@ -6,13 +6,14 @@ row blocks, so memory stays bounded by the block, not the store.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from retinacli.store import EmbeddingStore
+from retinacli.vector_index.filters import Filter, date_number
 
 BLOCK_ROWS = 65536
 OTHER_MODALITY = {"oct": "fundus", "fundus": "oct"}
@@ -85,21 +86,27 @@ def search(
     exclude_ids: set[str] | None = None,
     method: str = "exact",
     log: Any = None,
+    where: Filter | None = None,
+    searcher: Any = None,
 ) -> list[Hit]:
-    """The `top_k` rows most similar to `query` among rows of modality `target` (all when None) and
-    the given laterality, best first (ties broken by store order).
+    """The `top_k` rows most similar to `query` among rows of modality `target` (all when None) that
+    match the filter (`where`: eye, pseudonymous patient, date range; `laterality` is a shorthand for
+    its eye), best first (ties broken by store order).
 
-    `method="ann"` searches the store's approximate index (retinacli.ann; needs a target modality;
-    a RetinaError when no current index exists) and falls back to exact search when the filters
-    leave fewer than `top_k` of its candidates."""
+    `method="ann"` searches the store's active index (retinacli.vector_index; needs a target modality;
+    `searcher`: that index already opened, else it is opened here; a RetinaError when there is none).
+    The filter applies before the top k are chosen on both paths (pre-filtering); when the index
+    returns fewer than `top_k` rows, the search is done exactly instead (so the list is complete)."""
     query = normalise(query)
     if query.shape[0] != store.embed_dim:
         raise ValueError(f"query has {query.shape[0]} dimensions, the store {store.embed_dim}")
     top_k = max(1, int(top_k))
+    where = _with_eye(where, laterality)
     if method == "ann" and target is not None:
-        hits = _ann_search(store, query, target, laterality, top_k, exclude_ids or set(), log)
-        if hits is not None:
+        hits = _ann_search(store, query, target, where, top_k, exclude_ids or set(), searcher)
+        if len(hits) == top_k:
             return hits
+        # fewer than asked for (a k beyond the cells probed, or few matching rows): exact is complete
     best_scores = np.zeros(0, dtype=np.float32)
     best_rows: list[dict[str, Any]] = []
     columns = [*RESULT_COLUMNS, "patient", "study"]
@@ -107,9 +114,10 @@ def search(
         keep = np.ones(len(meta["id"]), dtype=bool)
         if target is not None:
             keep &= np.array([m == target for m in meta["modality"]], dtype=bool)
-        if laterality is not None:
-            wanted = laterality.upper()
-            keep &= np.array([(v or "").upper() == wanted for v in meta["laterality"]], dtype=bool)
+        if where is not None and not where.is_empty():
+            dates = np.array([date_number(d) for d in meta["date"]] if where.date_from is not None
+                             or where.date_to is not None else np.zeros(len(keep)), dtype=np.int64)
+            keep &= where.mask(meta["laterality"], meta["patient"], dates)
         if exclude_ids:
             keep &= np.array([i not in exclude_ids for i in meta["id"]], dtype=bool)
         candidates = np.flatnonzero(keep)
@@ -128,25 +136,31 @@ def search(
     return [Hit(rank + 1, float(score), row) for rank, (score, row) in enumerate(ranked)]
 
 
-def _ann_search(store: EmbeddingStore, query: np.ndarray, target: str, laterality: str | None, top_k: int,
-                exclude_ids: set[str], log: Any) -> list[Hit] | None:
-    """Top-k from the ANN index, filtered; None when the filters leave too few candidates."""
-    from retinacli.ann import current_index, rows_by_global_id, search_index
+def _with_eye(where: Filter | None, laterality: str | None) -> Filter | None:
+    if laterality is None:
+        return where
+    return replace(where or Filter(), laterality=laterality.upper())
 
-    index = current_index(store, target)  # read only: indexes are built by writers (retinacli.ann)
-    wanted = (top_k + len(exclude_ids)) * (4 if laterality else 1)
-    scores, ids = search_index(index, query[None], min(wanted, index.ntotal))
-    found = [(float(s), int(i)) for s, i in zip(scores[0], ids[0], strict=True) if i >= 0]
+
+def _ann_search(store: EmbeddingStore, query: np.ndarray, target: str, where: Filter | None, top_k: int,
+                exclude_ids: set[str], searcher: Any) -> list[Hit]:
+    """Top-k among the rows matching `where`, from the store's active index (read only)."""
+    from retinacli.vector_index import open_searcher, rows_for_keys
+
+    if searcher is None:
+        searcher = open_searcher(store, target)
+    # excluded ids are few (the query itself): ask for that many more and drop them
+    scores, keys = searcher.search(query[None], top_k + len(exclude_ids),
+                                   where if where is not None and not where.is_empty() else None)
+    found = [(float(s), int(k)) for s, k in zip(scores[0], keys[0], strict=True) if k >= 0]
     columns = [*RESULT_COLUMNS, "patient", "study"]
-    rows = rows_by_global_id(store, [i for _, i in found], columns)
+    rows = rows_for_keys(store, [k for _, k in found], columns)
     hits: list[Hit] = []
-    for score, gid in found:
-        row = rows[gid]
-        if laterality is not None and (row["laterality"] or "").upper() != laterality.upper():
-            continue
-        if row["id"] in exclude_ids:
+    for score, key in found:
+        row = rows.get(key)
+        if row is None or row["id"] in exclude_ids:
             continue
         hits.append(Hit(len(hits) + 1, score, row))
         if len(hits) == top_k:
-            return hits
-    return None if len(found) < index.ntotal else hits
+            break
+    return hits

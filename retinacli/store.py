@@ -8,7 +8,8 @@ Layout (clip-retrieval's, plus an index and a lock)::
     STORE/errors.csv                   inputs the last `retina embed` run could not embed (path, reason)
     STORE/secret.key                   per-store key for the pseudonymous ids (never leaves the store)
     STORE/.lock                        held (flock) by the one process writing the store
-    STORE/ann/                         optional ANN indexes, written only by writers (retinacli.ann)
+    STORE/ann/                         optional search indexes (derived), written only by writers
+                                       (retinacli.vector_index: lancedb / faiss / qdrant)
 
 A shard is committed when its vectors, then its metadata, were written (temp file, fsync, rename) and
 the index lists it; files the index does not list are debris of a killed run and are removed by the

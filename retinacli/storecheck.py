@@ -24,8 +24,9 @@ REQUIRED_COLUMNS = ("id", "source_key", "modality")
 
 @dataclass
 class Problem:
-    """One thing wrong: `where` is ``store.json``, ``shard N``, ``secret.key``, ``ann/<modality>`` or a
-    stray file; `damaged` False for harmless leftovers the next writer removes anyway."""
+    """One thing wrong: `where` is ``store.json``, ``shard N``, ``secret.key``, ``ann/<backend>/<modality>``
+    (a search index; ``ann/<modality>``: an earlier retina's) or a stray file; `damaged` False for
+    harmless leftovers the next writer removes anyway."""
 
     where: str
     problem: str
@@ -283,28 +284,44 @@ def _key_problems(root: Path, index: dict[str, Any]) -> list[Problem]:
 
 
 def _ann_problems(root: Path, index: dict[str, Any], problems: list[Problem]) -> list[Problem]:
-    """An ANN index that covers shards the store does not list (its row ids would be wrong)."""
+    """Search indexes (retinacli.vector_index) holding rows of shards the store no longer lists, or of
+    damaged ones: damaged (removed rows must not stay in an index; repair updates it). One that only
+    lacks newer shards is a note (retrieve searches exactly until it is updated)."""
+    from retinacli.vector_index import BACKEND_NAMES
+
     folder = root / "ann"
     if not folder.is_dir():
         return []
     listed = {e["index"] for e in index["shards"]}
     bad_shards = {p.shard for p in problems if p.shard is not None}
     found = []
-    for info_path in sorted(folder.glob("*.json")):
-        modality = info_path.stem
+    described = [(f"ann/{b}/{p.stem}", p) for b in BACKEND_NAMES if (folder / b).is_dir()
+                 for p in sorted((folder / b).glob("*.json"))]
+    described += [(f"ann/{p.stem}", p) for p in sorted(folder.glob("*.json")) if p.name != "active.json"]
+    for where, info_path in described:
+        legacy = where.count("/") == 1
+        kind = ("legacy index (an earlier retina's, never used for search; removed by the next 'retina "
+                "store index' or embed)") if legacy else "index"
         try:
             info = json.loads(info_path.read_text())
             covered = {int(i) for i in info["shards"]}
         except (OSError, ValueError, KeyError, TypeError):
-            found.append(Problem(f"ann/{modality}", "unreadable index description (rebuilt by the next "
-                                 "writer)", damaged=False))
+            found.append(Problem(where, f"unreadable {kind} description (rebuilt by the next "
+                                 "'retina store index')", damaged=False))
             continue
         if info.get("model_id") != index["model_id"]:
-            found.append(Problem(f"ann/{modality}", "built with another model (ignored, rebuilt by the "
-                                 "next writer)", damaged=False))
+            found.append(Problem(where, f"{kind} built with another model (ignored, rebuilt by the next "
+                                 "'retina store index')", damaged=False))
         elif not covered <= listed or covered & bad_shards:
             stale = sorted((covered - listed) | (covered & bad_shards))
-            found.append(Problem(f"ann/{modality}", f"stale: covers shards {stale} that are not intact"))
+            found.append(Problem(where, f"{kind}: stale: covers shards {stale} that are not intact "
+                                 "(it may hold removed rows; 'retina store repair' updates it)"))
+        elif legacy:
+            found.append(Problem(where, kind, damaged=False))
+        elif covered != listed:
+            found.append(Problem(where, f"index out of date: {len(listed - covered)} shards added since it "
+                                 "was built (retrieve searches exactly until 'retina store index' updates "
+                                 "it)", damaged=False))
     return found
 
 
@@ -332,8 +349,9 @@ def _stray_files(root: Path, index: dict[str, Any] | None) -> list[Problem]:
 
 
 def repair(root: Path | str) -> dict[str, Any]:
-    """Drop damaged shards from store.json (their files move to STORE/damaged/), delete the derived
-    ANN indexes when anything was dropped or they are stale, remove stray temp files.
+    """Drop damaged shards from store.json (their files move to STORE/damaged/), then delete their rows
+    from the search indexes (retinacli.vector_index.after_rows_removed: updated, or deleted when that
+    cannot be done) when anything was dropped or an index is stale; remove stray temp files.
 
     Takes the store's lock. store.json itself must be readable with a valid model_id and embed_dim:
     without them no shard can be trusted, and repair stops (exit 5) changing nothing."""
@@ -380,12 +398,8 @@ def repair(root: Path | str) -> dict[str, Any]:
                         target.parent.mkdir(parents=True, exist_ok=True)
                         os.replace(root / rel, target)
                         moved.append(f"{DAMAGED_DIR}/{stamp}/{rel}")
-        # The derived index goes first: it must never outlive the shards it numbers (ids would be wrong).
         removed: list[str] = []
         stale_ann = any(p["where"].startswith("ann/") and p["damaged"] for p in before["problems"])
-        if (dropped or stale_ann) and (root / "ann").is_dir():
-            shutil.rmtree(root / "ann")
-            removed.append("ann/")
         changed = bool(dropped)
         updated = dict(index)
         updated["shards"] = keep
@@ -395,6 +409,10 @@ def repair(root: Path | str) -> dict[str, Any]:
             changed = True
         if changed:
             atomic_write_bytes(root / INDEX_FILE, _index_bytes(updated))
+        indexes: dict[str, str] = {}
+        if (dropped or stale_ann) and (root / "ann").is_dir():
+            # after store.json: index keys name shards, so an index updated now matches what is listed
+            indexes = _repair_indexes(root, removed)
         for p in before["problems"]:
             if not p["damaged"] and p["files"] and p["files"][0].endswith(".tmp"):
                 (root / p["files"][0]).unlink(missing_ok=True)
@@ -404,9 +422,32 @@ def repair(root: Path | str) -> dict[str, Any]:
     finally:
         lock.release()
     after = verify(root)
-    return {"store": str(root), "dropped": dropped, "moved": moved, "removed": removed,
-            "rows": sum(e["rows"] for e in keep), "changed": bool(changed or removed),
+    return {"store": str(root), "dropped": dropped, "moved": moved, "removed": removed, "indexes": indexes,
+            "rows": sum(e["rows"] for e in keep), "changed": bool(changed or removed or indexes),
             "healthy": after["healthy"], "problems": after["problems"]}
+
+
+def _repair_indexes(root: Path, removed: list[str]) -> dict[str, str]:
+    """Bring every search index in line with the repaired store.json (or delete it); an ``ann/`` left
+    empty goes, reported as removed."""
+    from retinacli.store import EmbeddingStore
+    from retinacli.vector_index import after_rows_removed, remove_legacy
+
+    try:
+        outcome = after_rows_removed(EmbeddingStore.open(root, check=False))
+    except Exception:  # e.g. the key is missing: the indexes cannot be named, so they go
+        removed.extend(remove_legacy(root))
+        outcome = {}
+        for sub in sorted(p for p in (root / "ann").iterdir() if p.is_dir()):
+            shutil.rmtree(sub, ignore_errors=True)
+            outcome[sub.name] = "dropped"
+    folder = root / "ann"
+    if folder.is_dir() and not [p for p in folder.iterdir() if p.name != "active.json"]:
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append("ann/")
+    elif outcome.get("legacy"):
+        removed.append("ann/ (legacy index)")
+    return outcome
 
 
 def _timestamp() -> str:

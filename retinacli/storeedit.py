@@ -4,8 +4,9 @@ Both take the store's lock and rewrite only the shards that lose rows: the kept 
 metadata filtered by the same mask, so they stay aligned) go to new shard files with new numbers,
 then store.json is replaced to list them instead of the old ones, then the old files are deleted.
 A crash before store.json is replaced leaves the old store intact (the new files are unlisted debris
-the next writer removes); after it, the old files are debris. The ANN indexes number rows across
-shards, so they are deleted before store.json changes and rebuilt afterwards when faiss is installed.
+the next writer removes); after it, the old files are debris. Then every search index is updated
+(retinacli.vector_index.after_rows_removed): the dropped shards' keys are deleted, the rewritten
+shards' rows added, so no index keeps a removed row.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import csv
 import io
 import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -70,7 +70,6 @@ def rewrite(store_root: Path, select_fn: Callable[[Any], Selector], *, dry_run: 
     """
     import pyarrow.parquet as pq
 
-    from retinacli.ann import ANN_DIR, build_store_index, faiss_available
     from retinacli.fsutil import atomic_write_bytes, fsync_dir
     from retinacli.store import (
         ERRORS_FILE,
@@ -95,7 +94,7 @@ def rewrite(store_root: Path, select_fn: Callable[[Any], Selector], *, dry_run: 
             "store": str(store_root), "dry_run": dry_run, "rows_removed": len(dropped),
             "rows_before": len(store), "rows_after": len(store) - len(dropped),
             "shards_rewritten": [], "shards_dropped": [], "errors_rows_removed": error_rows,
-            "index": "none", "removed": dropped,
+            "index": "none", "indexes": {}, "removed": dropped,
         }
         if not dropped and none_message:
             raise RetinaError(none_message)
@@ -123,11 +122,6 @@ def rewrite(store_root: Path, select_fn: Callable[[Any], Selector], *, dry_run: 
                                      "metadata": meta_rel}
             summary["shards_rewritten"].append({"from": shard.index, "to": number, "rows": int(keep.sum())})
             number += 1
-        # The ANN ids number rows across shards: the index must never outlive the shards it numbers.
-        ann = store_root / ANN_DIR
-        had_index = sorted(p.stem for p in ann.glob("*.json")) if ann.is_dir() else []
-        if dropped and ann.is_dir():
-            shutil.rmtree(ann)
         if dropped:
             index = dict(store.index)
             index["shards"] = [replaced.get(int(e["index"]), e) for e in store.index["shards"]
@@ -140,23 +134,25 @@ def rewrite(store_root: Path, select_fn: Callable[[Any], Selector], *, dry_run: 
             fsync_dir(store_root)
         if error_rows:
             _write_errors(errors_path, kept_errors)
-        if had_index and dropped:
-            summary["index"] = "dropped"
-            store = EmbeddingStore.open(store_root)
-            if faiss_available():
-                modalities = set(had_index) & {str(m) for m in _modalities(store)}
-                for modality in sorted(modalities):
-                    build_store_index(store, modality, log=log)
-                summary["index"] = "rebuilt" if modalities else "dropped"
+        if dropped:
+            summary["indexes"] = _update_indexes(EmbeddingStore.open(store_root), log)
+            summary["index"] = _index_outcome(summary["indexes"])
     finally:
         lock.release()
     return summary
 
 
-def _modalities(store: Any) -> set[str]:
-    from retinacli.ann import store_modalities
+def _update_indexes(store: Any, log: Callable[[str], None] | None) -> dict[str, str]:
+    """The removed rows leave every index (retinacli.vector_index.after_rows_removed)."""
+    from retinacli.vector_index import after_rows_removed
 
-    return {m for m, n in store_modalities(store).items() if n}
+    return after_rows_removed(store, log=log)
+
+
+def _index_outcome(outcome: dict[str, str]) -> str:
+    """One word for the summary: "stale" (a server index still holds the rows) before "dropped" before
+    "updated"; "none" when the store had no index."""
+    return next((w for w in ("stale", "dropped", "updated") if w in outcome.values()), "none")
 
 
 def _split_errors(path: Path, tokens: set[str]) -> tuple[int, list[list[str]]]:

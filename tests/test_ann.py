@@ -1,4 +1,5 @@
-"""Approximate search (retinacli.ann, faiss extra): recall against exact search on a synthetic store."""
+"""Approximate search with the faiss backend (retinacli.vector_index.faiss_index, faiss extra): recall
+against exact search on a synthetic store, through the registry as `retrieve` uses it."""
 
 from __future__ import annotations
 
@@ -35,7 +36,8 @@ def add_rows(writer, vectors: np.ndarray, start: int) -> None:
 
 
 def test_ivf_recall_at_10_against_exact():
-    from retinacli.ann import build_ivf, exact_top_k, recall_at_k, search_index
+    from retinacli.vector_index.evaluate import exact_top_k, recall_at_k
+    from retinacli.vector_index.faiss_index import build_ivf, search_index
 
     vectors = clustered_unit_vectors(6000, 40, seed=0)
     queries = clustered_unit_vectors(100, 40, seed=0)[:100] + 0.01
@@ -50,21 +52,23 @@ def test_ivf_recall_at_10_against_exact():
 
 
 def test_store_ann_search_matches_exact_and_follows_new_shards(tmp_path):
-    from retinacli.ann import recall_at_k, resolve_method, update_store_indexes
     from retinacli.errors import RetinaError
     from retinacli.retrieval import search
     from retinacli.store import EmbeddingStore, StoreWriter
+    from retinacli.vector_index import search_plan, update_indexes
+    from retinacli.vector_index.evaluate import recall_at_k
 
     root = tmp_path / "store"
     vectors = clustered_unit_vectors(5000, 30, seed=1)
     write_store(root, vectors)
     store = EmbeddingStore.open(root)
-    assert resolve_method(store, "auto") == "exact"  # small store: exact stays the default
+    assert search_plan(store, "auto", "oct") == ("exact", None)  # small store, no index: exact, no note
     # A query never builds the index (read-only commands write nothing into a store): refused, no ann/.
     with pytest.raises(RetinaError, match="no oct ANN index; build it with 'retina store index"):
         search(store, clustered_unit_vectors(1, 30, seed=2)[0], target="oct", top_k=10, method="ann")
     assert not (root / "ann").exists()
-    assert update_store_indexes(store, build_all=True) == {"fundus": 500, "oct": 4500}
+    assert update_indexes(store, "faiss") == {"fundus": 500, "oct": 4500}
+    assert search_plan(store, "auto", "oct") == ("ann", None)  # a current index is used
     queries = clustered_unit_vectors(30, 30, seed=2)
     recalls = []
     for q in queries:
@@ -78,7 +82,7 @@ def test_store_ann_search_matches_exact_and_follows_new_shards(tmp_path):
         recalls.append(recall_at_k(np.array([[h.row["id"] for h in approx]]),
                                    np.array([[h.row["id"] for h in exact]])))
     assert np.mean(recalls) >= 0.95
-    assert (root / "ann" / "oct.faiss").is_file()
+    assert (root / "ann" / "faiss" / "oct.json").is_file()
 
     # laterality filter and a shard committed after the index was built
     left = search(store, queries[0], target="oct", laterality="OS", top_k=5, method="ann")
@@ -88,9 +92,11 @@ def test_store_ann_search_matches_exact_and_follows_new_shards(tmp_path):
         add_rows(writer, newcomer, start=5001)  # odd row: OD, oct
     store = EmbeddingStore.open(root)
     # the new shard makes the index out of date: refused until a writer extends it
-    with pytest.raises(RetinaError, match="out of date \\(covers 1 of 2 shards\\)"):
-        search(store, newcomer[0], target="oct", top_k=1, method="ann")
-    assert update_store_indexes(store) == {"fundus": 500, "oct": 4501}  # embed's call: extends existing
+    with pytest.raises(RetinaError, match="faiss oct index is out of date \\(the store changed since it was "
+                       "built: 1 shards added, 0 removed\\)"):
+        search_plan(store, "ann", "oct")
+    assert search_plan(store, "auto", "oct")[0] == "exact"
+    assert update_indexes(store) == {"fundus": 500, "oct": 4501}  # the active backend, extended
     top = search(store, newcomer[0], target="oct", top_k=1, method="ann")
     assert top[0].row["id"] == "i005001" and top[0].score == pytest.approx(1.0, abs=1e-5)
 
@@ -109,7 +115,7 @@ def test_retrieve_cli_search_option(tmp_path):
     missing = runner.invoke(app, ["retrieve", "i000010", "--store", str(root), "--search", "ann"])
     assert missing.exit_code == 1 and "no oct ANN index; build it with 'retina store index" in missing.output
     assert not (root / "ann").exists()
-    built = runner.invoke(app, ["store", "index", "--store", str(root), "--json"])
+    built = runner.invoke(app, ["store", "index", "--store", str(root), "--backend", "faiss", "--json"])
     assert built.exit_code == 0, built.output
     assert json.loads(built.stdout[built.stdout.index("{"):])["indexed"] == {"fundus": 200, "oct": 1800}
     outputs = {}
@@ -120,8 +126,8 @@ def test_retrieve_cli_search_option(tmp_path):
         payload = json.loads(result.stdout[result.stdout.index("{"):])
         assert payload["target"] == "oct"  # the query i000010 is a fundus row
         outputs[method] = payload
-    assert outputs["auto"]["search"] == "exact"  # 2,000 vectors: below the ANN threshold
-    assert outputs["ann"]["search"] == "ann" and (root / "ann" / "oct.faiss").is_file()
+    assert outputs["auto"]["search"] == "ann"  # the index the user built is current: auto uses it
+    assert outputs["ann"]["search"] == "ann" and (root / "ann" / "faiss" / "oct.json").is_file()
     assert outputs["ann"]["results"][0]["id"] == outputs["exact"]["results"][0]["id"]
     bad = runner.invoke(app, ["retrieve", "i000010", "--store", str(root), "--search", "fuzzy"])
-    assert bad.exit_code != 0 and "unknown search method 'fuzzy'" in bad.output
+    assert bad.exit_code == 2 and "unknown search method 'fuzzy'" in bad.output

@@ -346,13 +346,13 @@ def test_store_index_builds_the_index_and_retrieve_ann_uses_it(store_copy, tmp_p
     assert auto.exit_code == 0 and json.loads(auto.stdout)["search"] == "exact"
     assert snapshot(store) == before and not (store / "ann").exists()
 
-    built = cli("store", "index", "--store", store, "--json")
+    built = cli("store", "index", "--store", store, "--backend", "faiss", "--json")
     assert built.exit_code == 0, built.output
     counts = EmbeddingStore.open(store).metadata(["modality"])
     expected = {m: sum(r["modality"] == m for r in counts) for m in ("fundus", "oct")}
     assert json.loads(built.stdout)["indexed"] == expected
-    assert {p.name for p in (store / "ann").iterdir()} == {"oct.faiss", "oct.json", "fundus.faiss",
-                                                           "fundus.json"}
+    assert {p.name for p in (store / "ann").iterdir()} == {"active.json", "faiss"}
+    assert {p.name for p in (store / "ann" / "faiss").glob("*.json")} == {"oct.json", "fundus.json"}
     indexed = snapshot(store)
     ann = json.loads(cli(*base, "--search", "ann").stdout)
     exact = json.loads(cli(*base, "--search", "exact").stdout)
@@ -365,18 +365,17 @@ def test_store_index_builds_the_index_and_retrieve_ann_uses_it(store_copy, tmp_p
     shutil.copy(oct_file(cohort), new_source / "copy.dcm")
     assert cli("embed", new_source, "--model", package, "--store", store).exit_code == 0
     shards = [s.index for s in EmbeddingStore.open(store).shards]
-    assert json.loads((store / "ann" / "oct.json").read_text())["shards"] == shards
+    assert json.loads((store / "ann" / "faiss" / "oct.json").read_text())["shards"] == shards
     again = cli(*base, "--search", "ann")
     assert again.exit_code == 0 and json.loads(again.stdout)["search"] == "ann"
 
 
-def test_a_stale_index_is_refused_for_ann_and_auto_falls_back_with_a_note(store_copy, monkeypatch):
+def test_a_stale_index_is_refused_for_ann_and_auto_falls_back_with_a_note(store_copy):
     pytest.importorskip("faiss")
-    from retinacli import ann
     from retinacli.store import StoreWriter
 
     package, store, cohort = store_copy
-    assert cli("store", "index", "--store", store).exit_code == 0
+    assert cli("store", "index", "--store", store, "--backend", "faiss").exit_code == 0
     # a writer that does not update indexes (an older retina, or a killed embed) leaves it stale
     with StoreWriter.open_for_model(store, model_id=EmbeddingStore.open(store).model_id,
                                     embed_dim=EmbeddingStore.open(store).embed_dim) as writer:
@@ -386,29 +385,30 @@ def test_a_stale_index_is_refused_for_ann_and_auto_falls_back_with_a_note(store_
     before = snapshot(store)
     base = ["retrieve", query_file(cohort), "--store", store, "--model", package]
     stale = cli(*base, "--search", "ann")
-    assert stale.exit_code == 1 and "the oct ANN index is out of date" in one_error_line(stale)
-    monkeypatch.setattr(ann, "AUTO_MIN_ROWS", 1)  # as if the store were large
+    assert stale.exit_code == 1 and "the faiss oct index is out of date" in one_error_line(stale)
     auto = cli(*base, "--search", "auto", "--json")
     assert auto.exit_code == 0 and json.loads(auto.stdout)["search"] == "exact"
     notes = [line for line in auto.stderr.splitlines() if line.startswith("note: ")]
-    assert len(notes) == 1 and "the oct ANN index is out of date (covers" in notes[0]
-    assert "so the search is exact ('retina store index' builds it)" in notes[0]
+    assert notes == ["note: the faiss oct index is out of date (the store changed since it was built: 1 "
+                     "shards added, 0 removed), so the search is exact; 'retina store index' updates it"]
     assert snapshot(store) == before
 
 
 def test_embed_builds_the_index_once_the_store_is_large_enough(built, tmp_path, monkeypatch):
-    pytest.importorskip("faiss")
-    from retinacli import ann
+    from retinacli import vector_index
 
+    backend = vector_index.default_backend()
+    if backend is None:
+        pytest.skip("no index backend installed")
     package, _, cohort = built
     small, large = tmp_path / "small", tmp_path / "large"
     assert cli("embed", cohort, "--model", package, "--store", small).exit_code == 0
     assert not (small / "ann").exists()  # below the auto threshold: no index to keep
-    monkeypatch.setattr(ann, "AUTO_MIN_ROWS", 10)  # as if the store were large
+    monkeypatch.setattr(vector_index, "AUTO_MIN_ROWS", 10)  # as if the store were large
     assert cli("embed", cohort, "--model", package, "--store", large).exit_code == 0
     shards = [s.index for s in EmbeddingStore.open(large).shards]
-    for modality in ("oct", "fundus"):
-        assert json.loads((large / "ann" / f"{modality}.json").read_text())["shards"] == shards
+    for modality in ("oct", "fundus"):  # the default backend's (lancedb when installed)
+        assert json.loads((large / "ann" / backend / f"{modality}.json").read_text())["shards"] == shards
     before = snapshot(large)
     result = cli("retrieve", query_file(cohort), "--store", large, "--model", package, "--json")
     assert result.exit_code == 0 and json.loads(result.stdout)["search"] == "ann"  # auto picks it

@@ -240,16 +240,11 @@ def _run(paths, model, out, modality, batch_size, workers, shard_size, keep_iden
             writer.commit()
             writer.record_roots(run_roots, shown)
             errors_file = writer.write_errors((e.path, e.reason) for e in report.errors)
-            # Derived search indexes are built here, under the lock, never by a query (retinacli.ann).
-            from retinacli.ann import update_store_indexes
-            from retinacli.errors import RetinaError
+            # Derived search indexes are updated here, under the lock, never by a query; a failure is a
+            # one-line note (the vectors are committed; retrieve searches exactly until it is fixed).
+            from retinacli.vector_index import after_commit
 
-            try:
-                update_store_indexes(writer, log=lambda message: err.print(message, highlight=False))
-            except (RetinaError, RuntimeError, OSError) as exc:  # vectors committed; only the index lags
-                reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-                err.print(f"warning: the ANN index was not updated ({safe(reason)}); run "
-                          "'retina store index' to rebuild it", highlight=False)
+            after_commit(writer, log=lambda message: err.print(safe(message), highlight=False))
             total_rows = len(writer)
     except BaseException:
         if new_store and opened:  # failed before anything was committed: leave no empty store behind

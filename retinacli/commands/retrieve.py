@@ -39,12 +39,24 @@ def register(app: typer.Typer) -> None:
         laterality: str | None = typer.Option(
             None, "--laterality", help="Only results of this eye: OD or OS."
         ),
+        patient: str | None = typer.Option(
+            None, "--patient", metavar="PSEUDONYM",
+            help="Only results of this patient: the store's pseudonymous `patient` column (a raw patient ID "
+            "is also matched, through the store's key, and never printed).",
+        ),
+        date_from: str | None = typer.Option(
+            None, "--date-from", metavar="YYYY-MM-DD",
+            help="Only results with a study date on or after this day (rows without a date are left out).",
+        ),
+        date_to: str | None = typer.Option(
+            None, "--date-to", metavar="YYYY-MM-DD",
+            help="Only results with a study date on or before this day (rows without a date are left out).",
+        ),
         search_method: str = typer.Option(
             "auto", "--search",
-            help="exact (scan every vector), ann (approximate index in STORE/ann, extra 'retina\\[faiss]'; "
-            "built by 'retina store index' or 'retina embed', never by a query: refused when missing or out "
-            "of date) or auto (ann from 200,000 stored vectors when faiss is installed and the index is "
-            "current, else exact with a note).",
+            help="exact (scan every vector), ann (the index 'retina store index' built, in STORE/ann; "
+            "refused when missing or out of date) or auto (that index when it is current, else exact with "
+            "a note). Filters apply before the top results are chosen, on every search.",
         ),
         json_output: bool = options.json_option("Print the query and results as JSON."),
         csv_output: bool = typer.Option(
@@ -90,10 +102,11 @@ def register(app: typer.Typer) -> None:
             laterality = laterality.upper()
             if laterality not in ("OD", "OS"):
                 raise UsageError(f"--laterality must be OD or OS, not {laterality!r}")
+        where = _filter(laterality, patient, date_from, date_to)
         # One query argument keeps the single-query shape and fails as a whole; a batch lists failures.
         single = len(given) == 1 and queries_file is None
         payload = _retrieve_many(given, store, top, model, target, laterality, search_method, redact_paths,
-                                 stop_on_error=single, device=device)
+                                 stop_on_error=single, device=device, where=where)
         for answer in payload["queries"]:
             if not answer["results"]:
                 err.print(f"no {answer['target']} items in the store match the filters", highlight=False)
@@ -114,6 +127,31 @@ def register(app: typer.Typer) -> None:
             for answer in payload["queries"]:
                 _print_table({**payload, **answer})
         raise typer.Exit(EXIT_OK if payload["queries"] else EXIT_NOTHING_DONE)
+
+
+def _filter(laterality: str | None, patient: str | None, date_from: str | None, date_to: str | None):
+    """The metadata filter of the options (retinacli.vector_index.filters.Filter); a bad date is a
+    usage error naming the option."""
+    from datetime import date
+
+    from retinacli.errors import UsageError
+    from retinacli.vector_index.filters import Filter
+
+    days: dict[str, int | None] = {}
+    for option, value in (("--date-from", date_from), ("--date-to", date_to)):
+        if value is None:
+            days[option] = None
+            continue
+        try:
+            days[option] = int(date.fromisoformat(value.strip()).strftime("%Y%m%d"))
+        except ValueError:
+            raise UsageError(f"{option} must be a date as YYYY-MM-DD, not {value!r}") from None
+    if days["--date-from"] and days["--date-to"] and days["--date-from"] > days["--date-to"]:
+        raise UsageError(f"--date-from {date_from} is after --date-to {date_to}: no row can match")
+    if patient is not None and not patient.strip():
+        raise UsageError("--patient needs a pseudonym (the store's `patient` column)")
+    return Filter(laterality=laterality, patient=patient.strip() if patient else None,
+                  date_from=days["--date-from"], date_to=days["--date-to"])
 
 
 def _write_html(path: Path, payload: dict[str, Any], redact_paths: bool) -> None:
@@ -169,67 +207,107 @@ def _single_payload(batch: dict[str, Any]) -> dict[str, Any]:
 
 def _retrieve_many(queries: list[str], index: Path | None, top: int, model: str | None, target: str | None,
                    laterality: str | None, search_method: str = "exact", redact_paths: bool = False,
-                   stop_on_error: bool = False, device: str = "auto") -> dict[str, Any]:
+                   stop_on_error: bool = False, device: str = "auto", where: Any = None) -> dict[str, Any]:
     """Search the store for each query in turn, the store and model opened once.
 
     Returns {"model", "store", "search", "queries": [{"query", "target", "results"}], "errors":
     [{"query", "error"}]}; a query that cannot be read or found is an error entry (raised instead with
     `stop_on_error`). Errors of the whole command (store, model, index) are raised."""
-    from retinacli.ann import resolve_method, search_plan
     from retinacli.console import err, safe
     from retinacli.errors import RetinaError
     from retinacli.privacy import existing_secret
     from retinacli.redaction import stored_path
     from retinacli.retrieval import OTHER_MODALITY, same_eye, search
     from retinacli.store import EmbeddingStore, store_path_and_origin
+    from retinacli.vector_index import SEARCH_METHODS, active_backend, open_searcher, search_plan
 
     store_root, origin = store_path_and_origin(index)
     err.print(f"store: {safe(store_root)} ({origin})", highlight=False)
     store = EmbeddingStore.open(store_root)
-    resolve_method(store, search_method)  # a bad --search fails before the query is embedded
+    if search_method not in SEARCH_METHODS:  # a bad --search fails before the query is embedded
+        from retinacli.errors import UsageError
+
+        raise UsageError(f"unknown search method {search_method!r} (use auto, exact or ann)")
     err.print(f"model: {safe(store.model_id)} (the store's)", highlight=False)
     key = existing_secret(store.root)  # never created here: retrieve does not write into the store
+    where = _patient_pseudonym(where, key)
     engine = _engine(store, model, [Path(q).expanduser() for q in queries], device)
     plans: dict[str, str] = {}  # target -> search method, planned once per target
+    searchers: dict[str, Any] = {}  # target -> its index opened once for every query
     said: set[str] = set()  # notes printed once per command, not once per query
     answers: list[dict[str, Any]] = []
     errors: list[dict[str, str]] = []
-    for query in queries:
-        try:
-            vector, info, patient = _resolve_query(store, engine, query, target, redact_paths, key, said)
-        except Exception as exc:
-            if stop_on_error:
-                raise
-            # A reader bug must not stop the batch; its message may quote header values, so not shown.
-            label = _query_label(query, key, redact_paths)
-            reason = str(exc) if isinstance(exc, RetinaError) else \
-                f"{label}: could not be read ({type(exc).__name__})"
-            errors.append({"query": label, "error": reason})
-            continue
-        _say_engine(engine, said)
-        wanted = target or OTHER_MODALITY[info["modality"]]
-        if wanted not in plans:
-            plans[wanted], note = search_plan(store, search_method, wanted)  # reads the index only
-            if note:
-                err.print(safe(note), highlight=False)
-            err.print(f"searching {wanted} items, top {top}, {plans[wanted]} search"
-                      + (f", laterality {laterality}" if laterality else ""), highlight=False)
-        hits = search(store, vector, target=wanted, laterality=laterality, top_k=top, method=plans[wanted],
-                      log=lambda message: err.print(safe(message), highlight=False))
-        # label: the query as outputs name it (the CSV's query column); given: as typed (the report opens
-        # it). Neither is part of the JSON.
-        answers.append({"label": _query_label(query, key, redact_paths), "given": query, "query": info,
-                        "target": wanted,
-                        "results": [
-            {**hit.to_dict(), "same_eye": same_eye(patient, info.get("laterality"), hit.row),
-             "root": hit.row.get("root"), "path": stored_path(hit.row, key, redact_paths)} for hit in hits]})
+    try:
+        for query in queries:
+            try:
+                vector, info, patient = _resolve_query(store, engine, query, target, redact_paths, key, said)
+            except Exception as exc:
+                if stop_on_error:
+                    raise
+                # A reader bug must not stop the batch; its message may quote header values, so not shown.
+                label = _query_label(query, key, redact_paths)
+                reason = str(exc) if isinstance(exc, RetinaError) else \
+                    f"{label}: could not be read ({type(exc).__name__})"
+                errors.append({"query": label, "error": reason})
+                continue
+            _say_engine(engine, said)
+            wanted = target or OTHER_MODALITY[info["modality"]]
+            if wanted not in plans:
+                plans[wanted], note = search_plan(store, search_method, wanted)  # reads the index only
+                if note:
+                    err.print(safe(note), highlight=False)
+                how = "exact search"
+                if plans[wanted] == "ann":
+                    searchers[wanted] = open_searcher(store, wanted)
+                    how = f"ann search ({active_backend(store)} index)"
+                err.print(f"searching {wanted} items, top {top}, {how}" + _filter_words(laterality, where),
+                          highlight=False)
+            hits = search(store, vector, target=wanted, laterality=laterality, top_k=top,
+                          method=plans[wanted], where=where, searcher=searchers.get(wanted))
+            # label: the query as outputs name it (the CSV's query column); given: as typed (the report opens
+            # it). Neither is part of the JSON.
+            answers.append({"label": _query_label(query, key, redact_paths), "given": query, "query": info,
+                            "target": wanted,
+                            "results": [
+                {**hit.to_dict(), "same_eye": same_eye(patient, info.get("laterality"), hit.row),
+                 "root": hit.row.get("root"), "path": stored_path(hit.row, key, redact_paths)}
+                for hit in hits]})
+    finally:
+        for opened in searchers.values():  # a local Qdrant allows one client: let the next one in
+            getattr(opened, "close", lambda: None)()
     return {
         "model": store.model_id,
         "store": str(store_root),
-        "search": ", ".join(dict.fromkeys(plans.values())) or resolve_method(store, search_method),
+        "search": ", ".join(dict.fromkeys(plans.values()))
+        or ("exact" if search_method == "auto" else search_method),
         "queries": answers,
         "errors": errors,
     }
+
+
+def _patient_pseudonym(where: Any, key: bytes | None) -> Any:
+    """A --patient given as the raw patient ID (not a pseudonym) matched through the store's key, as
+    'retina store remove --patient' does; the raw value is never printed."""
+    import re
+    from dataclasses import replace
+
+    from retinacli.privacy import pseudonym
+
+    if where is None or not where.patient or key is None or re.fullmatch(r"p[0-9a-f]{12}", where.patient):
+        return where
+    return replace(where, patient=pseudonym(where.patient, key, prefix="p"))
+
+
+def _filter_words(laterality: str | None, where: Any) -> str:
+    """The filters as the `searching ...` line names them (the patient pseudonym is the store's own)."""
+    words = [f"laterality {laterality}"] if laterality else []
+    if where is not None and where.patient:
+        words.append(f"patient {where.patient}")
+    if where is not None and (where.date_from or where.date_to):
+        day = [f"{d // 10000:04d}-{d // 100 % 100:02d}-{d % 100:02d}" if d else "" for d in
+               (where.date_from, where.date_to)]
+        words.append(f"dates {day[0] or '...'} to {day[1] or '...'}")
+    return "".join(f", {w}" for w in words)
 
 
 def _say_engine(engine: Any, said: set[str]) -> None:

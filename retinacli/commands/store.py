@@ -1,8 +1,8 @@
 """`retina store ...`: commands about an embedding store itself (docs/store.md).
 
-`info` describes a store; `index` builds its approximate-search indexes (the only writer of STORE/ann
-besides `retina embed`: queries never build them); `verify` lists what is damaged and `repair` drops
-the damaged shards (retinacli/storecheck.py).
+`info` describes a store and its indexes; `index` builds or updates a search index (lancedb, faiss or
+qdrant: retinacli.vector_index; only writers change STORE/ann, queries never build one); `verify` lists
+what is damaged and `repair` drops the damaged shards (retinacli/storecheck.py).
 """
 
 from __future__ import annotations
@@ -31,12 +31,12 @@ def _existing_store_root(store: Path | None) -> Path:
 
 def store_summary(store_root: Path) -> dict[str, Any]:
     """What `retina store info` reports: format, rows per modality, shards, model and package."""
-    from retinacli.ann import store_modalities
     from retinacli.package import locate_store_package
     from retinacli.store import EmbeddingStore, read_errors
+    from retinacli.vector_index import index_status, modality_counts
 
     store = EmbeddingStore.open(store_root)
-    modalities = store_modalities(store)
+    modalities = modality_counts(store)
     record = store.package_record
     found, how = locate_store_package(store.model_id, (record or {}).get("path"))
     return {
@@ -58,6 +58,7 @@ def store_summary(store_root: Path) -> dict[str, Any]:
         "failed_inputs": len(read_errors(store_root)),
         "created": store.index.get("created"),
         "updated": store.index.get("updated"),
+        "indexes": index_status(store),
     }
 
 
@@ -96,6 +97,7 @@ def register(app: typer.Typer) -> None:
             ("failed inputs", str(summary["failed_inputs"])),
             ("created", summary["created"] or "-"),
             ("updated", summary["updated"] or "-"),
+            *_index_lines(summary["indexes"]),
         ]
         print_fields(out, [(f"{key}:", value) for key, value in lines])  # wrapped to the terminal
 
@@ -103,38 +105,67 @@ def register(app: typer.Typer) -> None:
     @store_app.command("index")
     def index(
         store: Path = options.store_option(),
+        backend: str | None = typer.Option(
+            None, "--backend",
+            help="lancedb (embedded, files in STORE/ann/lancedb; extra retina\\[lancedb]), faiss (one local "
+            "IVF file per modality; retina\\[faiss]) or qdrant (a Qdrant server with --url, else its local "
+            "mode in STORE/ann/qdrant; retina\\[qdrant]). Default: the index the store uses now, else "
+            "lancedb when installed, else faiss.",
+        ),
+        url: str | None = typer.Option(
+            None, "--url", metavar="URL",
+            help="qdrant only: the server, e.g. http://qdrant.example:6333 (its API key from the "
+            "QDRANT_API_KEY environment variable). Without it qdrant runs in local mode (small stores, "
+            "tests).",
+        ),
         as_json: bool = options.json_option("Print the modalities indexed as JSON."),
     ) -> None:
-        """Build or update the store's approximate-search (ANN) indexes in STORE/ann, one per modality.
+        """Build or update a search index of the store (one per modality) and make it the one 'retina
+        retrieve' uses.
 
-        Queries never build them: 'retrieve --search ann' refuses to run without a current index, and
-        'retrieve --search auto' then searches exactly. 'retina embed' keeps existing indexes up to date
-        and builds them from 200,000 vectors. Needs the extra retina\\[faiss].
+        An update is incremental: rows of shards committed since are added, rows of shards the store no
+        longer holds (store remove / prune / repair) deleted. Queries never build an index: 'retrieve
+        --search ann' refuses to run without a current one and 'retrieve --search auto' then searches
+        exactly, with a note. 'retina embed' keeps the index up to date and builds one from 200,000
+        vectors. The store's npy + parquet shards stay the source of truth (docs/store.md).
         """
-        from retinacli.ann import update_store_indexes
         from retinacli.console import err, out, print_json, safe
-        from retinacli.errors import require
+        from retinacli.errors import UsageError
         from retinacli.store import EmbeddingStore, _Lock, store_path_and_origin
+        from retinacli.vector_index import (
+            BACKEND_NAMES,
+            active_backend,
+            default_backend,
+            get_backend,
+            update_indexes,
+        )
 
         store_root, origin = store_path_and_origin(store, "--store")
         err.print(f"store: {safe(store_root)} ({origin})", highlight=False)
-        # Clear errors for a missing store or extra before taking the lock (nothing written then).
-        EmbeddingStore.open(store_root)
-        require("approximate search indexes (retina store index)", "faiss", "faiss")
+        # Clear errors for a missing store, a bad option or a missing extra before taking the lock.
+        opened = EmbeddingStore.open(store_root)
+        if backend is not None and backend not in BACKEND_NAMES:
+            raise UsageError(f"--backend must be one of {', '.join(BACKEND_NAMES)}, not {backend!r}")
+        chosen = backend or active_backend(opened) or default_backend()
+        if chosen is None:
+            get_backend("lancedb")  # the one-line MissingExtraError naming retina[lancedb]
+        if url is not None and chosen != "qdrant":
+            raise UsageError(f"--url names a Qdrant server: use it with --backend qdrant, not {chosen}")
+        get_backend(chosen)
         lock = _Lock(store_root)
         lock.acquire()  # one writer at a time: embed also updates the index
         try:
-            built = update_store_indexes(EmbeddingStore.open(store_root), build_all=True,
-                                         log=lambda message: err.print(message, highlight=False))
+            built = update_indexes(EmbeddingStore.open(store_root), chosen, url=url,
+                                   log=lambda message: err.print(safe(message), highlight=False))
         finally:
             lock.release()
         if as_json:
-            print_json({"store": str(store_root), "indexed": built})
+            print_json({"store": str(store_root), "backend": chosen, "indexed": built})
             return
         if not built:
             out.print("nothing to index: the store holds no vectors", highlight=False)
         for modality, vectors in built.items():
-            out.print(f"{modality}: {vectors} vectors indexed", highlight=False)
+            out.print(f"{modality}: {vectors} vectors indexed ({chosen})", highlight=False)
 
     @store_app.command("verify")
     def verify(
@@ -142,7 +173,7 @@ def register(app: typer.Typer) -> None:
         as_json: bool = options.json_option("Print the problems as JSON."),
     ) -> None:
         """Check every file of a store: store.json, each shard's vectors and metadata (every row is
-        read), secret.key, the ANN indexes and stray temp files. Exit 0 when healthy, 5 when damaged.
+        read), secret.key, the search indexes and stray temp files. Exit 0 when healthy, 5 when damaged.
         """
         from retinacli.console import out, print_json, safe
         from retinacli.errors import EXIT_STORE_DAMAGED
@@ -173,8 +204,8 @@ def register(app: typer.Typer) -> None:
         as_json: bool = options.json_option("Print what was dropped and removed as JSON."),
     ) -> None:
         """Drop the damaged shards of a store from store.json (their files move to STORE/damaged/, so
-        their sources are embedded again by the next 'retina embed') and the ANN indexes derived from
-        them; remove stray temp files. Never drops an intact shard; takes the store's lock like embed.
+        their sources are embedded again by the next 'retina embed') and their rows from the search
+        indexes; remove stray temp files. Never drops an intact shard; takes the store's lock like embed.
         Exit 0 when the store is healthy afterwards, 5 when it is not (e.g. store.json itself is broken).
         """
         from retinacli.console import out, print_json, safe
@@ -213,8 +244,9 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Remove every row of one patient (consent withdrawn): the shards holding them are rewritten
         without them, then store.json is replaced (a crash leaves the old store intact); their lines in
-        errors.csv go too, and the ANN indexes are rebuilt (dropped without faiss). Takes the store's
-        lock. Exit 1 and nothing changed when no row names the patient.
+        errors.csv go too, and every search index is updated so that it no longer holds them (a local
+        one whose extra is missing is deleted). Takes the store's lock. Exit 1 and nothing changed when
+        no row names the patient.
         """
         from retinacli.privacy import SecretKeyError, load_secret
         from retinacli.storeedit import patient_selector, rewrite
@@ -237,8 +269,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Remove the rows whose source file changed (size or mtime) or vanished, found by scanning each
         root the store records as 'retina embed' does; 'retina embed' then adds changed files again.
-        Rewrites shards and store.json atomically and rebuilds (or drops) the ANN indexes, under the
-        store's lock. A root that is missing or holds no readable file (an unmounted drive looks so)
+        Rewrites shards and store.json atomically and updates (or deletes) the search indexes, under
+        the store's lock. A root that is missing or holds no readable file (an unmounted drive looks so)
         keeps its rows, with a note.
         """
         from retinacli.privacy import load_secret
@@ -249,6 +281,20 @@ def register(app: typer.Typer) -> None:
         summary = rewrite(store_root, lambda opened: prune_selector(opened, load_secret(store_root), notes),
                           dry_run=dry_run, log=_log)
         _print_removal(summary, as_json, notes)
+
+
+def _index_lines(indexes: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """`store info`'s lines for the search indexes: backend, modality, vectors, current or why not."""
+    if not indexes:
+        return [("indexes", "none (exact search; 'retina store index' builds one)")]
+    lines = []
+    for entry in indexes:
+        where = f" at {entry['url']}" if entry.get("url") else ""
+        state = "current" if entry["current"] else f"stale: {entry['why']}"
+        count = f"{entry['vectors']} vectors, " if entry["vectors"] is not None else ""
+        used = ", used by retrieve" if entry["active"] and entry["current"] else ""
+        lines.append((f"index {entry['backend']} {entry['modality']}", f"{count}{state}{where}{used}"))
+    return lines
 
 
 def _log(message: str) -> None:
@@ -271,8 +317,9 @@ def _print_removal(summary: dict[str, Any], as_json: bool, notes: list[str]) -> 
     for row in summary["removed"]:
         where = f"{row['root']}:{row['path']}" if row["root"] else (row["path"] or "-")
         out.print(safe(f"{verb} {row['id']} {where} ({row['reason']})"), highlight=False, soft_wrap=True)
-    index = {"dropped": "; ANN indexes dropped (retina store index rebuilds them)",
-             "rebuilt": "; ANN indexes rebuilt", "none": ""}[summary["index"]]
+    index = {"dropped": "; search indexes dropped ('retina store index' rebuilds them)",
+             "updated": "; search indexes updated", "stale": "; a search index could not be updated (see the "
+             "warning)", "none": ""}[summary["index"]]
     shards = len(summary["shards_rewritten"]) + len(summary["shards_dropped"])
     errors = f", {summary['errors_rows_removed']} errors.csv lines" if summary["errors_rows_removed"] else ""
     out.print(f"{verb} {summary['rows_removed']} rows{errors}"
