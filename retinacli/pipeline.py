@@ -259,6 +259,66 @@ class SourceResult:
     errors: list[ReadError] = field(default_factory=list)
 
 
+@dataclass
+class Decoded:
+    """One source read and preprocessed, before any pseudonym is made: what a worker that never holds
+    the store's secret returns (retinacli.distributed); `prepared_result` then makes the rows."""
+
+    items: list[tuple[int, Any, np.ndarray]]  # (ordinal among the source's items, item, model input)
+    count: int  # items of the wanted modality read (ordinals count those whose preprocessing failed)
+    errors: list[ReadError]
+
+
+def read_safely(read_source: Callable[..., Any], source: Any, modality: str | None) -> Iterable[Any]:
+    """`read_source(source, modality)`, a failure becoming the source's one ReadError."""
+    try:
+        return read_source(source, modality)
+    except Exception as exc:
+        # the type only, not the message: a parser's message can quote a header value
+        reason = f"could not be read ({type(exc).__name__})"
+        return [exc if isinstance(exc, ReadError) else ReadError(source_path(source), reason)]
+
+
+def decode_items(
+    items: Iterable[OctVolume | FundusImage | ReadError],
+    preprocess: Callable[[OctVolume | FundusImage], np.ndarray],
+    *,
+    modality: str | None,
+    source: Path,
+) -> Decoded:
+    """Read every item of one source and preprocess it; failures become ReadErrors, never exceptions."""
+    try:
+        read = list(items)
+    except ReadError as exc:
+        return Decoded([], 0, [exc])
+    except Exception as exc:  # a reader bug must not stop the batch
+        reason = f"could not be read ({type(exc).__name__})"  # a message can quote header values
+        return Decoded([], 0, [ReadError(source, reason)])
+    good = [x for x in read if not isinstance(x, ReadError) and (modality is None or x.modality == modality)]
+    decoded = Decoded([], len(good), [x for x in read if isinstance(x, ReadError)])
+    for ordinal, item in enumerate(good):
+        try:
+            array = np.asarray(preprocess(item), dtype=np.float32)
+        except Exception as exc:
+            decoded.errors.append(ReadError(item.path, f"preprocessing failed ({_first_line(exc)})"))
+            continue
+        decoded.items.append((ordinal, item, array))
+    return decoded
+
+
+def prepared_result(
+    decoded: Decoded, *, source: Path, source_id: str, skey: str, secret: bytes, keep_identifiers: bool,
+    paths: PathRedactor | None = None,
+) -> SourceResult:
+    """A decoded source's store rows (pseudonyms keyed with `secret`): the driver's half of a source."""
+    result = SourceResult(source, skey, errors=list(decoded.errors))
+    for ordinal, item, array in decoded.items:
+        identity = item_identity(item, source_id, ordinal, decoded.count)
+        row = metadata_row(item, identity, skey, secret, keep_identifiers, paths)
+        result.items.append(Prepared(item.modality, array, row, str(item.path)))
+    return result
+
+
 def prepare_items(
     items: Iterable[OctVolume | FundusImage | ReadError],
     preprocess: Callable[[OctVolume | FundusImage], np.ndarray],
@@ -272,28 +332,9 @@ def prepare_items(
     paths: PathRedactor | None = None,
 ) -> SourceResult:
     """Read every item of one source and preprocess it; failures become ReadErrors, never exceptions."""
-    result = SourceResult(source, skey)
-    try:
-        read = list(items)
-    except ReadError as exc:
-        result.errors.append(exc)
-        return result
-    except Exception as exc:  # a reader bug must not stop the batch
-        reason = f"could not be read ({type(exc).__name__})"  # a message can quote header values
-        result.errors.append(ReadError(source, reason))
-        return result
-    good = [x for x in read if not isinstance(x, ReadError) and (modality is None or x.modality == modality)]
-    result.errors.extend(x for x in read if isinstance(x, ReadError))
-    for ordinal, item in enumerate(good):
-        try:
-            array = np.asarray(preprocess(item), dtype=np.float32)
-        except Exception as exc:
-            result.errors.append(ReadError(item.path, f"preprocessing failed ({_first_line(exc)})"))
-            continue
-        identity = item_identity(item, source_id, ordinal, len(good))
-        row = metadata_row(item, identity, skey, secret, keep_identifiers, paths)
-        result.items.append(Prepared(item.modality, array, row, str(item.path)))
-    return result
+    decoded = decode_items(items, preprocess, modality=modality, source=source)
+    return prepared_result(decoded, source=source, source_id=source_id, skey=skey, secret=secret,
+                           keep_identifiers=keep_identifiers, paths=paths)
 
 
 # --- the embedding run ----------------------------------------------------------------------------
@@ -513,6 +554,72 @@ class _OpenSource:
         self.refused = False  # an item was refused as out of distribution (--strict)
 
 
+class SourceCommits:
+    """From embedded items to committed rows, for run_embedding and the Ray run (retinacli.distributed)
+    alike: a source's rows go to the writer together once its last item is embedded, or not at all (a
+    model failure, an item refused by `strict`), so the source is read again by the next run."""
+
+    def __init__(self, writer: Any, report: EmbedReport, ood: Any, model_id: str, strict: bool):
+        self.writer, self.report, self.ood, self.model_id, self.strict = writer, report, ood, model_id, strict
+        self.known_ids = writer.column_values("id")
+        self.open: dict[str, _OpenSource] = {}
+
+    def accept(self, result: SourceResult) -> list[Prepared]:
+        """Report the source's errors; its items to embed (not those already stored under another path)."""
+        self.report.errors.extend(result.errors)
+        fresh = []
+        for prepared in result.items:
+            if prepared.row["id"] in self.known_ids:
+                self.report.skipped += 1  # the same DICOM instance under another path
+            else:
+                self.known_ids.add(prepared.row["id"])
+                fresh.append(prepared)
+        if fresh:
+            self.open[result.key] = _OpenSource(len(fresh))
+        return fresh
+
+    def failed(self, key: str, prepared: Prepared, reason: str) -> None:
+        """The model failed on the item: reported, and its source is not committed."""
+        self.report.errors.append(ReadError(prepared.path or prepared.row["path"], reason))
+        self.open[key].failed = True
+        self._done(key)
+
+    def embedded(self, key: str, prepared: Prepared, vector: np.ndarray, check: Any,
+                 label: str | None) -> None:
+        """The item's vector (and out-of-distribution check, None without a reference)."""
+        state, report = self.open[key], self.report
+        prepared.row["engine"] = label
+        if check is not None:
+            prepared.row.update(check.fields)
+            report.flagged += check.flag
+        if self.strict and check is not None and check.flag:
+            report.refused += 1
+            state.refused = True
+            reason = self.ood.reason(prepared.modality, check.score, self.model_id, check)
+            report.errors.append(ReadError(prepared.path or prepared.row["path"], reason))
+        else:
+            state.rows.append(prepared.row)
+            state.vectors.append(vector)
+            state.files.append(prepared.path or prepared.row["path"])
+        self._done(key)
+
+    def _done(self, key: str) -> None:
+        state = self.open[key]
+        state.outstanding -= 1
+        if state.outstanding:
+            return
+        del self.open[key]
+        if state.failed or not state.rows:
+            return  # not committed: the source is retried on the next run
+        if state.refused:  # a source is stored whole or not at all, so a later run can still add it whole
+            reason = ("not stored: another item of the same file was refused as out of distribution "
+                      "(--strict); the file is read again on the next run")
+            self.report.errors.extend(ReadError(file, reason) for file in state.files)
+            return
+        self.writer.add(state.rows, np.stack(state.vectors))
+        self.report.embedded += len(state.rows)
+
+
 _END = object()
 
 
@@ -614,36 +721,18 @@ def run_embedding(
     workers = max(1, int(workers or default_workers()))
     batch_size = max(1, int(batch_size))
     report = EmbedReport()
-    known_ids = writer.column_values("id")
     secret = writer.secret
     batches: dict[str, list[tuple[str, Prepared]]] = {"oct": [], "fundus": []}
-    open_sources: dict[str, _OpenSource] = {}
     ood = getattr(engine, "ood", None)
     report.ood_checked = ood is not None
+    commits = SourceCommits(writer, report, ood, getattr(engine, "model_id", None), strict)
 
     def load(job: tuple[Any, str, str]) -> SourceResult:
         source, identity, key = job
         path = source_path(source)
-        try:
-            items = read_source(source, modality)
-        except Exception as exc:
-            # the type only, not the message: a parser's message can quote a header value
-            reason = f"could not be read ({type(exc).__name__})"
-            items = [exc if isinstance(exc, ReadError) else ReadError(path, reason)]
+        items = read_safely(read_source, source, modality)
         return prepare_items(items, engine.preprocess, modality=modality, source=path, source_id=identity,
                              skey=key, secret=secret, keep_identifiers=keep_identifiers, paths=paths)
-
-    def finish_source(key: str) -> None:
-        state = open_sources.pop(key)
-        if state.failed or not state.rows:
-            return  # not committed: the source is retried on the next run
-        if state.refused:  # a source is stored whole or not at all, so a later run can still add it whole
-            reason = ("not stored: another item of the same file was refused as out of distribution "
-                      "(--strict); the file is read again on the next run")
-            report.errors.extend(ReadError(file, reason) for file in state.files)
-            return
-        writer.add(state.rows, np.stack(state.vectors))
-        report.embedded += len(state.rows)
 
     def run_batch(mod: str) -> None:
         batch, batches[mod] = batches[mod], []
@@ -657,48 +746,20 @@ def run_embedding(
         try:
             vectors = np.asarray(engine.embed(mod, arrays), dtype=np.float32)
         except Exception as exc:  # e.g. onnxruntime refusing an input: report, retry next run
-            vectors = None
             reason = f"the model failed on it ({_first_line(exc)})"
-            report.errors.extend(ReadError(prepared.path or prepared.row["path"], reason)
-                                 for _, prepared in batch)
-        checks = ood.check(mod, vectors, arrays) if ood is not None and vectors is not None else None
+            for key, prepared in batch:
+                commits.failed(key, prepared, reason)
+            return
+        checks = ood.check(mod, vectors, arrays) if ood is not None else None
         for i, (key, prepared) in enumerate(batch):
-            state = open_sources[key]
-            if vectors is None:
-                state.failed = True
-            else:
-                prepared.row["engine"] = variant_label
-                if checks is not None:
-                    prepared.row.update(checks[i].fields)
-                    report.flagged += checks[i].flag
-                if strict and checks is not None and checks[i].flag:
-                    report.refused += 1
-                    state.refused = True
-                    reason = ood.reason(mod, checks[i].score, engine.model_id, checks[i])
-                    report.errors.append(ReadError(prepared.path or prepared.row["path"], reason))
-                else:
-                    state.rows.append(prepared.row)
-                    state.vectors.append(vectors[i])
-                    state.files.append(prepared.path or prepared.row["path"])
-            state.outstanding -= 1
-            if state.outstanding == 0:
-                finish_source(key)
+            commits.embedded(key, prepared, vectors[i], checks[i] if checks is not None else None,
+                             variant_label)
 
     def accept(result: SourceResult) -> None:
-        report.errors.extend(result.errors)
-        fresh = []
-        for prepared in result.items:
-            if prepared.row["id"] in known_ids:
-                report.skipped += 1  # the same DICOM instance under another path
-            else:
-                known_ids.add(prepared.row["id"])
-                fresh.append(prepared)
-        if fresh:
-            open_sources[result.key] = _OpenSource(len(fresh))
-            for prepared in fresh:
-                batches[prepared.modality].append((result.key, prepared))
-                if len(batches[prepared.modality]) >= batch_size:
-                    run_batch(prepared.modality)
+        for prepared in commits.accept(result):
+            batches[prepared.modality].append((result.key, prepared))
+            if len(batches[prepared.modality]) >= batch_size:
+                run_batch(prepared.modality)
         if on_source_done is not None:
             on_source_done(result)
 

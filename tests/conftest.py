@@ -22,6 +22,7 @@ from browser import browser  # noqa: E402, F401  (headless Chromium, tests/brows
 from fixtures_cohort import *  # noqa: E402, F403
 from fixtures_models import *  # noqa: E402, F403
 from fixtures_packages import *  # noqa: E402, F403
+from fixtures_ray import *  # noqa: E402, F403
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -64,6 +64,16 @@ def register(app: typer.Typer) -> None:
             "list them in STORE/errors.csv with their score and the package's threshold instead. Without "
             "it they are stored with ood=true.",
         ),
+        use_ray: bool = typer.Option(
+            False, "--ray",
+            help="Decode and embed on a Ray started for this run on this machine (extra retina[ray]; "
+            "docs/scale-out.md). Same store, resume and errors as without it.",
+        ),
+        ray_address: str | None = typer.Option(
+            None, "--ray-address", metavar="ADDRESS",
+            help="Decode and embed on the Ray cluster at ADDRESS (e.g. auto, or ray://head:10001); the "
+            "files and the package must be at the same paths on every node.",
+        ),
     ) -> None:
         """Embed files into a store; re-runs skip what is already in it; failures go to STORE/errors.csv."""
         from retinacli.commands.common import require_paths
@@ -75,10 +85,16 @@ def register(app: typer.Typer) -> None:
         if modality not in MODALITIES:
             raise UsageError(f"--modality must be one of {', '.join(MODALITIES)}, not {modality!r}")
         require_paths(paths)  # before the package is loaded or the store created
+        ray = None
+        if use_ray or ray_address:
+            from retinacli.distributed import require_ray
+
+            require_ray()  # before the package is loaded
+            ray = {"address": ray_address}
         try:
             report, store_root, engine, errors_file, total_rows, shown, ignored = _run(
                 paths, model, store, None if modality == "auto" else modality, batch_size, workers,
-                shard_size, keep_identifiers, engine_name, precision, redact_paths, strict, device,
+                shard_size, keep_identifiers, engine_name, precision, redact_paths, strict, device, ray,
             )
         except OSError as exc:  # disk full, read-only or vanished store: committed shards stay valid
             where = f" ({exc.filename})" if exc.filename else ""
@@ -115,6 +131,8 @@ def register(app: typer.Typer) -> None:
             "ood_flagged": report.flagged if report.ood_checked else None,
             "ood_refused": report.refused if report.ood_checked else None,
         }
+        if ray is not None:  # the Ray it ran on: address, CPUs, windows, seconds to start or reach it
+            summary["ray"] = getattr(report, "ray", None)
         if json_output:
             print_json(summary)
         else:
@@ -131,10 +149,11 @@ def register(app: typer.Typer) -> None:
 
 
 def _run(paths, model, out, modality, batch_size, workers, shard_size, keep_identifiers,
-         backend="auto", precision="auto", redact_paths=False, strict=False, device="auto"):
+         backend="auto", precision="auto", redact_paths=False, strict=False, device="auto", ray=None):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from retinacli.console import err, safe, styled
+    from retinacli.distributed import ray_engine_line
     from retinacli.engine import engine_line
     from retinacli.pipeline import (
         StreamingPlan,
@@ -174,7 +193,9 @@ def _run(paths, model, out, modality, batch_size, workers, shard_size, keep_iden
     err.print(safe(f"model: {engine.model_id} ({package}{chosen_by})"), highlight=False)
     # The encoders' sessions are built here, so the providers printed are the ones really used (and a
     # --device cuda that cannot start CUDA stops before any work).
-    chosen = engine_line(engine, [modality] if modality else ["fundus", "oct"])
+    wanted = [modality] if modality else ["fundus", "oct"]
+    # with Ray the sessions are built in the encoder actors, not here
+    chosen = engine_line(engine, wanted) if ray is None else ray_engine_line(engine, wanted)
     if chosen:
         err.print(f"engine: {safe(chosen)}", highlight=False)
     for m, v in getattr(engine, "variants", {}).items():
@@ -184,7 +205,8 @@ def _run(paths, model, out, modality, batch_size, workers, shard_size, keep_iden
                              f"gate on {v.backend}; used because --precision int8 asked for it"),
                       highlight=False)
     err.print(f"store: {safe(store_root)} ({store_origin})", highlight=False)
-    err.print(f"modality: {modality or 'auto'}, batch size {batch_size}, workers {workers}", highlight=False)
+    readers = f"workers {workers}" if ray is None else "reading in Ray tasks"
+    err.print(f"modality: {modality or 'auto'}, batch size {batch_size}, {readers}", highlight=False)
     if getattr(engine, "ood", None) is None:
         from retinacli.ood import say_no_check
 
@@ -224,11 +246,22 @@ def _run(paths, model, out, modality, batch_size, workers, shard_size, keep_iden
                                      exclude=store_root, old_paths=writer.paths_without_root(),
                                      on_found=lambda found: progress.update(task, total=found),
                                      modality=modality)
-                report = run_embedding(
-                    engine, plan, writer, modality=modality, batch_size=batch_size, workers=workers,
-                    keep_identifiers=keep_identifiers, on_source_done=lambda _r: progress.advance(task),
-                    paths=shown, strict=strict,
-                )
+                if ray is None:
+                    report = run_embedding(
+                        engine, plan, writer, modality=modality, batch_size=batch_size, workers=workers,
+                        keep_identifiers=keep_identifiers, on_source_done=lambda _r: progress.advance(task),
+                        paths=shown, strict=strict,
+                    )
+                else:
+                    from retinacli.distributed import RaySettings, run_embedding_ray
+
+                    settings = RaySettings(address=ray["address"], package=package, backend=backend,
+                                           precision=precision, device=device)
+                    report = run_embedding_ray(
+                        engine, plan, writer, settings, modality=modality, batch_size=batch_size,
+                        keep_identifiers=keep_identifiers, on_source_done=lambda _r: progress.advance(task),
+                        paths=shown, strict=strict, log=lambda line: err.print(safe(line), highlight=False),
+                    )
             if plan.skipped_sources:
                 err.print(f"{plan.skipped_sources} source(s) already in the store: skipped",
                           highlight=False)
