@@ -326,15 +326,8 @@ def _run(engine: Any, plan: Any, writer: Any, settings: RaySettings, connection:
                         on_source_done)
     finally:
         windows.close()
-        report.skipped += plan.skipped_sources
-        report.errors[:0] = plan.errors
-        if feed.finished is not None:
-            report.discovery_seconds = feed.finished - started
-        report.seconds = time.perf_counter() - started
-        report.failed = len(report.errors)
-    if paths is not None:  # after every read, so identifiers learnt from any file apply
-        report.errors = [ReadError(*paths.error(e.path, e.reason)) for e in report.errors]
-    return report
+        pipeline.close_report(report, plan, feed, started)
+    return pipeline.shown_errors(report, paths)
 
 
 class _Windows:

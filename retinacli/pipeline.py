@@ -788,14 +788,25 @@ def run_embedding(
     finally:
         feed.join()
         pool.shutdown(wait=True, cancel_futures=True)
-        # discovery's errors first, as a plan made before the run lists them
-        report.skipped += plan.skipped_sources
-        report.errors[:0] = plan.errors
-        if feed.finished is not None:
-            report.discovery_seconds = feed.finished - started
-        report.seconds = time.perf_counter() - started
-        report.failed = len(report.errors)
-    if paths is not None:  # after every read, so identifiers learnt from any file apply
+        close_report(report, plan, feed, started)
+    return shown_errors(report, paths)
+
+
+def close_report(report: EmbedReport, plan: Any, feed: Any, started: float) -> None:
+    """A run's closing tallies (local or on Ray), also when it stopped early: discovery's errors first,
+    as a plan made before the run lists them."""
+    report.skipped += plan.skipped_sources
+    report.errors[:0] = plan.errors
+    if feed.finished is not None:
+        report.discovery_seconds = feed.finished - started
+    report.seconds = time.perf_counter() - started
+    report.failed = len(report.errors)
+
+
+def shown_errors(report: EmbedReport, paths: PathRedactor | None) -> EmbedReport:
+    """The report with its error paths as they are shown; after every read, so identifiers learnt from
+    any file apply."""
+    if paths is not None:
         report.errors = [ReadError(*paths.error(e.path, e.reason)) for e in report.errors]
     return report
 

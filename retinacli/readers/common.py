@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 from dataclasses import dataclass, field
@@ -218,6 +219,16 @@ def as_fundus_array(path: object, pixels: np.ndarray) -> np.ndarray:
     if pixels.ndim == 3 and pixels.shape[2] == 2:  # gray + alpha
         return pixels[:, :, :1]
     raise ReadError(path, f"unexpected fundus image shape {tuple(pixels.shape)}")
+
+
+def open_failure(path: Path, exc: OSError) -> ReadError:
+    """The one line for a file that cannot be opened: a file retina may not read is reported as such,
+    not as a broken image."""
+    if isinstance(exc, PermissionError):
+        return ReadError(path, "cannot open (permission denied)")
+    if exc.errno == errno.ELOOP:
+        return ReadError(path, "symbolic link loop")
+    return ReadError(path, f"cannot open ({short(exc)})")
 
 
 _QUOTED = re.compile(r"b?'[^']*'|b?\"[^\"]*\"")

@@ -8,7 +8,6 @@ pair or an angiography sequence of photographs, not a volume: it reads as a fund
 from __future__ import annotations
 
 import dataclasses
-import errno
 import io
 import os
 import re
@@ -28,6 +27,7 @@ from retinacli.readers.common import (
     max_pixels,
     natural_key,
     normalise_laterality,
+    open_failure,
     short,
     to_grayscale,
 )
@@ -136,12 +136,8 @@ def open_for_reading(path: Path) -> io.BufferedReader:
     not as a broken image."""
     try:
         return io.BufferedReader(_PositionKeepingFile(os.fspath(path), "r", opener=_open_nonblocking))
-    except PermissionError:
-        raise ReadError(path, "cannot open (permission denied)") from None
     except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise ReadError(path, "symbolic link loop") from None
-        raise ReadError(path, f"cannot open ({short(exc)})") from None
+        raise open_failure(path, exc) from None
 
 
 def _open_nonblocking(name, flags: int) -> int:

@@ -40,6 +40,7 @@ from retinacli.readers.common import (
     Source,
     natural_key,
     numbered_pattern,
+    open_failure,
     short,
 )
 from retinacli.readers.images import ImageHeader, image_header
@@ -398,12 +399,8 @@ def _check_openable(path: Path) -> None:
     broken image. (Root reads anything; the test suite simulates EACCES, see tests/bad_inputs.py.)"""
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    except PermissionError:
-        raise ReadError(path, "cannot open (permission denied)") from None
     except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise ReadError(path, "symbolic link loop") from None
-        raise ReadError(path, f"cannot open ({short(exc)})") from None
+        raise open_failure(path, exc) from None
     os.close(fd)
 
 
