@@ -40,8 +40,14 @@ from retinacli.errors import ReadError, RetinaError
 
 EXTRA = "ray"
 DECODE_CPUS = 0.5  # a fraction, so decoders run beside the encoder actors on a 2-core machine
-SOURCES_PER_TASK = 16  # sources per decode task: a retry redoes this many
-MIN_WINDOW = 1024  # sources per Ray Data execution (each one starts its actor pool: seconds)
+# Sources per decode task: fewer, larger tasks cost Ray less (16 -> 64 took --ray from 0.62x to 0.94x of
+# the local rate, benchmarks/RESULTS.md), a retry redoes that many, and a small window still gets a few
+# tasks per CPU so every decoder has work.
+MAX_SOURCES_PER_TASK = 64
+MIN_SOURCES_PER_TASK = 8
+TASKS_PER_CPU = 4
+ENCODER_ROWS = 64  # sources per encoder actor call (model batches of --batch-size inside it)
+MIN_WINDOW = 10_000  # sources per Ray Data execution: each one starts its actor pool and drains (seconds)
 WINDOW_PER_CPU = 5000  # windows long enough that starting the actors is a few % of each
 MAX_WINDOW = 100_000  # source records the driver holds at once
 FAULT_ENV = "RETINA_TEST_RAY_KILL_ONCE"  # tests only: a marker path; one decode task exits hard once
@@ -318,7 +324,7 @@ def _run(engine: Any, plan: Any, writer: Any, settings: RaySettings, connection:
             if not window:
                 break
             report.ray["windows"] += 1
-            rows = _run_window(window, decode_kwargs, encoder_kwargs, per_actor, most, gpus, batch_size)
+            rows = _run_window(window, decode_kwargs, encoder_kwargs, per_actor, most, gpus, connection.cpus)
             for job, payload in rows:
                 if report.first_batch_seconds is None:
                     report.first_batch_seconds = time.perf_counter() - started
@@ -409,9 +415,16 @@ def _shipped(source: Any) -> Any:
     return _without_header(source)
 
 
+def sources_per_task(sources: int, cpus: float) -> int:
+    """Sources per decode task for a window: TASKS_PER_CPU tasks per CPU at least, within
+    [MIN_SOURCES_PER_TASK, MAX_SOURCES_PER_TASK]."""
+    wanted = sources // max(1, int(TASKS_PER_CPU * cpus))
+    return max(MIN_SOURCES_PER_TASK, min(MAX_SOURCES_PER_TASK, wanted))
+
+
 def _run_window(window: list[tuple[Any, str, str]], decode_kwargs: dict[str, Any],
                 encoder_kwargs: dict[str, Any], per_actor: float, most: int, gpus: int,
-                batch_size: int) -> Any:
+                cpus: float) -> Any:
     """(job, payload) for each source of the window, as Ray Data's stream yields them."""
     import logging
 
@@ -424,11 +437,11 @@ def _run_window(window: list[tuple[Any, str, str]], decode_kwargs: dict[str, Any
     context.print_on_execution_start = False
     context.enable_auto_log_stats = False
     rows = [{"job": n, "source": _shipped(source)} for n, (source, _, _) in enumerate(window)]
-    blocks = max(1, -(-len(rows) // SOURCES_PER_TASK))
-    ds = rd.from_items(rows, override_num_blocks=blocks)
-    ds = ds.map_batches(decode_sources, fn_kwargs=decode_kwargs, batch_size=SOURCES_PER_TASK,
+    per_task = sources_per_task(len(rows), cpus)
+    ds = rd.from_items(rows, override_num_blocks=max(1, -(-len(rows) // per_task)))
+    ds = ds.map_batches(decode_sources, fn_kwargs=decode_kwargs, batch_size=per_task,
                         batch_format="numpy", num_cpus=DECODE_CPUS)
-    ds = ds.map_batches(Encoder, fn_constructor_kwargs=encoder_kwargs, batch_size=max(1, batch_size),
+    ds = ds.map_batches(Encoder, fn_constructor_kwargs=encoder_kwargs, batch_size=ENCODER_ROWS,
                         batch_format="numpy", compute=rd.ActorPoolStrategy(min_size=1, max_size=most),
                         num_cpus=per_actor, num_gpus=gpus)
     iterator = iter(ds.iter_rows())

@@ -188,3 +188,13 @@ def test_an_address_nothing_answers_on_is_one_line_in_seconds():
         with pytest.raises(RetinaError, match=rf"^cannot reach the Ray cluster at {address} \(.+\); check"):
             _check_reachable(address, timeout=5)
     _check_reachable("auto")  # left to Ray: it finds the cluster itself
+
+
+def test_decode_tasks_are_large_but_every_cpu_gets_several():
+    """Few large tasks cost Ray less; a small window still gives each decoder work (no Ray needed)."""
+    from retinacli.distributed import sources_per_task
+
+    assert sources_per_task(10_000, 2) == 64  # the most per task
+    assert sources_per_task(100, 2) == 12  # 100 // (4 tasks x 2 CPUs)
+    assert sources_per_task(32, 2) == 8  # the fewest per task: 4 tasks for the 32-source test cohort
+    assert sources_per_task(100_000, 64) == 64
