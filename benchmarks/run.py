@@ -355,7 +355,8 @@ def clustered(n: int, dim: int, clusters: int, rng) -> np.ndarray:
 
 
 def retrieval(sizes: list[int], dim: int, queries: int, log) -> dict[str, Any]:
-    from retinacli import ann
+    from retinacli.vector_index import installed
+    from retinacli.vector_index.evaluate import exact_top_k, recall_at_k
 
     rng = np.random.default_rng(0)
     results: dict[str, Any] = {"dim": dim, "queries": queries}
@@ -368,16 +369,18 @@ def retrieval(sizes: list[int], dim: int, queries: int, log) -> dict[str, Any]:
         single = []
         for i in range(min(queries, 20)):
             t = time.perf_counter()
-            ann.exact_top_k(vectors, q[i], 10)
+            exact_top_k(vectors, q[i], 10)
             single.append(time.perf_counter() - t)
         t = time.perf_counter()
-        _, exact_ids = ann.exact_top_k(vectors, q, 10)
+        _, exact_ids = exact_top_k(vectors, q, 10)
         batched = (time.perf_counter() - t) / queries
         entry["exact_single_p50_ms"] = median_ms(single)
         entry[f"exact_batched_{queries}_ms_per_query"] = round(1000 * batched, 3)
-        if ann.faiss_available():
+        if installed("faiss"):
+            from retinacli.vector_index.faiss_index import build_ivf, search_index
+
             t = time.perf_counter()
-            index = ann.build_ivf(vectors)
+            index = build_ivf(vectors)
             entry["ann_build_seconds"] = round(time.perf_counter() - t, 1)
             entry["nlist"] = int(index.nlist)
             sweep = {}
@@ -388,13 +391,13 @@ def retrieval(sizes: list[int], dim: int, queries: int, log) -> dict[str, Any]:
                 ids = []
                 for i in range(queries):
                     t = time.perf_counter()
-                    _, found = ann.search_index(index, q[i], 10, nprobe=nprobe)
+                    _, found = search_index(index, q[i], 10, nprobe=nprobe)
                     lat.append(time.perf_counter() - t)
                     ids.append(found[0])
                 sweep[nprobe] = {
                     "p50_ms": median_ms(lat),
                     "p95_ms": round(1000 * float(np.percentile(lat, 95)), 3),
-                    "recall_at_10": round(ann.recall_at_k(np.array(ids), exact_ids), 4),
+                    "recall_at_10": round(recall_at_k(np.array(ids), exact_ids), 4),
                 }
             entry["ann"] = sweep
             good = [p for p, r in sweep.items() if r["recall_at_10"] >= 0.99]
@@ -502,7 +505,8 @@ def markdown(res: dict[str, Any]) -> str:
         r = res["retrieval"]
         lines += ["### Retrieval", "",
                   f"{r['dim']}-d unit vectors in clusters (1 per 1,000 vectors), {r['queries']} queries "
-                  "(noisy copies of stored vectors). Exact = numpy block scan (retinacli.ann.exact_top_k, "
+                  "(noisy copies of stored vectors). Exact = numpy block scan "
+                  "(retinacli.vector_index.evaluate.exact_top_k, "
                   "the same arithmetic as `retina retrieve --search exact`); ANN = faiss IVF-Flat "
                   "(inner product).",
                   "", "| vectors | exact p50 ms (1 query) | exact ms/query (batched) | ANN build s | nlist | "

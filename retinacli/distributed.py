@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from retinacli.errors import ReadError, RetinaError
+from retinacli.errors import ReadError, RetinaError, first_line
 
 EXTRA = "ray"
 DECODE_CPUS = 0.5  # a fraction, so decoders run beside the encoder actors on a 2-core machine
@@ -135,8 +135,6 @@ class Encoder:
         self.batch_size = batch_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from retinacli.pipeline import _first_line
-
         engine, ood = self.engine, self.engine.ood
         sources = list(batch["payload"])
         outcomes: list[list[Any]] = [[None] * len(kept) for kept, _, _ in sources]
@@ -152,7 +150,7 @@ class Encoder:
                 try:
                     vectors = np.asarray(engine.embed(modality, arrays), dtype=np.float32)
                 except Exception as exc:  # as the local run: the chunk's items fail, their sources wait
-                    failure = f"the model failed on it ({_first_line(exc)})"
+                    failure = f"the model failed on it ({first_line(exc)})"
                     for s, i, _ in chunk:
                         outcomes[s][i] = (None, None, label, failure)
                     continue
@@ -198,7 +196,7 @@ class RayConnection:
                          configure_logging=False)
             except Exception as exc:  # ConnectionError, RuntimeError, ...: one line, naming the address
                 where = f"the Ray cluster at {address}" if address else "a local Ray"
-                raise RetinaError(f"cannot start or reach {where} ({_line(exc)})") from None
+                raise RetinaError(f"cannot start or reach {where} ({first_line(exc)})") from None
         self.cpus = float(ray.cluster_resources().get("CPU", 1.0))
         self._stdout = _errors_to_stderr()
 
@@ -252,10 +250,6 @@ def ray_engine_line(engine: Any, modalities: list[str]) -> str:
     variants = getattr(engine, "variants", None) or {}
     parts = [f"{m} {variants[m].label}" for m in modalities if m in variants]
     return ", ".join(parts) + " (sessions built in the Ray actors)" if parts else ""
-
-
-def _line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def actor_plan(cpus: float) -> tuple[float, int, int]:
@@ -459,8 +453,8 @@ def _run_window(window: list[tuple[Any, str, str]], decode_kwargs: dict[str, Any
 def _ray_reason(exc: BaseException) -> str:
     cause = getattr(exc, "cause", None)
     if isinstance(cause, RetinaError):  # e.g. the package path not visible on a worker
-        return _line(cause)
-    return _line(exc)
+        return first_line(cause)
+    return first_line(exc)
 
 
 def _commit(job: tuple[Any, str, str], payload: tuple, commits: Any, secret: bytes, keep_identifiers: bool,

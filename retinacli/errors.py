@@ -82,3 +82,9 @@ def require(feature: str, extra: str, *modules: str) -> None:
             found = False
         if not found:
             raise MissingExtraError(feature, extra, module)
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception as one line: its message's first line, else its type's name (a library's message,
+    onnxruntime's or LanceDB's, can span many lines)."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from retinacli.errors import ReadError
+from retinacli.errors import ReadError, first_line
 from retinacli.items import FundusImage, OctVolume
 from retinacli.privacy import pseudonym
 from retinacli.redaction import PathRedactor
@@ -236,11 +236,6 @@ def _path_fields(item: OctVolume | FundusImage, paths: PathRedactor | None) -> d
 # --- reading + preprocessing (worker side) -------------------------------------------------------
 
 
-def _first_line(exc: BaseException) -> str:
-    """Errors are reported as one line (onnxruntime and numpy messages can span many)."""
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-
-
 @dataclass
 class Prepared:
     """One preprocessed item: the model input and its store metadata (the pixels are gone)."""
@@ -300,7 +295,7 @@ def decode_items(
         try:
             array = np.asarray(preprocess(item), dtype=np.float32)
         except Exception as exc:
-            decoded.errors.append(ReadError(item.path, f"preprocessing failed ({_first_line(exc)})"))
+            decoded.errors.append(ReadError(item.path, f"preprocessing failed ({first_line(exc)})"))
             continue
         decoded.items.append((ordinal, item, array))
     return decoded
@@ -746,7 +741,7 @@ def run_embedding(
         try:
             vectors = np.asarray(engine.embed(mod, arrays), dtype=np.float32)
         except Exception as exc:  # e.g. onnxruntime refusing an input: report, retry next run
-            reason = f"the model failed on it ({_first_line(exc)})"
+            reason = f"the model failed on it ({first_line(exc)})"
             for key, prepared in batch:
                 commits.failed(key, prepared, reason)
             return

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from retinacli.errors import RetinaError, require
+from retinacli.errors import RetinaError, first_line, require
 from retinacli.vector_index.base import ROW_BITS, IndexedRows, IndexInfo
 from retinacli.vector_index.filters import Filter
 
@@ -132,11 +132,6 @@ def delete_predicates(shards: list[int], per_delete: int = 64) -> list[str]:
     return [" OR ".join(terms[i:i + per_delete]) for i in range(0, len(terms), per_delete)]
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
-
 class LanceSearcher:
     """A LanceDB table opened read-only at the version its IndexInfo names."""
 
@@ -168,7 +163,7 @@ class LanceSearcher:
         try:
             result = query.to_arrow()
         except Exception as exc:  # a vanished file or a corrupt fragment: one line, not a Rust trace
-            raise RetinaError(f"lancedb index search failed: {_one_line(exc)}") from exc
+            raise RetinaError(f"lancedb index search failed: {first_line(exc)}") from exc
         rows = result.column("query_index").to_numpy() if "query_index" in result.column_names \
             else np.zeros(result.num_rows, dtype=np.int64)
         found_keys = result.column("key").to_numpy()
@@ -216,7 +211,7 @@ class LanceBackend:
             except Exception as exc:
                 # the registry rebuilds from scratch (previous=None) on this error
                 raise RetinaError(f"the lancedb index {folder / (name + '.lance')} cannot be updated "
-                                  f"({_one_line(exc)})") from exc
+                                  f"({first_line(exc)})") from exc
             if table.schema.field("vector").type.list_size != dim:
                 raise RetinaError(f"the lancedb index {folder / (name + '.lance')} holds vectors of another "
                                   "dimension")
@@ -327,6 +322,6 @@ class LanceBackend:
             table = db.open_table(name, version=int(version)) if version is not None else db.open_table(name)
         except Exception as exc:
             raise RetinaError(f"the lancedb {info.modality} index in {folder} cannot be opened "
-                              f"({_one_line(exc)}); 'retina store index' rebuilds it") from exc
+                              f"({first_line(exc)}); 'retina store index' rebuilds it") from exc
         return LanceSearcher(table, info.params)
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from retinacli.errors import RetinaError, require
+from retinacli.errors import RetinaError, first_line, require
 from retinacli.vector_index.base import ROW_BITS, IndexedRows, IndexInfo
 from retinacli.vector_index.filters import Filter
 
@@ -44,11 +44,6 @@ def _qdrant():
     from qdrant_client import models
 
     return qdrant_client, models
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 def _where(models, where: Filter | None):
@@ -131,7 +126,7 @@ class QdrantSearcher:
         try:
             responses = self.client.query_batch_points(self.collection, requests=requests)
         except Exception as exc:  # unreachable server, dropped collection: one line
-            raise RetinaError(f"the Qdrant index search failed ({_one_line(exc)})") from exc
+            raise RetinaError(f"the Qdrant index search failed ({first_line(exc)})") from exc
         for i, response in enumerate(responses):
             points = response.points[:k]
             keys[i, : len(points)] = [int(p.id) for p in points]
@@ -171,7 +166,7 @@ class QdrantBackend:
             raise
         except Exception as exc:  # a server error, a refused key: one line naming the collection
             raise RetinaError(f"the Qdrant collection {name} {where} could not be updated "
-                              f"({_one_line(exc)})") from exc
+                              f"({first_line(exc)})") from exc
         finally:
             client.close()
         if not url:
@@ -239,7 +234,7 @@ class QdrantBackend:
         except Exception as exc:
             client.close()
             raise RetinaError(f"the Qdrant {info.modality} index on {url} cannot be reached "
-                              f"({_one_line(exc)})") from exc
+                              f"({first_line(exc)})") from exc
         if not found:
             client.close()
             place = url or str(Path(folder) / LOCAL_DIR)
