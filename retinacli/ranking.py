@@ -29,6 +29,13 @@ Result schema (:func:`rank_metrics`; one dict per query direction), the same key
 
 Both directions of a paired set (:func:`both_directions`): ``{"pool_size": n, "fundus_to_oct": {...},
 "oct_to_fundus": {...}}``. Later additions add keys; they do not rename these.
+
+Visit level and eye level. Paired rows are visits; other visits of the same eye are near-identical,
+so the visit-level figures above (the query's own visit is the only hit) are partly a coin toss
+between them. When the eye of each row is known, :func:`both_directions` adds ``"eye_level"``:
+``{"eyes": E, "fundus_to_oct": {...}, "oct_to_fundus": {...}}`` in the same schema, where *every*
+candidate of the query's eye counts as a hit (``hit@k`` = ``top{k}``; the chance levels use each
+query's number of same-eye candidates, so they are exact for pools with several visits per eye).
 """
 
 from __future__ import annotations
@@ -48,6 +55,15 @@ def cosine_scores(queries: np.ndarray, candidates: np.ndarray) -> np.ndarray:
 def paired_relevance(n_queries: int, n_candidates: int | None = None) -> np.ndarray:
     """Relevance of paired data: query i's only match is candidate i."""
     return np.eye(n_queries, n_queries if n_candidates is None else n_candidates, dtype=bool)
+
+
+def eye_relevance(query_eyes, candidate_eyes) -> np.ndarray:
+    """(Q, C) bool: candidate j is of the same eye as query i (eyes are any hashable keys, e.g.
+    ``(patient, "OD")``)."""
+    codes: dict = {}
+    q = np.array([codes.setdefault(e, len(codes)) for e in query_eyes], dtype=np.int64)
+    c = np.array([codes.setdefault(e, len(codes)) for e in candidate_eyes], dtype=np.int64)
+    return q[:, None] == c[None, :]
 
 
 def _check(scores: np.ndarray, relevant: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -122,16 +138,36 @@ def paired_metrics(queries: np.ndarray, candidates: np.ndarray, ks: tuple[int, .
     return rank_metrics(cosine_scores(queries, candidates), None, ks)
 
 
-def both_directions(fundus: np.ndarray, oct: np.ndarray, ks: tuple[int, ...] = KS) -> dict:
-    """Fundus->OCT and OCT->fundus metrics of paired embeddings; ``{"pool_size": 0}`` when empty."""
+def both_directions(fundus: np.ndarray, oct: np.ndarray, ks: tuple[int, ...] = KS, eyes=None) -> dict:
+    """Fundus->OCT and OCT->fundus metrics of paired embeddings; ``{"pool_size": 0}`` when empty.
+
+    ``eyes`` (one key per row, e.g. ``(patient_id, eye)``) adds the eye-level metrics (module docstring).
+    """
     pool = len(fundus)
     if pool == 0:
         return {"pool_size": 0}
-    return {
+    scores = cosine_scores(fundus, oct)
+    out = {
         "pool_size": pool,
-        "fundus_to_oct": paired_metrics(fundus, oct, ks),
-        "oct_to_fundus": paired_metrics(oct, fundus, ks),
+        "fundus_to_oct": rank_metrics(scores, None, ks),
+        "oct_to_fundus": rank_metrics(scores.T, None, ks),
     }
+    if eyes is not None:
+        eyes = list(eyes)
+        if len(eyes) != pool:
+            raise ValueError(f"{len(eyes)} eye keys for {pool} paired rows")
+        same_eye = eye_relevance(eyes, eyes)
+        out["eye_level"] = {
+            "eyes": len(set(eyes)),
+            "fundus_to_oct": rank_metrics(scores, same_eye, ks),
+            "oct_to_fundus": rank_metrics(scores.T, same_eye, ks),
+        }
+    return out
+
+
+def eye_key(row) -> tuple[str, str]:
+    """The eye of a manifest row (or any mapping with ``patient_id`` and ``eye``)."""
+    return (str(row["patient_id"]), str(row["eye"]))
 
 
 def top_k_indices(scores: np.ndarray, k: int) -> np.ndarray:

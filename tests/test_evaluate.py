@@ -43,8 +43,9 @@ def cli_eval(tiny_cohort, tiny_run, tmp_path_factory):
     return out, result
 
 
-def test_outputs_and_table(cli_eval, tiny_cohort):
+def test_outputs_and_table(cli_eval, tiny_cohort, tiny_run):
     out, result = cli_eval
+    val = set(json.loads((tiny_run / "split.json").read_text())["val"])  # the baseline's held-out too
     results = json.loads((out / "results.json").read_text())
     assert json.loads(result.stdout) == results  # --json prints results.json
     assert set(results["sources"]) == {"baseline", "clip"}
@@ -52,9 +53,11 @@ def test_outputs_and_table(cli_eval, tiny_cohort):
     assert results["cohort"]["rows"] == len(rows)
     for source in ("baseline", "clip"):
         probe = results["cv"][source]["probe"]
-        assert set(probe) == {"oct", "fundus", "oct_to_fundus"}  # the modality swap rows
+        assert set(probe) == {"oct", "fundus", "oct_to_fundus", "fundus_to_oct"}  # both modality swaps
         assert set(results["cv"][source]["finetune"]) == {"oct"}
-        for by_task in (probe["oct"], probe["oct_to_fundus"], results["cv"][source]["finetune"]["oct"]):
+        by_tasks = (probe["oct"], probe["oct_to_fundus"], probe["fundus_to_oct"],
+                    results["cv"][source]["finetune"]["oct"])
+        for by_task in by_tasks:
             cst, bcva = by_task["cst"], by_task["bcva"]
             assert [f["fold"] for f in cst["folds"]] == [0, 1, 2]
             assert sum(f["n"] for f in cst["folds"]) == sum(1 for r in rows if r["cst_um"])
@@ -69,10 +72,21 @@ def test_outputs_and_table(cli_eval, tiny_cohort):
         r = results["retrieval"][source]
         assert r["pool_size"] >= 2
         assert r["fundus_to_oct"]["chance_top1"] == pytest.approx(1 / r["pool_size"])
+        # eye level: the held-out pool's eyes from the manifest, every visit of the query's eye a hit
+        eye = r["eye_level"]
+        assert eye["eyes"] == len({(x["patient_id"], x["eye"]) for x in rows if x["patient_id"] in val})
+        for direction in ("fundus_to_oct", "oct_to_fundus"):
+            assert eye[direction]["pool_size"] == r["pool_size"] == eye[direction]["queries"]
+            for k in (1, 5, 10):
+                assert eye[direction][f"top{k}"] >= r[direction][f"top{k}"]
+                assert eye[direction][f"chance_top{k}"] >= r[direction][f"chance_top{k}"]
     table = (out / "results.md").read_text()
+    assert "### Visit level" in table and "### Eye level" in table and "hit@5 (chance)" in table
     assert "| CLIP | linear probe | OCT |" in table
     assert "| baseline (random init) | fine-tune | OCT |" in table
     assert "OCT head → fundus" in table and "CST MAE (µm)" in table and "BCVA AUROC" in table
+    assert "| CLIP | linear probe | fundus head → OCT |" in table and "## Modality swap" in table
+    assert "| CLIP | OCT head → fundus | CST | MAE " in table
     assert "±" in table and "fundus → OCT" in table
     timings = json.loads((out / "timings.json").read_text())
     assert timings["seconds"]["total"] > 0 and "timings" not in results
@@ -234,3 +248,6 @@ def test_fit_final_stores_heads_with_cv_metrics(tiny_cohort, tiny_run, tmp_path)
         column = TASKS[task].column
         assert head.n_train == evaluation["n_rows"] == sum(1 for r in rows if r[column] != "")
         assert head.input_modality == "oct"
+        # the modality swap on the paired fundus embeddings travels with the head into the package
+        swap = head.metrics["swap"]["fundus"]
+        assert ("fundus" in head.metrics.get("cv_by_modality", {})) is swap["validated"]

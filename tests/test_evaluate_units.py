@@ -126,3 +126,48 @@ def test_results_json_is_stable_text(tmp_path):
     text = (tmp_path / "r.json").read_text()
     assert json.loads(text) == {"a": [0.1, 3], "b": None, "c": 0.3333333333}
     assert text.index('"a"') < text.index('"b"') < text.index('"c"')
+
+
+def _swapped_within_eyes():
+    """10 visits of 5 eyes (2 visits each); every fundus photo is the embedding of its eye's *other* visit."""
+    oct_ = np.eye(10)
+    fundus = oct_[[1, 0, 3, 2, 5, 4, 7, 6, 9, 8]]
+    eyes = [(f"p{i // 4}", "OD" if i // 2 % 2 == 0 else "OS") for i in range(10)]
+    return fundus, oct_, eyes
+
+
+def test_retrieval_eye_level_counts_any_visit_of_the_eye():
+    fundus, oct_, eyes = _swapped_within_eyes()
+    r = evaluate_retrieval(fundus, oct_, ks=(1, 5), eyes=eyes)
+    assert r["eye_level"]["eyes"] == 5
+    visit, eye = r["fundus_to_oct"], r["eye_level"]["fundus_to_oct"]
+    # visit level: own OCT scores 0 like the 8 other-eye volumes, behind the same-eye one -> rank 10
+    assert visit["top1"] == 0.0 and visit["median_rank"] == 10.0
+    assert visit["chance_top1"] == pytest.approx(0.1)
+    assert eye["top1"] == 1.0 and eye["mrr"] == 1.0
+    assert eye["chance_top1"] == pytest.approx(2 / 10)  # 2 visits of the query's eye in a pool of 10
+    assert eye["chance_top5"] == pytest.approx(1 - 28 / 126)  # 1 - C(8, 5) / C(10, 5)
+    assert eye["chance_median_rank"] == pytest.approx(11 / 3)  # (pool + 1) / (m + 1)
+    assert "eye_level" not in evaluate_retrieval(fundus, oct_, ks=(1, 5))
+
+
+def test_results_md_shows_visit_and_eye_level_both_directions():
+    from training.evaluation.report import _retrieval_table
+
+    fundus, oct_, eyes = _swapped_within_eyes()
+    r = evaluate_retrieval(fundus, oct_, ks=(1, 5), eyes=eyes)
+    results = {"settings": {"retrieval_k": [1, 5]}, "sources": {"clip": {"label": "CLIP"}},
+               "retrieval": {"clip": r}}
+    table = _retrieval_table(results)
+    assert "| encoder | direction | pool (visits) | eyes | top-1 (chance) | top-5 (chance) | MRR |" in table
+    assert "| encoder | direction | pool (visits) | eyes | hit@1 (chance) | hit@5 (chance) | MRR |" in table
+    visit_rows, eye_rows = table.split("### Eye level")
+    assert "| CLIP | fundus → OCT | 10 | 5 | 0.000 (0.100) | 0.000 (0.500) | 0.100 | 10.0 (5.5) |" \
+        in visit_rows
+    assert "| CLIP | OCT → fundus | 10 | 5 | 0.000 (0.100)" in visit_rows
+    assert "| CLIP | fundus → OCT | 10 | 5 | 1.000 (0.200) | 1.000 (0.778) | 1.000 | 1.0 (3.7) |" in eye_rows
+    assert "| CLIP | OCT → fundus | 10 | 5 | 1.000 (0.200)" in eye_rows
+    # a results.json written before eye-level metrics renders its visit-level table alone
+    del r["eye_level"]
+    old = _retrieval_table(results)
+    assert "### Visit level" in old and "Eye level" not in old and "| CLIP | fundus → OCT | 10 | – |" in old

@@ -128,6 +128,47 @@ def test_probe_cli_reports_metrics_as_json(tiny_package_run, tmp_path, reuse_loa
     assert bad.exit_code == 2 and "unknown task" in bad.stderr
 
 
+def test_probe_records_the_modality_swap_computed_out_of_fold(tiny_package_run, tiny_loaded_run, tmp_path,
+                                                             reuse_loaded_run):
+    """`retina probe --modality fundus`: the cst head's swap is each fold's head applied to the paired OCT
+    embeddings of its held-out patients (by hand below), with the bar's verdict; the table says so."""
+    from sklearn.model_selection import GroupKFold
+
+    from retinacli.headinfo import swap_verdict
+    from training.heads import fit_linear_head
+    from training.probe import label_array
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_package_run, run)
+    (run / "heads.json").unlink(missing_ok=True)
+    result = CliRunner().invoke(app, ["probe", str(run), "--tasks", "cst", "--modality", "fundus"])
+    assert result.exit_code == 0, result.stderr
+    (head,) = load_heads(run)
+    assert head.input_modality == "fundus" and set(head.metrics["swap"]) == {"oct"}
+    swap = head.metrics["swap"]["oct"]
+    rows = read_cohort_manifest(resolve_manifest_path(tiny_loaded_run.config, run, None))
+    data = load_pairs([r for r in rows if r.get("cst_um")], tiny_loaded_run.spec)
+    fundus = tiny_loaded_run.model.encode("fundus", data.fundus, 8)
+    oct_ = tiny_loaded_run.model.encode("oct", data.oct, 8)
+    y = label_array(data.rows, "cst")
+    groups = np.array([r["patient_id"] for r in data.rows])
+    keep = np.isfinite(y)
+    fundus, oct_, y, groups = fundus[keep], oct_[keep], y[keep], groups[keep]
+    oof = np.empty_like(y)
+    for tr, te in GroupKFold(n_splits=swap["folds"]).split(fundus, y, groups):
+        oof[te] = fit_linear_head("cst", fundus[tr], y[tr]).predict(oct_[te])
+    assert swap["mae"] == pytest.approx(np.mean(np.abs(oof - y)), rel=1e-6)
+    assert swap["grouped"] is True
+    verdict = swap_verdict("regression", head.metrics["cv"], swap, "fundus", "oct")
+    assert swap["validated"] is verdict["validated"] and swap["ratio"] == pytest.approx(verdict["ratio"])
+    assert ("oct" in head.metrics.get("cv_by_modality", {})) is swap["validated"]
+    shown = " ".join(result.stdout.split())
+    assert f"fundus head on oct embeddings: cv: MAE {swap['mae']:.1f} µm" in shown
+    assert f"{swap['ratio']:.2f}x the fundus MAE -> " in shown
+    verdict_text = "-> validated on oct" if swap["validated"] else "-> not validated on oct (bar: MAE on oct"
+    assert verdict_text in shown
+
+
 @pytest.fixture
 def reuse_loaded_run(monkeypatch, tiny_loaded_run):
     """Commands below load the run by path; hand them the session's loaded model (same weights)."""

@@ -176,8 +176,13 @@ def test_old_package_without_a_range_still_predicts_and_says_so(env):
 
 def test_tiny_package_records_the_cohort_range_and_flags_fundus_cst(tiny_package, tiny_cohort_png, env):
     """The real probe + export path: the range is the cohort's cst labels; a cst head applied to fundus
-    photos flags every value outside it and says "not validated on fundus"."""
+    photos flags every value outside it and says "not validated on fundus", with the swap it measured."""
     descriptor = json.loads((tiny_package / "retina.json").read_text())
+    for head in descriptor["heads"].values():  # retina probe (on OCT) records the swap on fundus
+        swap = head["metrics"]["swap"]["fundus"]
+        assert ("fundus" in head["metrics"].get("cv_by_modality", {})) is swap["validated"]
+    cst_swap = descriptor["heads"]["cst"]["metrics"]["swap"]["fundus"]
+    assert cst_swap["validated"] is False and cst_swap["ratio"] > 1.5
     with open(tiny_cohort_png / "manifest.csv", newline="") as handle:
         labels = [float(r["cst_um"]) for r in csv.DictReader(handle) if r.get("cst_um")]
     rng = descriptor["heads"]["cst"]["training_range"]
@@ -195,6 +200,7 @@ def test_tiny_package_records_the_cohort_range_and_flags_fundus_cst(tiny_package
         line = _table_line(table, p["path"])
         assert (f"{p['value']:.1f} (implausible)" in line) is (not inside)
     assert "not validated on fundus" in table
+    assert f"{cst_swap['ratio']:.2f}x the MAE on oct; bar: MAE on fundus <= 1.5 x" in " ".join(table.split())
     assert all("not validated on fundus" in r["note"] and r["validated"] == "False" for r in rows)
     # measured: 16 of 16 fundus photos give a CST far below the range (-200 to 103 µm vs 225-569 µm)
     assert sum(p["plausible"] is False for p in preds) >= len(preds) / 2
@@ -230,6 +236,55 @@ def test_modality_swap_says_not_validated_unless_the_package_records_it(env):
     assert "applied to fundus (fitted on oct): cv AUROC 0.75 (5 folds)" in swapped_table
 
 
+def _swap_metrics(fundus_noise: float | None) -> dict:
+    """The toy tn head's metrics refitted with a modality swap on paired fundus rows: the OCT rows plus
+    ``fundus_noise`` (None: unrelated rows)."""
+    from fixtures_packages import TOY_DIM
+
+    from training.heads import fit_linear_head
+
+    rng = np.random.default_rng(21)
+    x = rng.normal(size=(80, TOY_DIM))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    fundus = rng.normal(size=x.shape) if fundus_noise is None else x + fundus_noise * rng.normal(size=x.shape)
+    y = (x[:, 1] + 0.2 * rng.normal(size=len(x)) > 0).astype(float)
+    groups = np.repeat(np.arange(40), 2)
+    head = fit_linear_head("tn", x, y, groups=groups, swap_embeddings={"fundus": fundus})
+    return json.loads(json.dumps(head.to_dict()["metrics"]))
+
+
+@pytest.mark.parametrize("fundus_noise", [0.01, None])
+def test_predict_follows_the_swap_bar_recorded_by_the_head_fit(env, fundus_noise):
+    """The real fitting path decides: a swap that meets the bar is validated on fundus (with its cv
+    quality), one that misses it says "not validated" and shows what was measured and the bar."""
+    from retinacli.headinfo import swap_text
+
+    metrics = _swap_metrics(fundus_noise)
+    swap = metrics["swap"]["fundus"]
+    assert swap["validated"] is (fundus_noise is not None)  # near-identical rows pass, unrelated ones do not
+    assert ("cv_by_modality" in metrics) is swap["validated"]
+    package = make_toy_package(env / "toy")
+    descriptor = _edit(package, lambda d: d["heads"]["tn"].update(metrics=metrics))
+    payload, table, rows = _predict(package, env / "src", "--task", "tn", "--modality", "fundus")
+    flat = " ".join(table.split())
+    head = descriptor["heads"]["tn"]
+    check = swap_text(head, "fundus")
+    assert check == (f"cv AUROC {swap['auroc']:.2f} ({swap['folds']} folds), {abs(swap['auroc_drop']):.2f} "
+                     f"{'below' if swap['auroc_drop'] >= 0 else 'above'} the AUROC on oct; bar: AUROC on "
+                     "fundus >= 0.6 and at most 0.05 below the AUROC on oct")
+    assert payload["head"]["swap_check"] == check
+    assert all(p["validated"] is swap["validated"] for p in payload["predictions"])
+    assert [r["validated"] for r in rows] == [str(swap["validated"])] * 2
+    if swap["validated"]:
+        assert payload["head"]["cv_applied"] == {"auroc": swap["auroc"], "folds": swap["folds"]}
+        assert f"applied to fundus (fitted on oct): cv AUROC {swap['auroc']:.2f}" in flat
+        assert "not validated" not in flat
+    else:
+        assert payload["head"]["cv_applied"] is None
+        assert ("not validated on fundus: the head was fitted on oct embeddings and its cross-validated "
+                f"fundus result misses the bar: {check}") in flat
+
+
 # --- context and reliability --------------------------------------------------------------------------
 
 
@@ -240,7 +295,7 @@ def test_json_and_table_carry_label_meaning_threshold_and_cv_quality(env):
     cv = heads["tn"]["metrics"]["cv"]
     assert tn["head"] == {
         "task": "tn", "kind": "binary", "input_modality": "oct", "applied_to": "oct", "validated": True,
-        "cv_applied": None, "units": None, "label_meaning": "1 = high treatment need",
+        "cv_applied": None, "swap_check": None, "units": None, "label_meaning": "1 = high treatment need",
         "threshold": heads["tn"]["threshold"], "cv": {"auroc": cv["auroc"], "folds": cv["folds"]},
         "reliable": True, "reason": f"cross-validated AUROC {cv['auroc']:.2f} >= 0.6",
         "training_range": None, "research_use": RESEARCH}

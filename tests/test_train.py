@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import sys
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -190,6 +192,21 @@ def test_tiny_run_layout_follows_contract(tiny_run):
     retrieval = lines[-1]["val"]["fundus_to_oct"]
     assert retrieval["chance_top1"] == pytest.approx(1 / retrieval["pool_size"])
     assert retrieval["pool_size"] == lines[-1]["val_pairs"]
+    # eye level: the val pool's eyes from the manifest; any visit of the query's eye is a hit
+    with open(config["manifest"], newline="") as handle:
+        val_rows = [r for r in csv.DictReader(handle) if r["patient_id"] in set(split["val"])]
+    visits = Counter((r["patient_id"], r["eye"]) for r in val_rows)
+    eye_level = lines[-1]["val"]["eye_level"]
+    assert eye_level["eyes"] == len(visits) and sum(visits.values()) == retrieval["pool_size"]
+    n = retrieval["pool_size"]
+    for direction in ("fundus_to_oct", "oct_to_fundus"):
+        visit, eye = lines[-1]["val"][direction], eye_level[direction]
+        assert eye["pool_size"] == n and eye["queries"] == n
+        for k in (1, 5, 10):
+            assert eye[f"top{k}"] >= visit[f"top{k}"]
+        # exact chance from the pool's eye structure: query of an eye with m visits hits at top-1 w.p. m / n
+        assert eye["chance_top1"] == pytest.approx(sum(m * m / n for m in visits.values()) / n)
+        assert eye["mrr"] >= visit["mrr"]
     for name in ("last.pt", f"epoch_{config['epochs']:03d}.pt"):
         state = torch.load(tiny_run / "checkpoints" / name, weights_only=True)
         assert "model" in state
@@ -244,6 +261,7 @@ def test_cli_trains_and_echoes_its_settings(noise_cohort, tmp_path, monkeypatch)
     for setting in ("objective=siglip", "epochs=1", "oct_size=32", "lr=0.001"):
         assert setting in result.output
     assert "fundus->OCT top-1" in result.output and "pool 4" in result.output
+    assert "eye level (2 eyes): hit@5 1.000 (chance 1.000), MRR" in result.output  # 2 eyes of 2 visits
     config = json.loads((out / "config.json").read_text())
     assert config["objective"] == "siglip" and config["epochs"] == 1
     again = _invoke(["--manifest", str(noise_cohort), "--out", str(out)], tmp_path, monkeypatch)

@@ -15,6 +15,12 @@ The tasks (name, kind, units, label meaning) come from the registry, :mod:`retin
   given), so it is never tuned on the rows it is applied to. With too few labelled rows per class
   for cross-validation it falls back to in-sample probabilities and says so in ``metrics``.
 
+The modality swap: given the paired embeddings of the other modality (``swap_embeddings``), every
+out-of-fold head is also applied to those rows of its held-out fold (same folds, same threshold), and
+``metrics["swap"][<modality>]`` records the result, the comparison with the own modality and the
+verdict of :func:`retinacli.headinfo.swap_verdict`; only a head that meets it gets
+``metrics["cv_by_modality"][<modality>]``, which `retina predict` reads as "validated" there.
+
 Features are standardised before fitting and the scaler is folded back into ``weight`` / ``bias``,
 so every head is one affine map ``embedding @ weight + bias`` (then a sigmoid for binary heads):
 easy to export to ONNX and to apply in numpy.
@@ -23,6 +29,7 @@ easy to export to ONNX and to apply in numpy.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -116,11 +123,14 @@ def fit_linear_head(
     seed: int = 0,
     groups: np.ndarray | None = None,
     input_modality: str = "oct",
+    swap_embeddings: Mapping[str, np.ndarray] | None = None,
 ) -> LinearHead:
     """Fit the head for ``task`` on rows with a finite label.
 
     ``groups`` (e.g. patient ids) keeps one patient's rows in one fold for the out-of-fold
     metrics and the threshold choice. Rows whose label is NaN/None are ignored.
+    ``swap_embeddings``: {modality: (N, D)} embeddings of the other modality, row for row paired with
+    ``embeddings``, for the modality swap (module docstring).
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r} (known: {', '.join(TASKS)})")
@@ -128,14 +138,20 @@ def fit_linear_head(
     y = np.asarray(labels, dtype=np.float64).reshape(-1)
     if x.ndim != 2 or x.shape[0] != y.shape[0]:
         raise ValueError(f"embeddings (N, D) and labels (N,) disagree: {x.shape} vs {y.shape}")
+    others = {m: np.asarray(e, dtype=np.float64) for m, e in (swap_embeddings or {}).items()
+              if m != input_modality}
+    for modality, other in others.items():
+        if other.shape != x.shape:
+            raise ValueError(f"swap embeddings of {modality} {other.shape} are not paired with {x.shape}")
     keep = np.isfinite(y) & np.isfinite(x).all(axis=1)
     x, y = x[keep], y[keep]
+    others = {m: e[keep] for m, e in others.items()}
     g = None if groups is None else np.asarray(groups)[keep]
     info = TASKS[task]
     if info.kind == "regression":
         if len(y) < 3:
             raise ValueError(f"{task}: need at least 3 labelled rows, got {len(y)}")
-        weight, bias, metrics = _fit_ridge(x, y, g, seed)
+        weight, bias, metrics = _fit_ridge(x, y, g, seed, others)
         threshold = None
         training_range = label_range(y)
     else:
@@ -144,8 +160,9 @@ def fit_linear_head(
         if len(np.unique(y)) < 2:
             only = int(y[0]) if len(y) else "-"
             raise ValueError(f"{task}: labels have a single class ({only}); cannot fit")
-        weight, bias, threshold, metrics = _fit_logistic(x, y, g, seed)
+        weight, bias, threshold, metrics = _fit_logistic(x, y, g, seed, others)
         training_range = None
+    _record_swap(metrics, info.kind, input_modality)
     return LinearHead(
         task=task,
         kind=info.kind,
@@ -222,17 +239,45 @@ def _regression_metrics(y: np.ndarray, pred: np.ndarray) -> dict[str, float]:
     }
 
 
-def _fit_ridge(x, y, groups, seed):
+def _fit_ridge(x, y, groups, seed, others=None):
     weight, bias, alpha = _ridge_fit(x, y)
     metrics: dict[str, Any] = {"alpha": alpha, "train": _regression_metrics(y, x @ weight + bias)}
     splitter, n_splits = _folds(y, groups, seed, stratify=False)
     if splitter is not None:
         oof = np.empty_like(y)
+        oof_other = {m: np.empty_like(y) for m in others or {}}
         for tr, te in splitter.split(x, y, groups):
             w, b, _ = _ridge_fit(x[tr], y[tr])
             oof[te] = x[te] @ w + b
-        metrics["cv"] = {**_regression_metrics(y, oof), "folds": n_splits, "grouped": groups is not None}
+            for m, pred in oof_other.items():
+                pred[te] = others[m][te] @ w + b
+        cv_info = {"folds": n_splits, "grouped": groups is not None}
+        metrics["cv"] = {**_regression_metrics(y, oof), **cv_info}
+        metrics["swap"] = {
+            m: {**_regression_metrics(*_finite(y, pred)), **cv_info} for m, pred in oof_other.items()
+        }
     return weight, bias, metrics
+
+
+def _finite(y: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The rows whose swapped prediction is finite (an unreadable paired item can leave NaN)."""
+    ok = np.isfinite(pred)
+    return y[ok], pred[ok]
+
+
+def _record_swap(metrics: dict[str, Any], kind: str, input_modality: str) -> None:
+    """Add the verdict to each swap result; a swap that meets the bar becomes ``cv_by_modality``."""
+    from retinacli.headinfo import swap_verdict
+
+    swaps = metrics.pop("swap", None)
+    if not swaps or "cv" not in metrics:
+        return
+    metrics["swap"] = {}
+    for modality, result in swaps.items():
+        verdict = swap_verdict(kind, metrics["cv"], result, input_modality, modality)
+        metrics["swap"][modality] = {**result, **verdict}
+        if verdict["validated"]:
+            metrics.setdefault("cv_by_modality", {})[modality] = dict(result)
 
 
 def _logistic_fit(x: np.ndarray, y: np.ndarray, seed: int) -> tuple[np.ndarray, float]:
@@ -267,23 +312,28 @@ def _binary_metrics(y: np.ndarray, prob: np.ndarray, threshold: float) -> dict[s
     }
 
 
-def _fit_logistic(x, y, groups, seed):
+def _fit_logistic(x, y, groups, seed, others=None):
     weight, bias = _logistic_fit(x, y, seed)
     train_prob = _sigmoid(x @ weight + bias)
     splitter, n_splits = _folds(y, groups, seed, stratify=True)
     metrics: dict[str, Any] = {"C": LOGISTIC_C, "class_weight": "balanced"}
     if splitter is not None:
         oof = np.empty_like(y)
+        oof_other = {m: np.empty_like(y) for m in others or {}}
         for tr, te in splitter.split(x, y.astype(int), groups):
-            if len(np.unique(y[tr])) < 2:  # a fold without one class: fall back to the global fit
-                oof[te] = _sigmoid(x[te] @ weight + bias)
-                continue
-            w, b = _logistic_fit(x[tr], y[tr], seed)
+            w, b = (weight, bias) if len(np.unique(y[tr])) < 2 else _logistic_fit(x[tr], y[tr], seed)
+            # (a fold without one class falls back to the global fit)
             oof[te] = _sigmoid(x[te] @ w + b)
+            for m, prob in oof_other.items():
+                prob[te] = _sigmoid(others[m][te] @ w + b)
         threshold = youden_threshold(y, oof)
         metrics["threshold_source"] = "youden_j_out_of_fold"
-        cv = _binary_metrics(y, oof, threshold)
-        metrics["cv"] = {**cv, "folds": n_splits, "grouped": groups is not None}
+        cv_info = {"folds": n_splits, "grouped": groups is not None}
+        metrics["cv"] = {**_binary_metrics(y, oof, threshold), **cv_info}
+        # the swap uses the threshold chosen on the own modality: the one the head ships with
+        metrics["swap"] = {
+            m: {**_binary_metrics(*_finite(y, prob), threshold), **cv_info} for m, prob in oof_other.items()
+        }
     else:
         threshold = youden_threshold(y, train_prob)
         metrics["threshold_source"] = "youden_j_in_sample (too few rows per class for cross-validation)"

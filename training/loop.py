@@ -24,7 +24,7 @@ from torch import nn
 from retinacli.cohort_manifest import read_cohort_manifest
 from retinacli.fsutil import folder_entries, remove_new_entries
 from retinacli.package import sha256_file
-from retinacli.ranking import both_directions
+from retinacli.ranking import both_directions, eye_key
 from training import distributed
 from training.checkpoint import LAST_CHECKPOINT, checkpoint_dir, load_checkpoint, save_checkpoint
 from training.config import TrainConfig, config_from_dict
@@ -361,7 +361,8 @@ def _validate(model, val_set, device, bf16, channels_last) -> dict[str, Any]:
     o = torch.from_numpy(model.encode("oct", val_set.oct, 32, device, bf16, channels_last))
     with torch.no_grad():
         val_loss = float(compute_loss(model, f.to(device), o.to(device)))
-    retrieval = both_directions(f.numpy(), o.numpy())
+    # Eye level next to visit level: other visits of the query's eye count as hits there.
+    retrieval = both_directions(f.numpy(), o.numpy(), eyes=[eye_key(r) for r in val_set.rows])
     # Mean per-dimension spread of the unit embeddings: ~0 means the encoder collapsed to a constant.
     spread = {"fundus": float(f.std(dim=0).mean()), "oct": float(o.std(dim=0).mean())}
     return {
@@ -381,6 +382,12 @@ def _summary(record: dict[str, Any]) -> str:
             f"(chance {r['chance_top1']:.3f}, pool {r['pool_size']}), top-5 {r['top5']:.3f}, "
             f"median rank {r['median_rank']:.0f}"
         )
+        eye = record["val"].get("eye_level", {}).get("fundus_to_oct")
+        if eye:
+            text += (
+                f"; eye level ({record['val']['eye_level']['eyes']} eyes): hit@5 {eye['top5']:.3f} "
+                f"(chance {eye['chance_top5']:.3f}), MRR {eye['mrr']:.3f}"
+            )
     text += f", {record['pairs_per_second']:.1f} pairs/s"
     collapsed = [k for k, v in record.get("val_embedding_std", {}).items() if v < COLLAPSE_STD]
     if collapsed:

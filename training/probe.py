@@ -2,7 +2,9 @@
 
 Heads are fitted with :func:`training.heads.fit_linear_head` (the one head-fitting code path) on the
 OCT embeddings by default (the paper's setting), with patient-grouped out-of-fold metrics, and
-written to ``RUN/heads.json`` where ``retina export`` picks them up.
+written to ``RUN/heads.json`` where ``retina export`` picks them up. The paired embeddings of the other
+modality go along for the modality swap (``metrics.swap`` / ``metrics.cv_by_modality``, see
+:mod:`training.heads`), so the package can say whether a head holds on the other modality.
 """
 
 from __future__ import annotations
@@ -133,8 +135,10 @@ def probe_run(
         data = load_pairs_once(sha256_file(manifest_path), run.spec, load)
     else:
         data = load()
-    arrays = data.oct if modality == "oct" else data.fundus
-    embeddings = run.model.encode(modality, arrays, batch_size)
+    other = "fundus" if modality == "oct" else "oct"
+    embeddings = run.model.encode(modality, data.oct if modality == "oct" else data.fundus, batch_size)
+    # the paired visits seen through the other encoder: the same heads' out-of-fold swap
+    swapped = run.model.encode(other, data.oct if other == "oct" else data.fundus, batch_size)
     groups = np.array([r["patient_id"] for r in data.rows])
     labels = {t: label_array(data.rows, t) for t in tasks}
     heads: list[LinearHead] = []
@@ -145,7 +149,8 @@ def probe_run(
             skipped[task] = "no labels in the manifest"
             continue
         try:
-            head = fit_linear_head(task, embeddings, y, seed=seed, groups=groups, input_modality=modality)
+            head = fit_linear_head(task, embeddings, y, seed=seed, groups=groups, input_modality=modality,
+                                   swap_embeddings={other: swapped})
             heads.append(head)
         except ValueError as exc:
             skipped[task] = str(exc)

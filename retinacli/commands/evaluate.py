@@ -96,7 +96,7 @@ def register(app: typer.Typer) -> None:
         ),
         modalities: str = typer.Option(
             "oct,fundus", "--modalities",
-            help="Encoders to evaluate: oct, fundus (both also give the OCT-head-on-fundus swap rows).",
+            help="Encoders to evaluate: oct, fundus (both also give the modality swap rows, each direction).",
         ),
         seed: int = typer.Option(
             0, "--seed", help="Seed for folds, heads and fine-tuning (same seed, same results.json)."

@@ -454,7 +454,11 @@ def _context_lines(head: dict[str, Any]) -> list[str]:
         lines.append(f"applied to {head['applied_to']} (fitted on {head['input_modality']}): {swapped}")
     if not head.get("validated", True):
         applied, fitted = head["applied_to"], head["input_modality"]
-        lines.append(f"not validated on {applied}: the head was fitted on {fitted} embeddings and the "
-                     f"package records no cross-validated {applied} result")
+        if head.get("swap_check"):  # measured, but below the bar
+            lines.append(f"not validated on {applied}: the head was fitted on {fitted} embeddings and its "
+                         f"cross-validated {applied} result misses the bar: {head['swap_check']}")
+        else:
+            lines.append(f"not validated on {applied}: the head was fitted on {fitted} embeddings and the "
+                         f"package records no cross-validated {applied} result")
     lines.append(RESEARCH_USE)
     return lines

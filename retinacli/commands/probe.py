@@ -28,6 +28,23 @@ def _format_metrics(task: str, metrics: dict) -> str:
     return "; ".join(parts)
 
 
+def _swap_lines(task: str, head) -> list[str]:
+    """One line per modality swap: the same folds' heads on the other modality, the comparison, verdict."""
+    lines = []
+    fitted = head.input_modality
+    for modality, swap in (head.metrics.get("swap") or {}).items():
+        parts = [_format_metrics(task, {"cv": swap})]
+        if swap.get("ratio") is not None:
+            parts.append(f"{swap['ratio']:.2f}x the {fitted} MAE")
+        elif swap.get("auroc_drop") is not None:
+            drop = swap["auroc_drop"]
+            parts.append(f"{abs(drop):.3f} {'below' if drop >= 0 else 'above'} the {fitted} AUROC")
+        verdict = (f"validated on {modality}" if swap.get("validated")
+                   else f"not validated on {modality} (bar: {swap.get('criterion')})")
+        lines.append(f"    {fitted} head on {modality} embeddings: {', '.join(parts)} -> {verdict}")
+    return lines
+
+
 def register(app: typer.Typer) -> None:
     @app.command("probe")
     def probe(
@@ -40,7 +57,11 @@ def register(app: typer.Typer) -> None:
             ",".join(TASKS), "--tasks",
             help=f"Comma-separated tasks: {tasks_help()}. A task without labels in the manifest is skipped.",
         ),
-        modality: str = typer.Option("oct", "--modality", help="Embeddings the heads read: oct or fundus."),
+        modality: str = typer.Option(
+            "oct", "--modality",
+            help="Embeddings the heads read: oct or fundus. Each head is also tested out of fold on the "
+            "paired embeddings of the other modality (the modality swap, recorded in its metrics).",
+        ),
         seed: int = typer.Option(0, "--seed", help="Seed for the cross-validation folds."),
         batch_size: int = typer.Option(8, "--batch-size", help="Items per torch forward pass."),
         as_json: bool = options.json_option("Print the fitted heads' metrics as JSON."),
@@ -92,6 +113,8 @@ def register(app: typer.Typer) -> None:
                     f"{_format_metrics(head.task, head.metrics)}",
                     highlight=False,
                 )
+                for line in _swap_lines(head.task, head):
+                    stdout.print(line, highlight=False)
             for task, why in result.skipped.items():
                 stdout.print(f"  {task}: no head ({safe(why)})", highlight=False)
             if result.heads_path:

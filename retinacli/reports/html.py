@@ -232,8 +232,9 @@ def _head_html(head: dict[str, Any], task: str | None) -> str:
         rows.append((f"quality on {head.get('applied_to')}",
                      quality_text({**head, "metrics": {"cv": head["cv_applied"]}})))
     if head.get("validated") is False:
+        measured = f"; measured there: {head['swap_check']}" if head.get("swap_check") else ""
         rows.append(("validation", f"not validated on {head.get('applied_to')}: the head was fitted on "
-                                   f"{head.get('input_modality')} embeddings"))
+                                   f"{head.get('input_modality')} embeddings{measured}"))
     items = "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in rows)
     research = head.get("research_use") or RESEARCH_USE
     return (f"<section class=\"head\"><h2>What the head predicts</h2><dl class=\"head\">{items}</dl>"

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from retinacli.ranking import eye_key
 from retinacli.tasks import TASKS
 from training.evaluation.retrieval import top_matches
 
@@ -56,9 +57,9 @@ def make_figures(out_dir: Path, sources, cache, embeddings, cohort, cfg, results
         if source.key in results.get("retrieval", {}):
             rows = np.flatnonzero(np.isin(cohort.patient_ids, source.val_patients))
             arrays = cache.get(source.spec)
-            written.append(
-                plot_retrieval(out_dir / f"retrieval_{key}.png", label, emb, arrays, rows, source.spec)
-            )
+            eyes = [eye_key(r) for r in cohort.rows]
+            path = out_dir / f"retrieval_{key}.png"
+            written.append(plot_retrieval(path, label, emb, arrays, rows, source.spec, eyes=eyes))
     return written
 
 
@@ -130,7 +131,9 @@ def _display_bscan(x: np.ndarray, spec: dict) -> np.ndarray:
 
 
 def plot_retrieval(path: Path, label: str, emb: dict, arrays, rows: np.ndarray, spec: dict,
-                   n_queries: int = 4, k: int = 5) -> Path:
+                   n_queries: int = 4, k: int = 5, eyes: list | None = None) -> Path:
+    """Top-k OCT volumes of a few fundus queries; the true pair in green, other visits of the query's
+    eye (hits at eye level) in orange when ``eyes`` (one key per cohort row) is given."""
     plt = _pyplot()
     k = min(k, len(rows))
     picks = rows[np.linspace(0, len(rows) - 1, min(n_queries, len(rows))).round().astype(int)]
@@ -146,15 +149,19 @@ def plot_retrieval(path: Path, label: str, emb: dict, arrays, rows: np.ndarray, 
             ax = axes[r][c + 1]
             ax.imshow(_display_bscan(arrays.oct[candidate], spec), cmap="gray", aspect="auto")
             match = candidate == query
-            ax.set_title(f"#{c + 1} s={scores[r, c]:.2f}" + (" ✓ match" if match else ""), fontsize=8,
-                         color="green" if match else "black")
+            same_eye = not match and eyes is not None and eyes[candidate] == eyes[query]
+            note = " ✓ match" if match else " ✓ same eye" if same_eye else ""
+            color = "green" if match else "darkorange" if same_eye else "black"
+            ax.set_title(f"#{c + 1} s={scores[r, c]:.2f}" + note, fontsize=8, color=color)
             ax.set_xticks([])
             ax.set_yticks([])
             for spine in ax.spines.values():
-                spine.set_edgecolor("limegreen" if match else "lightgrey")
-                spine.set_linewidth(4 if match else 1)
+                spine.set_edgecolor({"green": "limegreen", "black": "lightgrey"}.get(color, color))
+                spine.set_linewidth(1 if color == "black" else 4)
+    same = ", orange = another visit of the same eye" if eyes is not None else ""
     fig.suptitle(f"Fundus → OCT retrieval on held-out patients — {label}\n"
-                 f"(top-{k} of {len(rows)} OCT volumes, central B-scan; green = true pair)", fontsize=10)
+                 f"(top-{k} of {len(rows)} OCT volumes, central B-scan; green = true pair{same})",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

@@ -31,6 +31,8 @@ def fit_final_heads(sources, embeddings, cohort, cfg, results) -> list[str]:
                 seed=cfg.seed,
                 groups=cohort.patient_ids[rows],
                 input_modality=FINAL_MODALITY,
+                # the modality swap on the paired fundus embeddings, so the package records it
+                swap_embeddings={"fundus": embeddings[source.key]["fundus"][rows]},
             )
             cv = results["cv"].get(source.key, {}).get("probe", {}).get(FINAL_MODALITY, {}).get(task)
             head.metrics["evaluation"] = clean_json({

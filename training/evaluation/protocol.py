@@ -16,6 +16,7 @@ import torch
 
 from retinacli.errors import UsageError
 from retinacli.fsutil import folder_entries, remove_new_entries
+from retinacli.ranking import eye_key
 from retinacli.tasks import TASKS
 from training.evaluation.cohort import Cohort, label_problem, label_summary, load_cohort
 from training.evaluation.config import EvalConfig
@@ -327,7 +328,8 @@ def _run_retrieval(sources: list[EncoderSource], embeddings, cohort: Cohort, cfg
             )
             continue
         e = embeddings[source.key]
-        r = evaluate_retrieval(e["fundus"][rows], e["oct"][rows], tuple(cfg.retrieval_k))
+        eyes = [eye_key(cohort.rows[i]) for i in rows]
+        r = evaluate_retrieval(e["fundus"][rows], e["oct"][rows], tuple(cfg.retrieval_k), eyes=eyes)
         r["patients"] = len(val & set(cohort.patient_ids[rows]))
         r["split"] = "val patients of " + (str(source.run_dir) if source.run_dir else "the first run")
         results["retrieval"][source.key] = r
