@@ -106,6 +106,29 @@ def test_epoch_batches_depend_only_on_seed_and_epoch():
     assert [b.tolist() for b in first] != [b.tolist() for b in epoch_batches(10, 4, seed=3, epoch=2)]
 
 
+def test_eyes_together_batches_keep_the_visits_of_an_eye_adjacent():
+    from training.data import eye_groups
+
+    rows = [{"patient_id": p, "eye": e} for p, e in
+            [("a", "OD"), ("b", "OS"), ("a", "OD"), ("c", "OD"), ("b", "OS"), ("a", "OS"), ("c", "OD"),
+             ("a", "OS"), ("d", "OD"), ("d", "OD"), ("e", "OS"), ("e", "OS")]]
+    groups = eye_groups(rows)
+    assert groups.tolist() == [0, 1, 0, 2, 1, 3, 2, 3, 4, 4, 5, 5]
+    for epoch in range(4):
+        batches = epoch_batches(12, 4, seed=7, epoch=epoch, groups=groups)
+        flat = np.concatenate(batches)
+        assert sorted(flat.tolist()) == list(range(12))  # every pair once (12 = 3 full batches)
+        eyes = groups[flat]
+        # each eye's two visits are next to each other, so with batch 4 they share a batch
+        assert all(eyes[i] == eyes[i + 1] for i in range(0, 12, 2))
+        assert [b.tolist() for b in batches] == [
+            b.tolist() for b in epoch_batches(12, 4, seed=7, epoch=epoch, groups=groups)]  # resumable
+    orders = {tuple(groups[np.concatenate(epoch_batches(12, 4, 7, e, groups))][::2]) for e in range(4)}
+    assert len(orders) > 1  # the order of the eyes changes between epochs
+    with pytest.raises(ValueError, match="batch_composition"):
+        resolve_config("tiny", overrides={"batch_composition": "by_patient"})
+
+
 # --- retrieval metrics ------------------------------------------------------------------------
 
 
@@ -168,6 +191,44 @@ def test_resume_after_epoch_one_matches_uninterrupted_run(tmp_path):
     lines_b = [json.loads(x) for x in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert [x["epoch"] for x in lines_b] == [1, 2]
     assert [x["train_loss"] for x in lines_a] == [x["train_loss"] for x in lines_b]
+
+
+def test_init_from_copies_both_encoders_but_not_the_temperatures(tmp_path):
+    from fixtures_models import write_noise_cohort
+
+    from training.checkpoint import load_encoder_weights
+
+    manifest = write_noise_cohort(tmp_path / "cohort", patients=4)
+    clip = train(_tiny(manifest, epochs=1), tmp_path / "clip")
+    source = torch.load(clip / "checkpoints" / "last.pt", weights_only=True)["model"]
+    cloob = build_model(_tiny(manifest, objective="cloob"))
+    before = {k: v.clone() for k, v in cloob.state_dict().items()}
+    copied = load_encoder_weights(cloob, str(clip))  # a run folder: its last checkpoint
+    state = cloob.state_dict()
+    encoder_keys = [k for k in state if k.startswith(("fundus_encoder.", "oct_encoder."))]
+    assert copied == len(encoder_keys) > 0
+    assert all(torch.equal(state[k], source[k]) for k in encoder_keys)
+    assert not any(torch.equal(before[k], source[k]) for k in encoder_keys if k.endswith("projection.weight"))
+    assert torch.equal(state["log_inv_tau"], before["log_inv_tau"])  # CLOOB's own temperature
+    # a run started from it begins from those encoders and says so in its log
+    run = train(_tiny(manifest, objective="cloob", epochs=1, init_from=str(clip)), tmp_path / "cloob")
+    assert f"encoders start from {clip}" in (run / "train.log").read_text()
+    assert json.loads((run / "config.json").read_text())["init_from"] == str(clip)
+
+
+def test_init_from_refuses_missing_or_mismatched_weights(tmp_path):
+    from fixtures_models import write_noise_cohort
+
+    from training.checkpoint import load_encoder_weights
+
+    manifest = write_noise_cohort(tmp_path / "cohort", patients=4)
+    with pytest.raises(FileNotFoundError, match="no checkpoint to start from"):
+        train(_tiny(manifest, init_from=str(tmp_path / "nothing")), tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # refused before the run folder was made
+    small = build_model(_tiny(manifest, embed_dim=16))
+    torch.save({"model": small.state_dict()}, tmp_path / "small.pt")
+    with pytest.raises(ValueError, match=r"do not match this run's.*first mismatch"):
+        load_encoder_weights(build_model(_tiny(manifest)), tmp_path / "small.pt")
 
 
 def test_refuses_to_overwrite_a_run(noise_cohort, tmp_path):

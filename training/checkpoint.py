@@ -42,3 +42,35 @@ def load_checkpoint(run_dir: Path, name: str = LAST_CHECKPOINT) -> dict[str, Any
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no checkpoint to resume from")
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+ENCODER_PREFIXES = ("fundus_encoder.", "oct_encoder.")
+
+
+def init_checkpoint_path(init_from: str | Path) -> Path:
+    """The checkpoint file ``init_from`` names: a run folder (its last checkpoint) or a ``.pt`` file."""
+    path = Path(init_from).expanduser()
+    if path.is_dir():
+        path = checkpoint_dir(path) / LAST_CHECKPOINT
+    if not path.is_file():
+        raise FileNotFoundError(f"{init_from}: no checkpoint to start from (a run folder with "
+                                f"{CHECKPOINT_DIR}/{LAST_CHECKPOINT}, or a checkpoint file)")
+    return path
+
+
+def load_encoder_weights(model: torch.nn.Module, init_from: str | Path) -> int:
+    """Copy both encoders (backbones + projections) of another run into ``model``; returns the tensor
+    count. The objective's temperatures are not copied: a CLOOB run started from a CLIP run keeps its
+    own inverse temperature. A different architecture or embedding size is a one-line ValueError."""
+    path = init_checkpoint_path(init_from)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("model", state) if isinstance(state, dict) else state
+    encoders = {k: v for k, v in state.items() if k.startswith(ENCODER_PREFIXES)}
+    own = {k: v for k, v in model.state_dict().items() if k.startswith(ENCODER_PREFIXES)}
+    mismatched = [k for k in own if k not in encoders or encoders[k].shape != own[k].shape]
+    if mismatched or len(encoders) != len(own):
+        first = (mismatched or sorted(set(encoders) - set(own)))[0]
+        raise ValueError(f"{path}: its encoders do not match this run's (architecture, channels or "
+                         f"embed_dim differ; first mismatch: {first})")
+    model.load_state_dict(encoders, strict=False)
+    return len(encoders)

@@ -33,11 +33,16 @@ class TrainConfig:
     fundus_size: int = 112
     fundus_channels: int = 3  # 1 for NIR/SLO fundus
     augment: bool = True
+    # random: shuffled pairs; eyes_together: the visits of an eye share a batch (hard negatives)
+    batch_composition: str = "random"
     # model
     fundus_arch: str = "resnet18"
     oct_arch: str = "r3d_18"
     fundus_init: str = "random"  # random | imagenet | pretrained | path to a state_dict file
     oct_init: str = "random"  # random | kinetics | pretrained | path to a state_dict file
+    # a run folder (its last checkpoint) or checkpoint file whose encoders (backbones + projections) start
+    # this run, e.g. CLOOB from a CLIP run (a CLIP warm-up); temperatures start fresh (docs/training.md)
+    init_from: str | None = None
     embed_dim: int = 128
     # objective parameters
     logit_scale_init: float = 1 / 0.07  # CLIP/SigLIP: stored as log(scale), learnable
@@ -81,9 +86,9 @@ class TrainConfig:
 
 # Why these sizes:
 # - tiny: for tests; finishes in seconds on a 2-core CPU.
-# - demo: learns visibly in <= 3 minutes on 2 CPU cores on the `retina demo` cohort (120 patients x 2
-#   visits); no augmentation: each pair is seen only a few times, and intensity jitter hides the
-#   pigment/choroid signal the networks pick up first (docs/training.md).
+# - demo: learns in about a minute per objective on 2 CPU cores on the `retina demo` cohort (240 patients
+#   x 2 visits); no augmentation: each pair is seen only a few times, and intensity jitter hides the
+#   pigment/choroid signal the networks pick up first (docs/training.md, "Levers tried").
 # - paper: the published setting on GPUs (see docs/training.md for the reasoning and assumptions).
 PRESET_VALUES: dict[str, dict[str, Any]] = {
     "tiny": dict(
@@ -173,6 +178,10 @@ def validate_config(config: TrainConfig) -> None:
         raise ValueError("loader_workers must be auto or a whole number >= 0")
     if config.cache_dir is not None and not isinstance(config.cache_dir, str):
         raise ValueError("cache_dir must be a folder path")
+    if config.batch_composition not in ("random", "eyes_together"):
+        raise ValueError("batch_composition must be random or eyes_together")
+    if config.init_from is not None and not isinstance(config.init_from, str):
+        raise ValueError("init_from must be a run folder or checkpoint path")
     if not isinstance(config.activation_checkpointing, bool):
         raise ValueError("activation_checkpointing must be true or false")
 

@@ -196,12 +196,25 @@ def save_split(split: dict[str, Any], path: Path) -> None:
     path.write_text(json.dumps(split, indent=2) + "\n")
 
 
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
+BATCH_COMPOSITIONS = ("random", "eyes_together")
+
+
+def epoch_batches(
+    n: int, batch_size: int, seed: int, epoch: int, groups: np.ndarray | None = None
+) -> list[np.ndarray]:
     """The epoch's shuffled batches of indices (the last incomplete batch is dropped).
 
+    ``groups`` (one eye code per index) keeps the visits of an eye next to each other in a shuffled
+    order of eyes, so they share a batch and are each other's hardest negatives ("eyes_together"):
+    telling them apart needs what changed between visits (fluid, lesions), not only who the eye is.
     The order depends only on (seed, epoch), so a resumed run sees exactly the same batches.
     """
-    order = np.random.default_rng([seed, epoch, 1]).permutation(n)
+    rng = np.random.default_rng([seed, epoch, 1])
+    order = rng.permutation(n)
+    if groups is not None:
+        groups = np.asarray(groups)
+        eye_rank = rng.permutation(int(groups.max()) + 1 if len(groups) else 0)
+        order = order[np.argsort(eye_rank[groups[order]], kind="stable")]
     steps = n // batch_size
     return [order[i * batch_size : (i + 1) * batch_size] for i in range(steps)]
 
@@ -218,8 +231,9 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 class RankBatches:
     """Batch sampler of one rank: its slice of each global batch of the epoch (:func:`epoch_batches`)."""
 
-    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
-        self.n, self.batch_size, self.seed = n, batch_size, seed
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 groups: np.ndarray | None = None):
+        self.n, self.batch_size, self.seed, self.groups = n, batch_size, seed, groups
         self.local = batch_size // world_size
         self.part = slice(rank * self.local, (rank + 1) * self.local)
         self.epoch = 0
@@ -231,7 +245,7 @@ class RankBatches:
         return self.n // self.batch_size
 
     def __iter__(self):
-        for batch in epoch_batches(self.n, self.batch_size, self.seed, self.epoch):
+        for batch in epoch_batches(self.n, self.batch_size, self.seed, self.epoch, self.groups):
             yield self.epoch, batch[self.part]
 
 
@@ -272,18 +286,26 @@ def make_loader(
     world_size: int = 1,
     workers: int = 0,
     pin_memory: bool = False,
+    batch_composition: str = "random",
 ):
     """A DataLoader over this rank's part of every global batch; ``loader.batch_sampler.set_epoch(e)``
     (via :func:`set_loader_epoch`) before iterating epoch e. Host memory: at most
     ``2 x workers`` batches in flight (``workers`` = 0: one)."""
     from torch.utils.data import DataLoader
 
-    sampler = RankBatches(len(pairs.rows), batch_size, seed, rank, world_size)
+    groups = eye_groups(pairs.rows) if batch_composition == "eyes_together" else None
+    sampler = RankBatches(len(pairs.rows), batch_size, seed, rank, world_size, groups)
     # Workers end with each epoch (re-forking them is cheap): worker processes still alive when the
     # interpreter exits crashed it (signal 11) once OpenVINO had run in the same process (the demo).
     extra: dict[str, Any] = {"prefetch_factor": 2, "persistent_workers": False} if workers > 0 else {}
     return DataLoader(BatchReader(pairs, spec, augment, seed), batch_size=None, sampler=sampler,
                       num_workers=workers, pin_memory=pin_memory, **extra)
+
+
+def eye_groups(rows: list[dict[str, str]]) -> np.ndarray:
+    """One integer per row: the code of its eye (patient, laterality), in order of first appearance."""
+    codes: dict[tuple[str, str], int] = {}
+    return np.array([codes.setdefault((r["patient_id"], r["eye"]), len(codes)) for r in rows], dtype=np.int64)
 
 
 def set_loader_epoch(loader: Any, epoch: int) -> None:

@@ -26,7 +26,14 @@ from retinacli.fsutil import folder_entries, remove_new_entries
 from retinacli.package import sha256_file
 from retinacli.ranking import both_directions, eye_key
 from training import distributed
-from training.checkpoint import LAST_CHECKPOINT, checkpoint_dir, load_checkpoint, save_checkpoint
+from training.checkpoint import (
+    LAST_CHECKPOINT,
+    checkpoint_dir,
+    init_checkpoint_path,
+    load_checkpoint,
+    load_encoder_weights,
+    save_checkpoint,
+)
 from training.config import TrainConfig, config_from_dict
 from training.data import (
     loader_workers,
@@ -204,6 +211,8 @@ def _check_inputs(config: TrainConfig) -> None:
         raise FileNotFoundError(f"{config.manifest}: manifest not found")
     check_init(config.fundus_arch, config.fundus_init)
     check_init(config.oct_arch, config.oct_init)
+    if config.init_from is not None:
+        init_checkpoint_path(config.init_from)
 
 
 def _train(config, run_dir, resume, dist_info, echo, progress_factory, stop_after_epochs) -> Path:
@@ -261,7 +270,11 @@ def _train(config, run_dir, resume, dist_info, echo, progress_factory, stop_afte
     )
 
     torch.manual_seed(config.seed)
-    model = build_model(config).to(device)
+    model = build_model(config)
+    if config.init_from is not None and not resume:  # on resume the checkpoint holds the weights
+        count = load_encoder_weights(model, config.init_from)
+        log(f"encoders start from {config.init_from} ({count} tensors)")
+    model = model.to(device)
     if channels_last:
         model.oct_encoder.to(memory_format=torch.channels_last_3d)
     optimizer = make_optimizer(model, config)
@@ -297,7 +310,8 @@ def _train(config, run_dir, resume, dist_info, echo, progress_factory, stop_afte
     # Each rank reads its own slice of every global batch; the order and each sample's augmentation
     # depend only on (seed, epoch, sample), so they are the same for any world size and worker count.
     loader = make_loader(train_set, spec, batch_size, config.seed, config.augment, dist_info.rank,
-                         dist_info.world_size, workers, pin_memory=device.type == "cuda")
+                         dist_info.world_size, workers, pin_memory=device.type == "cuda",
+                         batch_composition=config.batch_composition)
     for epoch in range(start_epoch, end_epoch):
         started = time.perf_counter()
         model.train()

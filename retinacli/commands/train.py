@@ -97,6 +97,10 @@ def register(app: typer.Typer) -> None:
         embed_dim: int = typer.Option(
             None, "--embed-dim", help=_help("Shared embedding dimension", "embed_dim")
         ),
+        init_from: Path = typer.Option(
+            None, "--init-from", help="Start both encoders from another run (its last checkpoint) or a "
+            "checkpoint file, e.g. CLOOB from a CLIP run; same architecture and embed_dim (default: none)."
+        ),
         seed: int = typer.Option(
             None, "--seed", help="Seed for init, split, data order and augmentation (default 0)."
         ),
@@ -168,6 +172,7 @@ def register(app: typer.Typer) -> None:
             "fundus_init": fundus_init or ("imagenet" if init == "pretrained" else init),
             "oct_init": oct_init or ("kinetics" if init == "pretrained" else init),
             "embed_dim": embed_dim,
+            "init_from": str(init_from) if init_from is not None else None,
             "seed": seed,
             "device": device,
             "threads": threads,
