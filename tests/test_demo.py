@@ -61,6 +61,31 @@ def test_demo_summary_covers_both_objectives_through_the_exported_packages(demo)
             assert gates[modality] == {b: g["passed"] for b, g in recorded.items()}
             backend, precision = result["int8"]["engine"][modality].split("/")
             assert precision == "fp32" or gates[modality][backend]
+    # held-out and unseen patients, visit and eye level, both directions, exact chance
+    unseen = summary["cohort"]["unseen"]
+    assert unseen["seed"] == 1000  # the demo's seed 0 + 1000: patients no demo model trained on
+    from retinacli.cohort_manifest import read_cohort_manifest
+
+    trained = {r["patient_id"] for r in read_cohort_manifest(workdir / "manifest.csv")}
+    fresh = read_cohort_manifest(workdir / "unseen" / "manifest.csv")
+    assert len(fresh) == unseen["pairs"] and not trained & {r["patient_id"] for r in fresh}
+    eyes = {(r["patient_id"], r["eye"]) for r in fresh}
+    for result in summary["objectives"].values():
+        for key, pool in (("retrieval", result["retrieval"]["pool_size"]), ("unseen_retrieval", len(fresh))):
+            r = result[key]
+            assert r["pool_size"] == pool
+            assert set(r["eye_level"]) == {"eyes", "fundus_to_oct", "oct_to_fundus"}
+            for direction in ("fundus_to_oct", "oct_to_fundus"):
+                visit, eye = r[direction], r["eye_level"][direction]
+                assert eye["top1"] >= visit["top1"] and eye["mrr"] >= visit["mrr"]
+                assert eye["chance_top1"] > visit["chance_top1"] == pytest.approx(1 / pool)
+        assert result["unseen_retrieval"]["eye_level"]["eyes"] == len(eyes)
+        assert result["unseen_retrieval"]["patients"] == unseen["patients"] == 24
+    cloob = json.loads((workdir / "runs" / "cloob" / "config.json").read_text())
+    assert cloob["init_from"] == str(workdir / "runs" / "clip")  # CLOOB starts from the CLIP encoders
+    cloob_package = Path(summary["objectives"]["cloob"]["package"], "retina.json")
+    assert "starting from the encoders of the demo's CLIP run" in json.loads(cloob_package.read_text())[
+        "card"]["training_data"]
     default = summary["objectives"][summary["card"]["default_model"].removeprefix("retina-demo-")]
     assert summary["card"]["engine"] == default["int8"]["engine"]  # what `retina embed` ran
     for name in ("manifest.csv", "train.toml", "fundus.png", "demo_summary.json", ".retina/store/store.json"):
