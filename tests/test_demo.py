@@ -129,3 +129,26 @@ def test_demo_refuses_a_folder_it_did_not_make(tmp_path):
                             env=_env(tmp_path / "home"))
     assert result.returncode == 2
     assert "not empty" in result.stderr and (tmp_path / "precious.txt").read_text() == "user data"
+
+
+def test_summary_table_shows_both_levels_and_directions_with_chance():
+    from types import SimpleNamespace
+
+    import numpy as np
+    from rich.console import Console
+
+    from retinacli.commands.demo import _retrieval_table
+    from retinacli.ranking import both_directions
+
+    # 4 visits of 2 eyes; every photo matches the other visit of its eye: visit top-1 0, eye hit@1 1
+    fundus = np.eye(4)[[1, 0, 3, 2]]
+    result = both_directions(fundus, np.eye(4), eyes=["a", "a", "b", "b"])
+    result["patients"] = 2
+    summary = SimpleNamespace(objectives={"clip": {"retrieval": result, "unseen_retrieval": result}})
+    console = Console(record=True, width=200)
+    console.print(_retrieval_table(summary))
+    rows = [line for line in console.export_text().splitlines() if "│" in line]
+    cells = [[c.strip() for c in row.split("│")[1:-1]] for row in rows]
+    assert cells[0] == ["CLIP held-out", "2", "4", "F→O", "0% (25%)", "100% (50%)", "100% (100%)",
+                        "100% (100%)", "1.00"]
+    assert cells[1][:4] == ["", "", "", "O→F"] and cells[2][0] == "CLIP unseen" and len(cells) == 4

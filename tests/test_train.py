@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import sys
 from collections import Counter
 
@@ -322,7 +323,15 @@ def test_cli_trains_and_echoes_its_settings(noise_cohort, tmp_path, monkeypatch)
     for setting in ("objective=siglip", "epochs=1", "oct_size=32", "lr=0.001"):
         assert setting in result.output
     assert "fundus->OCT top-1" in result.output and "pool 4" in result.output
-    assert "eye level (2 eyes): hit@5 1.000 (chance 1.000), MRR" in result.output  # 2 eyes of 2 visits
+    # 2 eyes of 2 visits: any same-eye candidate is a hit, chance top-1 = 2/4, top-5 and top-10 certain
+    line = " ".join(result.output.split())
+    assert "eye level (2 eyes) fundus->OCT hit@1/5/10" in line
+    for direction in ("fundus->OCT", "OCT->fundus"):
+        found = re.search(direction + r" hit@1/5/10 ([\d.]+)/1\.000/1\.000 \(chance 0\.500/1\.000/1\.000\), "
+                          r"MRR ([\d.]+)", line)
+        assert found, line[-600:]
+        hit1, mrr = float(found[1]), float(found[2])
+        assert hit1 <= mrr <= 1 and mrr >= 1 / 3  # ranks are 1..3 (two of the 4 candidates are hits)
     config = json.loads((out / "config.json").read_text())
     assert config["objective"] == "siglip" and config["epochs"] == 1
     again = _invoke(["--manifest", str(noise_cohort), "--out", str(out)], tmp_path, monkeypatch)

@@ -96,7 +96,7 @@ PRESET_VALUES: dict[str, dict[str, Any]] = {
         warmup_fraction=0.0, augment=True,
     ),
     "demo": dict(
-        oct_slices=4, oct_size=32, fundus_size=48, embed_dim=64, epochs=3, batch_size=16, lr=3e-4,
+        oct_slices=4, oct_size=32, fundus_size=48, embed_dim=128, epochs=3, batch_size=16, lr=3e-4,
         weight_decay=0.05, warmup_fraction=0.1, augment=False,
     ),
     "paper": dict(

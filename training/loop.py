@@ -396,12 +396,17 @@ def _summary(record: dict[str, Any]) -> str:
             f"(chance {r['chance_top1']:.3f}, pool {r['pool_size']}), top-5 {r['top5']:.3f}, "
             f"median rank {r['median_rank']:.0f}"
         )
-        eye = record["val"].get("eye_level", {}).get("fundus_to_oct")
-        if eye:
-            text += (
-                f"; eye level ({record['val']['eye_level']['eyes']} eyes): hit@5 {eye['top5']:.3f} "
-                f"(chance {eye['chance_top5']:.3f}), MRR {eye['mrr']:.3f}"
-            )
+        eye_level = record["val"].get("eye_level")
+        if eye_level:
+            parts = []
+            for label, key in (("fundus->OCT", "fundus_to_oct"), ("OCT->fundus", "oct_to_fundus")):
+                e = eye_level[key]
+                parts.append(
+                    f"{label} hit@1/5/10 {e['top1']:.3f}/{e['top5']:.3f}/{e['top10']:.3f} (chance "
+                    f"{e['chance_top1']:.3f}/{e['chance_top5']:.3f}/{e['chance_top10']:.3f}), "
+                    f"MRR {e['mrr']:.3f}"
+                )
+            text += f"; eye level ({eye_level['eyes']} eyes) " + "; ".join(parts)
     text += f", {record['pairs_per_second']:.1f} pairs/s"
     collapsed = [k for k, v in record.get("val_embedding_std", {}).items() if v < COLLAPSE_STD]
     if collapsed:
