@@ -221,6 +221,7 @@ def test_init_from_refuses_missing_or_mismatched_weights(tmp_path):
     from fixtures_models import write_noise_cohort
 
     from training.checkpoint import load_encoder_weights
+    from training.encoders import WeightsNotFoundError
 
     manifest = write_noise_cohort(tmp_path / "cohort", patients=4)
     with pytest.raises(FileNotFoundError, match="no checkpoint to start from"):
@@ -230,6 +231,9 @@ def test_init_from_refuses_missing_or_mismatched_weights(tmp_path):
     torch.save({"model": small.state_dict()}, tmp_path / "small.pt")
     with pytest.raises(ValueError, match=r"do not match this run's.*first mismatch"):
         load_encoder_weights(build_model(_tiny(manifest)), tmp_path / "small.pt")
+    (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(WeightsNotFoundError, match=r"broken\.pt: cannot load weights"):
+        load_encoder_weights(build_model(_tiny(manifest)), tmp_path / "broken.pt")
 
 
 def test_refuses_to_overwrite_a_run(noise_cohort, tmp_path):

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from retinacli.fsutil import atomic_path
+from training.encoders import read_state_dict
 from training.model import CHECKPOINT_DIR, LAST_CHECKPOINT
 
 
@@ -63,9 +64,7 @@ def load_encoder_weights(model: torch.nn.Module, init_from: str | Path) -> int:
     count. The objective's temperatures are not copied: a CLOOB run started from a CLIP run keeps its
     own inverse temperature. A different architecture or embedding size is a one-line ValueError."""
     path = init_checkpoint_path(init_from)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    state = state.get("model", state) if isinstance(state, dict) else state
-    encoders = {k: v for k, v in state.items() if k.startswith(ENCODER_PREFIXES)}
+    encoders = {k: v for k, v in read_state_dict(path).items() if k.startswith(ENCODER_PREFIXES)}
     own = {k: v for k, v in model.state_dict().items() if k.startswith(ENCODER_PREFIXES)}
     mismatched = [k for k in own if k not in encoders or encoders[k].shape != own[k].shape]
     if mismatched or len(encoders) != len(own):

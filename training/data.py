@@ -304,8 +304,10 @@ def make_loader(
 
 def eye_groups(rows: list[dict[str, str]]) -> np.ndarray:
     """One integer per row: the code of its eye (patient, laterality), in order of first appearance."""
+    from retinacli.ranking import eye_key
+
     codes: dict[tuple[str, str], int] = {}
-    return np.array([codes.setdefault((r["patient_id"], r["eye"]), len(codes)) for r in rows], dtype=np.int64)
+    return np.array([codes.setdefault(eye_key(r), len(codes)) for r in rows], dtype=np.int64)
 
 
 def set_loader_epoch(loader: Any, epoch: int) -> None:

@@ -62,7 +62,9 @@ def hub_checkpoint_path(weights) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a weights file (a state_dict, or a dict holding one under ``model`` /
+    ``state_dict``, as in a checkpoint); an unreadable or foreign file is a WeightsNotFoundError."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # unreadable, not a torch file, or pickled code
@@ -108,7 +110,7 @@ def pretrained_state_dict(arch: str, init: str) -> dict[str, torch.Tensor] | Non
     table = FUNDUS_ARCHS if arch in FUNDUS_ARCHS else OCT_ARCHS
     _, weights = table[arch]
     known = PRETRAINED_NAMES["resnet18" if arch in FUNDUS_ARCHS else "3d"]
-    return _read_state_dict(hub_checkpoint_path(weights) if init in known else Path(init).expanduser())
+    return read_state_dict(hub_checkpoint_path(weights) if init in known else Path(init).expanduser())
 
 
 def _adapt_stem(conv: nn.Conv2d | nn.Conv3d, in_channels: int, pretrained: bool) -> nn.Module:

@@ -136,9 +136,10 @@ def probe_run(
     else:
         data = load()
     other = "fundus" if modality == "oct" else "oct"
-    embeddings = run.model.encode(modality, data.oct if modality == "oct" else data.fundus, batch_size)
+    arrays = {"oct": data.oct, "fundus": data.fundus}
+    embeddings = run.model.encode(modality, arrays[modality], batch_size)
     # the paired visits seen through the other encoder: the same heads' out-of-fold swap
-    swapped = run.model.encode(other, data.oct if other == "oct" else data.fundus, batch_size)
+    swapped = run.model.encode(other, arrays[other], batch_size)
     groups = np.array([r["patient_id"] for r in data.rows])
     labels = {t: label_array(data.rows, t) for t in tasks}
     heads: list[LinearHead] = []
